@@ -1,0 +1,68 @@
+"""The one exception tree of stream-service.
+
+    StreamServiceError
+    ├── ConfigError            a setting is missing, malformed or out of range (names the dotted key)
+    ├── InputError             an array, image or file handed to a kernel is not what it must be
+    │   ├── FrameShapeError    a frame does not match the reference or the configured size
+    │   └── ImageReadError     an image file cannot be read or decoded
+    ├── GoldenReferenceError   a golden reference is missing, corrupt or does not match its camera
+    ├── RegistrationError      a frame could not be aligned to its reference
+    ├── ModelError             a model file or card is missing, corrupt or inconsistent
+    ├── DeviceError            the requested compute device (CUDA) is not available
+    ├── MessageError           a wire message is malformed (bad header, size or version)
+    ├── TransportError         a ZeroMQ socket failed (bind, connect, send, receive)
+    └── CameraError            a camera source cannot be opened or stopped delivering frames
+
+Messages name the thing, the expected value and what was found. Third-party exceptions are
+translated at the edge with ``raise XError(...) from exc``.
+"""
+
+from __future__ import annotations
+
+
+class StreamServiceError(Exception):
+    """Base class of every error raised on purpose by stream-service."""
+
+
+class ConfigError(StreamServiceError):
+    """A setting is missing, malformed or out of range."""
+
+
+class InputError(StreamServiceError, ValueError):
+    """An input array, image or file is not what the function requires."""
+
+
+class FrameShapeError(InputError):
+    """A frame's shape does not match the reference or the configured frame size."""
+
+
+class ImageReadError(InputError):
+    """An image file cannot be read or decoded."""
+
+
+class GoldenReferenceError(StreamServiceError):
+    """A golden reference is missing, corrupt, or does not match the camera."""
+
+
+class RegistrationError(StreamServiceError):
+    """A frame could not be aligned to its reference."""
+
+
+class ModelError(StreamServiceError):
+    """A model file or model card is missing, corrupt or inconsistent."""
+
+
+class DeviceError(StreamServiceError):
+    """The requested compute device is not available."""
+
+
+class MessageError(StreamServiceError):
+    """A wire message is malformed: bad header, wrong payload size or unknown version."""
+
+
+class TransportError(StreamServiceError):
+    """A ZeroMQ socket operation failed."""
+
+
+class CameraError(StreamServiceError):
+    """A camera source cannot be opened or stopped delivering frames."""

@@ -48,7 +48,10 @@ SOART2_EPS = 1e-4
 TINY = 1e-12
 
 
-# Parallel over block rows; fastmath stays off so the guards' comparisons and isfinite checks hold.
+# Parallel over block rows. Each block row is walked row by row so that reads are contiguous; the
+# b products of one block within one pixel row are summed in float32 (b <= 16 terms, well inside
+# float32's precision) and the block totals in float64. fastmath stays off so that the guards'
+# comparisons and the non-finite checks hold.
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _metrics_kernel(
     ref: F32,
@@ -64,57 +67,79 @@ def _metrics_kernel(
     h, w = beta_out.shape
     n = block * block
     for bi in numba.prange(h):
+        sxx = np.zeros(w)
+        syy = np.zeros(w)
+        sxy = np.zeros(w)
+        ax = np.zeros(w)
+        ay = np.zeros(w)
         r0 = bi * block
-        for bj in range(w):
-            c0 = bj * block
-            sxx = 0.0
-            syy = 0.0
-            sxy = 0.0
-            ax = 0.0
-            ay = 0.0
-            for r in range(r0, r0 + block):
+        for r in range(r0, r0 + block):
+            xr = ref[r]
+            yr = frame[r]
+            for bj in range(w):
+                c0 = bj * block
+                pxx = np.float32(0.0)
+                pyy = np.float32(0.0)
+                pxy = np.float32(0.0)
                 for c in range(c0, c0 + block):
-                    x = float(ref[r, c])
-                    y = float(frame[r, c])
-                    sxx += x * x
-                    syy += y * y
-                    sxy += x * y
-                    ax += abs(x)
-                    ay += abs(y)
-            if not (math.isfinite(sxx) and math.isfinite(syy) and math.isfinite(sxy)):
+                    pxx += xr[c] * xr[c]
+                    pyy += yr[c] * yr[c]
+                    pxy += xr[c] * yr[c]
+                sxx[bj] += pxx
+                syy[bj] += pyy
+                sxy[bj] += pxy
+            if variant == 1:  # L1 volumes, only for v1: a separate loop keeps the one above vectorised
+                for bj in range(w):
+                    c0 = bj * block
+                    px = np.float32(0.0)
+                    py = np.float32(0.0)
+                    for c in range(c0, c0 + block):
+                        px += abs(xr[c])
+                        py += abs(yr[c])
+                    ax[bj] += px
+                    ay[bj] += py
+        gain = np.empty(w, np.float32)
+        for bj in range(w):
+            if not (math.isfinite(sxx[bj]) and math.isfinite(syy[bj]) and math.isfinite(sxy[bj])):
                 beta_out[bi, bj] = 0.0
                 rho_out[bi, bj] = rho_max
-                y3_out[bi, bj] = 1.0
+                gain[bj] = np.nan  # marks the block: y3 = 1 below
                 continue
-            if sxx / n <= eps_dark:
+            if sxx[bj] / n <= eps_dark:
                 beta = 1.0
                 rho = 1.0
                 s = 1.0
             else:
-                beta = sxy / sxx
+                beta = sxy[bj] / sxx[bj]
                 sign = 1.0 if beta > 0.0 else (-1.0 if beta < 0.0 else 0.0)
                 if variant == 0:
-                    if abs(sxy) <= TINY:
-                        rho = rho_max
-                    else:
-                        rho = max(math.sqrt(sxx * syy) / abs(sxy), 1.0)
-                    s = sign * math.sqrt(syy / sxx)
+                    rho = rho_max if abs(sxy[bj]) <= TINY else max(math.sqrt(sxx[bj] * syy[bj]) / abs(sxy[bj]), 1.0)
+                    s = sign * math.sqrt(syy[bj] / sxx[bj])
                 elif variant == 1:
-                    vol = abs(beta) * ax
-                    rho = ay / vol if vol > TINY else rho_max
-                    s = sign * ay / ax
+                    vol = abs(beta) * ax[bj]
+                    rho = ay[bj] / vol if vol > TINY else rho_max
+                    s = sign * ay[bj] / ax[bj]
                 else:
                     beta = 1.0
-                    rho = (syy / n + SOART2_EPS) / (sxx / n + SOART2_EPS)
+                    rho = (syy[bj] / n + SOART2_EPS) / (sxx[bj] / n + SOART2_EPS)
                     s = rho
                 rho = min(rho, rho_max)
-            acc = 0.0
-            for r in range(r0, r0 + block):
-                for c in range(c0, c0 + block):
-                    acc += abs(float(frame[r, c]) - s * float(ref[r, c]))
             beta_out[bi, bj] = beta
             rho_out[bi, bj] = rho
-            y3_out[bi, bj] = acc / n
+            gain[bj] = s
+        acc = np.zeros(w)
+        for r in range(r0, r0 + block):
+            xr = ref[r]
+            yr = frame[r]
+            for bj in range(w):
+                c0 = bj * block
+                s32 = gain[bj]
+                p = np.float32(0.0)
+                for c in range(c0, c0 + block):
+                    p += abs(yr[c] - s32 * xr[c])
+                acc[bj] += p
+        for bj in range(w):
+            y3_out[bi, bj] = acc[bj] / n if math.isfinite(gain[bj]) else 1.0
 
 
 def _check_pair(reference: np.ndarray, frame: np.ndarray, block: int, variant: str) -> None:
@@ -128,9 +153,7 @@ def _check_pair(reference: np.ndarray, frame: np.ndarray, block: int, variant: s
         if arr.dtype != np.float32:
             raise InputError(f"SOARTC {name}: expected dtype float32 in [0, 1], found {arr.dtype}")
     if reference.shape != frame.shape:
-        raise FrameShapeError(
-            f"SOARTC frame shape: expected the reference's {reference.shape}, found {frame.shape}"
-        )
+        raise FrameShapeError(f"SOARTC frame shape: expected the reference's {reference.shape}, found {frame.shape}")
     if reference.shape[0] < block or reference.shape[1] < block:
         raise FrameShapeError(f"SOARTC image: expected at least {block}x{block} pixels, found {reference.shape}")
 

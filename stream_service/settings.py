@@ -1,0 +1,466 @@
+"""The one settings tree: a frozen pydantic section per stage, loaded from YAML, overridable by environment.
+
+``load_settings(path)`` reads a YAML file (``None``: the embedded default, ``configs/default.yaml``),
+applies ``STREAM_SERVICE__SECTION__KEY=value`` environment overrides (``__`` nests, list items by
+index, values parsed as YAML), then validates. Every problem becomes one ``ConfigError`` that lists
+each bad key by its dotted path, what was expected and what was found::
+
+    cameras.0.source.fps: expected a number > 0, found 'fast'
+
+Relative paths (references, model, video files, image folders) are kept as written and resolved
+against the working directory by the module that opens them.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+
+from stream_service.errors import ConfigError
+
+ENV_PREFIX = "STREAM_SERVICE__"
+Device = Literal["auto", "cpu", "cuda"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+_ENDPOINT = re.compile(r"^(tcp://(\*|[\w.-]+|\[[0-9a-fA-F:]+\]):(\*|\d{1,5})|ipc://\S+|inproc://\S+)$")
+
+
+class FieldError(ValueError):
+    """A validator's complaint about ``key`` (dotted, relative to the model raising it; empty: the field)."""
+
+    def __init__(self, expected: str, found: object, key: str = "") -> None:
+        super().__init__(f"expected {expected}, found {found!r}")
+        self.expected, self.found, self.key = expected, found, key
+
+
+def _endpoint(value: str) -> str:
+    if not _ENDPOINT.match(value):
+        raise FieldError("a ZeroMQ endpoint like tcp://127.0.0.1:57100, ipc://path or inproc://name", value)
+    return value
+
+
+Endpoint = Annotated[str, AfterValidator(_endpoint)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# -- cameras --------------------------------------------------------------------------------------------
+class SyntheticSource(Section):
+    """The synthetic PCB camera (``stream_service.synthetic``); it supplies its own reference."""
+
+    kind: Literal["synthetic"]
+    width: int = Field(640, ge=72)
+    height: int = Field(640, ge=72)
+    fps: PositiveFloat = 10.0
+    seed: int = 0
+    defect_rate: float = Field(0.5, ge=0, le=1)
+    max_defects: PositiveInt = 3
+    shift_px: float = Field(2.0, ge=0, le=32)
+    jitter: float = Field(0.3, ge=0, le=1)
+    lighting_drift: float = Field(0.05, ge=0, le=0.5)
+    noise: float = Field(2.0, ge=0)
+
+
+class _Reconnecting(Section):
+    """Reconnection policy of a live stream: exponential backoff, ``CameraError`` after ``max_retries``."""
+
+    max_retries: int = Field(5, ge=0)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    retry_backoff_max_s: float = Field(5.0, ge=0)
+
+
+class DeviceSource(_Reconnecting):
+    """A local camera by OpenCV device index (V4L2 on Linux)."""
+
+    kind: Literal["device"]
+    index: int = Field(0, ge=0)
+    width: PositiveInt | None = None
+    height: PositiveInt | None = None
+    fps: PositiveFloat | None = None
+
+
+class UrlSource(_Reconnecting):
+    """A network stream (RTSP or HTTP/MJPEG) opened with OpenCV's FFmpeg backend."""
+
+    kind: Literal["url"]
+    url: str
+    open_timeout_ms: PositiveInt = 5000
+    read_timeout_ms: PositiveInt = 5000
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not re.match(r"^(rtsps?|https?)://\S+$", value):
+            raise FieldError("an rtsp://, rtsps://, http:// or https:// URL", value)
+        return value
+
+
+class FileSource(Section):
+    """A video file, paced at ``fps`` (None: the file's own frame rate)."""
+
+    kind: Literal["file"]
+    path: Path
+    loop: bool = False
+    fps: PositiveFloat | None = None
+
+
+class FolderSource(Section):
+    """Image files of a folder (sorted ``pattern`` matches) replayed at ``fps``."""
+
+    kind: Literal["folder"]
+    path: Path
+    pattern: str = "*.png"
+    fps: PositiveFloat = 10.0
+    loop: bool = True
+
+
+Source = Annotated[SyntheticSource | DeviceSource | UrlSource | FileSource | FolderSource, Field(discriminator="kind")]
+SOURCES: dict[str, type[Section]] = {
+    "synthetic": SyntheticSource,
+    "device": DeviceSource,
+    "url": UrlSource,
+    "file": FileSource,
+    "folder": FolderSource,
+}
+
+
+class CameraSettings(Section):
+    """One camera: its source, its golden reference and the polarity of its parts."""
+
+    # Topics are "verdicts.<id>" and ZeroMQ subscriptions match prefixes: no dots in ids.
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    source: Source
+    reference: Path | None = None
+    polarity: Literal["dark-object", "bright-object"] = "dark-object"
+    frame_size: tuple[PositiveInt, PositiveInt] | None = None  # (width, height) frames are resized to
+
+    @model_validator(mode="after")
+    def _needs_reference(self) -> CameraSettings:
+        if self.reference is None and self.source.kind != "synthetic":
+            raise FieldError(f"a reference directory for a {self.source.kind} camera", None, "reference")
+        return self
+
+
+# -- stages ---------------------------------------------------------------------------------------------
+class TransportSettings(Section):
+    """Endpoints of every hop and their bounded queues (ZeroMQ high-water marks, in messages)."""
+
+    # One per camera: a list, or a template with {port} (capture_port + camera index) and/or {camera}.
+    capture_out: str | list[Endpoint] = "tcp://127.0.0.1:{port}"
+    capture_port: int = Field(57100, ge=1, le=65535)
+    features_out: Endpoint = "tcp://127.0.0.1:57200"
+    verdicts_pub: Endpoint = "tcp://127.0.0.1:57300"
+    capture_hwm: PositiveInt = 4
+    features_hwm: PositiveInt = 4
+    publish_hwm: PositiveInt = 100
+    shared_memory: bool = False
+    shm_slots: int = Field(8, ge=2)
+    linger_ms: int = Field(0, ge=0)
+    recv_timeout_ms: PositiveInt = 100
+    max_drain: PositiveInt = 64
+
+    @field_validator("capture_out")
+    @classmethod
+    def _template(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            try:
+                _endpoint(value.format(port=57100, camera="cam0"))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise FieldError("an endpoint template using only {port} and {camera}", value) from exc
+        return value
+
+    def capture_endpoint(self, index: int, camera_id: str) -> str:
+        """The capture endpoint of the camera at ``index`` in ``Settings.cameras``."""
+        if isinstance(self.capture_out, list):
+            return self.capture_out[index]
+        return self.capture_out.format(port=self.capture_port + index, camera=camera_id)
+
+
+class SoartcSettings(Section):
+    device: Device = "auto"
+    block: Literal[4, 8, 16] = 8
+    variant: Literal["v1.1", "v1", "soart2"] = "v1.1"
+    registration: Literal["translation", "affine", "none"] = "translation"
+    max_shift_px: float = Field(16.0, ge=0)
+    workers: PositiveInt = 1
+
+
+class InferenceSettings(Section):
+    model: Path = Path("models/soartc-vit")
+    device: Device = "auto"
+    threshold: float | None = Field(None, ge=0, le=1)  # None: the model card's threshold
+    threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default
+    workers: PositiveInt = 1
+
+
+class HighlightSettings(Section):
+    jpeg_quality: int = Field(85, ge=1, le=100)
+    color_bgr: tuple[int, int, int] = (0, 0, 255)
+    alpha: float = Field(0.45, ge=0, le=1)
+    draw_boxes: bool = True
+    box_thickness: PositiveInt = 2
+    send_mask: bool = False
+
+
+class SupervisorSettings(Section):
+    heartbeat_s: PositiveFloat = 1.0
+    heartbeat_timeout_s: PositiveFloat = 5.0
+    restart_backoff_s: float = Field(1.0, ge=0)
+    max_restarts: int = Field(5, ge=0)
+    shutdown_deadline_s: PositiveFloat = 5.0
+
+
+class DashboardSettings(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+
+
+class LoggingSettings(Section):
+    level: LogLevel = "INFO"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        # Accept any case, but report a bad level as written.
+        return value.upper() if isinstance(value, str) and value.upper() in get_args(LogLevel) else value
+
+
+class Settings(Section):
+    """The root: each stage receives its own section."""
+
+    cameras: list[CameraSettings] = Field(min_length=1)
+    transport: TransportSettings = TransportSettings()
+    soartc: SoartcSettings = SoartcSettings()
+    inference: InferenceSettings = InferenceSettings()
+    highlight: HighlightSettings = HighlightSettings()
+    supervisor: SupervisorSettings = SupervisorSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        seen: set[str] = set()
+        for i, camera in enumerate(self.cameras):
+            if camera.id in seen:
+                raise FieldError("camera ids to be unique", camera.id, f"cameras.{i}.id")
+            seen.add(camera.id)
+        out = self.transport.capture_out
+        if isinstance(out, list) and len(out) != len(self.cameras):
+            raise FieldError(f"one capture endpoint per camera ({len(self.cameras)})", out, "transport.capture_out")
+        return self
+
+
+# -- loading ----------------------------------------------------------------------------------------------
+def default_config() -> tuple[str, str]:
+    """The embedded default config: (where it was found, its text).
+
+    In a wheel it is ``stream_service/configs/default.yaml`` (force-included from the repository's
+    ``configs/default.yaml``); in a source checkout it is that repository file itself.
+    """
+    packaged = importlib.resources.files("stream_service").joinpath("configs", "default.yaml")
+    if packaged.is_file():
+        return str(packaged), packaged.read_text(encoding="utf-8")
+    checkout = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+    if checkout.is_file():
+        return str(checkout), checkout.read_text(encoding="utf-8")
+    raise ConfigError(f"the embedded default config: expected {packaged} or {checkout}, found neither")
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (None: the embedded default), apply ``STREAM_SERVICE__*`` overrides from ``environ``
+    (default ``os.environ``), validate. Raises ``ConfigError`` naming the file, line or dotted keys."""
+    if path is None:
+        name, text = default_config()
+    else:
+        name = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {name}: expected an existing YAML file, found nothing there") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {name}: cannot be read ({exc})") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {name}: YAML syntax error{where}: {problem}") from exc
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {name}: expected a mapping of sections at the top, found {type(raw).__name__}")
+    overridden = apply_env(raw, os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(error, overridden) for error in exc.errors()]
+        raise ConfigError(f"invalid settings in {name}:\n  " + "\n  ".join(lines)) from exc
+
+
+def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Apply ``STREAM_SERVICE__A__B__0__C=value`` to ``raw`` in place; returns {dotted key: variable}."""
+    overridden: dict[str, str] = {}
+    for variable in sorted(v for v in environ if v.startswith(ENV_PREFIX)):
+        parts = [p.lower() for p in variable[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(f"environment {variable}: expected STREAM_SERVICE__SECTION__KEY, found an empty part")
+        try:
+            value = yaml.safe_load(environ[variable])
+        except yaml.YAMLError:
+            value = environ[variable]
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            key: str | int = part
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    found = f"{part!r} ({len(node)} items)"
+                    raise ConfigError(
+                        f"environment {variable}: expected an index into {'.'.join(parts[:depth])}, found {found}"
+                    )
+                key = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(
+                    f"environment {variable}: expected {'.'.join(parts[:depth])} to be a mapping, found {node!r}"
+                )
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and not isinstance(node.get(key), dict | list):
+                    node[key] = {}
+                node = node[key]
+        overridden[".".join(parts)] = variable
+    return overridden
+
+
+# -- error messages -----------------------------------------------------------------------------------------
+_EXPECTED = {
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "tuple_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "path_type": "a path",
+    "missing": "a value (the key is required)",
+}
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def _describe(error: Any, overridden: Mapping[str, str]) -> str:
+    """One line ``dotted.key: expected ..., found ...`` for a pydantic error."""
+    loc, kind, ctx = error["loc"], error["type"], error.get("ctx") or {}
+    dotted = [str(p) for i, p in enumerate(loc) if not (i > 0 and loc[i - 1] == "source" and p in SOURCES)]
+    found: str = "nothing" if kind == "missing" else repr(error.get("input"))
+    cause = ctx.get("error")
+    if isinstance(cause, FieldError):
+        dotted += [k for k in cause.key.split(".") if k]
+        expected, found = cause.expected, repr(cause.found) if cause.found is not None else "nothing"
+    elif kind == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        known = ", ".join(model.model_fields) if model is not None else "?"
+        expected, found = f"a known key (one of: {known})", f"unknown key {loc[-1]!r}"
+    elif kind in ("union_tag_invalid", "union_tag_not_found"):
+        dotted.append("kind")
+        expected = f"one of {', '.join(repr(k) for k in SOURCES)}"
+        found = repr(ctx["tag"]) if "tag" in ctx else "nothing"
+    elif kind == "literal_error":
+        expected = f"one of {ctx['expected']}"
+    elif kind in ("too_short", "too_long"):
+        expected = f"at least {ctx['min_length']} item(s)" if kind == "too_short" else f"at most {ctx['max_length']}"
+        found = f"{ctx.get('actual_length')} item(s)"
+    elif kind == "string_pattern_mismatch":
+        expected = f"a string matching {ctx['pattern']}"
+    else:
+        expected = _EXPECTED.get(kind, error["msg"])
+        bounds = _bounds(loc) or [f"{sym} {ctx[k]}" for k, sym in _BOUNDS if k in ctx]
+        if bounds and expected in ("a number", "an integer", error["msg"]):
+            members = _members(_annotation_at(loc))
+            number = "an integer" if int in members and float not in members else "a number"
+            expected = f"{number} {' and '.join(bounds)}"
+    key = ".".join(dotted) or "(top)"
+    line = f"{key}: expected {expected}, found {found}"
+    source = next((v for k, v in overridden.items() if key == k or key.startswith(k + ".")), None)
+    return f"{line} (set by {source})" if source else line
+
+
+def _annotation_at(loc: tuple[Any, ...]) -> Any:
+    """The type annotation of the value at ``loc`` (pydantic's loc, union tags included); None: unknown."""
+    annotation: Any = Settings
+    for part in loc:
+        annotation = _step(annotation, part)
+    return annotation
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class validating the mapping at ``loc``."""
+    models = [a for a in _members(_annotation_at(loc)) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return models[0] if len(models) == 1 else None
+
+
+def _members(annotation: Any) -> list[Any]:
+    """``annotation`` without Annotated, split into its union members."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _step(annotation: Any, part: Any) -> Any:
+    """The annotation of ``part`` (a field name, list index or union tag) inside ``annotation``; None: unknown."""
+    for member in _members(annotation):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            kind = member.model_fields.get("kind")
+            if kind is not None and get_args(kind.annotation) == (part,):
+                return member
+            if isinstance(part, str) and part in member.model_fields:
+                return member.model_fields[part].annotation
+        elif get_origin(member) in (list, tuple) and isinstance(part, int):
+            return get_args(member)[0]
+    return None
+
+
+def _bounds(loc: tuple[Any, ...]) -> list[str]:
+    """The numeric bounds declared on the field at ``loc``, e.g. ['> 0'] (empty when none or unknown)."""
+    model = _model_at(loc[:-1]) if loc else None
+    field: FieldInfo | None = model.model_fields.get(str(loc[-1])) if model is not None else None
+    if field is None:
+        return []
+    pending: list[Any] = [*field.metadata, field.annotation]
+    out: list[str] = []
+    while pending:
+        item = pending.pop(0)
+        if get_origin(item) in (Annotated, Union, types.UnionType):
+            pending += get_args(item)
+        elif isinstance(item, FieldInfo):
+            pending += item.metadata
+        else:
+            out += [
+                f"{sym} {getattr(item, k)}"
+                for k, sym in _BOUNDS
+                if isinstance(item, getattr(annotated_types, k.capitalize()))
+            ]
+    return out

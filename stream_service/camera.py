@@ -27,12 +27,15 @@ from typing import Any, Protocol
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from stream_service.errors import CameraError
 from stream_service.settings import DeviceSource, FileSource, FolderSource, Source, SyntheticSource, UrlSource
-from stream_service.synthetic import U8, SyntheticCamera, Truth
+from stream_service.synthetic import SyntheticCamera, Truth
 
 log = logging.getLogger(__name__)
+
+U8 = npt.NDArray[np.uint8]
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
@@ -138,6 +141,7 @@ class LiveStream(_Source):
         self._failures = 0  # failed attempts in a row
         self._next_try = clock()
         self._ever_opened = False
+        self._delivered = False  # a frame was read since the last opening
 
     def read(self) -> U8 | None:
         if self._finished:
@@ -148,11 +152,16 @@ class LiveStream(_Source):
                 return None
         ok, image = self._cap.read()
         if not ok or image is None:
+            self._release()
+            if not self._delivered:
+                # Opened but never delivered: a failed attempt, with backoff, not a tight reopen loop.
+                self._fail("it opened but delivered no frame")
+                return None
             self.counters.lost += 1
             log.warning("camera %s: the stream stopped delivering frames; reconnecting", self.name)
-            self._release()
             self._next_try = self._clock()
             return None
+        self._failures, self._delivered = 0, True
         self.counters.frames += 1
         return to_gray(image)
 
@@ -167,27 +176,32 @@ class LiveStream(_Source):
         except cv2.error as exc:
             cap, opened = None, False
             log.warning("camera %s: opening failed: %s", self.name, exc)
-        if opened:
-            self._cap = cap
-            if self._ever_opened or self._failures:
-                self.counters.reconnects += 1
-            self._ever_opened, self._failures = True, 0
-            log.info("camera %s: opened", self.name)
+        if not opened:
+            if cap is not None:
+                cap.release()
+            self._fail("it cannot be opened")
             return
-        if cap is not None:
-            cap.release()
+        self._cap, self._delivered = cap, False
+        if self._ever_opened or self._failures:
+            self.counters.reconnects += 1
+        self._ever_opened = True
+        log.info("camera %s: opened", self.name)
+
+    def _fail(self, reason: str) -> None:
+        """Count a failed attempt; schedule the next one with exponential backoff, or give up."""
         self.counters.failed_opens += 1
         self._failures += 1
         s = self._settings
         if self._failures > s.max_retries:
             self._finished = True
             raise CameraError(
-                f"camera {self.name}: expected the source to open, found it unavailable after {s.max_retries} retries"
+                f"camera {self.name}: expected frames, found that {reason}, after {s.max_retries} retries"
             )
         backoff = min(s.retry_backoff_s * 2 ** (self._failures - 1), s.retry_backoff_max_s)
         log.warning(
-            "camera %s: cannot open (attempt %d of %d), retrying in %.2f s",
+            "camera %s: %s (attempt %d of %d), retrying in %.2f s",
             self.name,
+            reason,
             self._failures,
             s.max_retries + 1,
             backoff,

@@ -271,7 +271,7 @@ def default_config() -> tuple[str, str]:
     In a wheel it is ``stream_service/configs/default.yaml`` (force-included from the repository's
     ``configs/default.yaml``); in a source checkout it is that repository file itself.
     """
-    packaged = importlib.resources.files("stream_service").joinpath("configs", "default.yaml")
+    packaged = importlib.resources.files("stream_service") / "configs" / "default.yaml"
     if packaged.is_file():
         return str(packaged), packaged.read_text(encoding="utf-8")
     checkout = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"

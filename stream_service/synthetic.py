@@ -58,7 +58,7 @@ class Line:
 
 @dataclass(frozen=True)
 class Disc:
-    center: tuple[float, float]
+    center: Point
     radius: float
 
 
@@ -70,18 +70,15 @@ class Polygon:
 
 
 Primitive = Line | Disc | Polygon
+Point = tuple[float, float]
+Op = tuple[Primitive, int]  # a primitive and the value drawn: 255 adds copper, 0 removes it
 
 
 def draw(
-    image: U8,
-    primitive: Primitive,
-    value: int,
-    scale: float = 1.0,
-    origin: tuple[float, float] = (0.0, 0.0),
-    grow: float = 0.0,
+    image: U8, primitive: Primitive, value: int, scale: float = 1, origin: Point = (0, 0), grow: float = 0
 ) -> None:
-    """Draw ``primitive`` into ``image`` (in place) at ``scale`` pixels per unit, ``origin`` at (0, 0),
-    inflated by ``grow`` units on every side."""
+    """Draw ``primitive`` into ``image`` (in place) at ``scale`` pixels per unit with ``origin`` at pixel
+    (0, 0), inflated by ``grow`` units on every side."""
     if isinstance(primitive, Disc):
         cx, cy = primitive.center
         center = (round((cx - origin[0]) * scale), round((cy - origin[1]) * scale))
@@ -123,6 +120,13 @@ def _blob(
     a = rng.uniform(0, math.pi)
     rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     return Polygon(local @ rot.T + center)
+
+
+def _octagon(x0: float, y0: float, w: float, h: float, chamfer: float) -> Polygon:
+    """A ``w x h`` rectangle at (x0, y0) with its corners cut by ``chamfer`` (pads, pours)."""
+    xs = np.array([chamfer, w - chamfer, w, w, w - chamfer, chamfer, 0, 0]) + x0
+    ys = np.array([0, 0, chamfer, h - chamfer, h, h, h - chamfer, chamfer]) + y0
+    return Polygon(np.stack([xs, ys], axis=1))
 
 
 def _octilinear(a: F64, b: F64, rng: np.random.Generator) -> F64:
@@ -172,19 +176,14 @@ class SyntheticBoard:
         rng = self._rng
         ch, cw = self.canvas_shape
         target = rng.uniform(0.22, 0.45) * ch * cw
-        makers: list[tuple[float, Callable[[], tuple[list[Primitive], list[Disc]]]]] = [
-            (0.04, self._pour),
-            (0.03, self._big_pad),
-            (0.48, self._bus),
-            (0.45, self._net),
-        ]
-        weights = np.array([w for w, _ in makers])
+        makers = (self._pour, self._big_pad, self._bus, self._net)
+        weights = np.array([0.04, 0.03, 0.48, 0.45])
         for _ in range(int(rng.integers(0, 3))):
             self._try_add(*self._pour(), clearance=rng.uniform(10, 20))
         for _ in range(1200):
             if np.count_nonzero(self._occupied) >= target:
                 break
-            maker = makers[rng.choice(len(makers), p=weights / weights.sum())][1]
+            maker = makers[rng.choice(len(makers), p=weights)]
             self._try_add(*maker(), clearance=rng.uniform(9, 22))
         # A few lone vias, as on real boards; not as filler.
         for _ in range(int(rng.integers(0, 40))):
@@ -218,11 +217,7 @@ class SyntheticBoard:
         hole = [Disc(c, r * rng.uniform(0.3, 0.5))] if rng.random() < 0.7 else []
         if rng.random() < 0.6:
             return [Disc(c, r)], hole
-        k = r * rng.uniform(0.0, 0.35)  # chamfer
-        sq = np.array(
-            [[-r + k, -r], [r - k, -r], [r, -r + k], [r, r - k], [r - k, r], [-r + k, r], [-r, r - k], [-r, -r + k]]
-        )
-        return [Polygon(sq + at)], hole
+        return [_octagon(c[0] - r, c[1] - r, 2 * r, 2 * r, r * rng.uniform(0.0, 0.35))], hole
 
     def _net(self) -> tuple[list[Primitive], list[Disc]]:
         rng = self._rng
@@ -272,24 +267,11 @@ class SyntheticBoard:
         rng = self._rng
         x0, y0 = self._point(-60)
         pw, ph = rng.uniform(100, 340, 2)
-        k = rng.uniform(0, min(pw, ph) / 3)
-        pts = np.array(
-            [
-                [x0 + k, y0],
-                [x0 + pw - k, y0],
-                [x0 + pw, y0 + k],
-                [x0 + pw, y0 + ph - k],
-                [x0 + pw - k, y0 + ph],
-                [x0 + k, y0 + ph],
-                [x0, y0 + ph - k],
-                [x0, y0 + k],
-            ]
-        )
         holes = [
             Disc((x0 + rng.uniform(20, pw - 20), y0 + rng.uniform(20, ph - 20)), rng.uniform(6, 14))
             for _ in range(int(rng.integers(0, 5)))
         ]
-        return [Polygon(pts)], holes
+        return [_octagon(x0, y0, pw, ph, rng.uniform(0, min(pw, ph) / 3))], holes
 
     def _big_pad(self) -> tuple[list[Primitive], list[Disc]]:
         return self._pad(self._point(), 0.0, self._rng.uniform(30, 150))
@@ -306,15 +288,6 @@ def downsample(hires: U8) -> F32:
     """Area-average a ``SUPERSAMPLE`` x mask (0/255) into coverage in [0, 1], float32 ``(H, W)``."""
     h, w = hires.shape[0] // SUPERSAMPLE, hires.shape[1] // SUPERSAMPLE
     return (cv2.resize(hires, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class _Defect:
-    """Primitives drawn over the board (value 255 adds copper, 0 removes it) and the canvas region they touch."""
-
-    kind: int
-    ops: list[tuple[Primitive, int]]
-    roi: tuple[int, int, int, int]  # x0, y0, x1, y1 on the canvas, exclusive ends
 
 
 class _BoardMaps:
@@ -355,7 +328,7 @@ class _BoardMaps:
     def label(self, p: F64) -> int:
         return int(self.labels[math.floor(p[1] + 0.5), math.floor(p[0] + 0.5)])
 
-    def labels_under(self, ops: list[tuple[Primitive, int]], grow: float) -> set[int]:
+    def labels_under(self, ops: list[Op], grow: float) -> set[int]:
         """Component labels of the clean copper under the primitives inflated by ``grow``."""
         x0, y0, x1, y1 = _roi(ops, grow + 2, self.copper.shape)
         mask = np.zeros((y1 - y0, x1 - x0), np.uint8)
@@ -377,7 +350,7 @@ def _bounds(p: Primitive) -> tuple[float, float, float, float]:
     return float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])
 
 
-def _roi(ops: list[tuple[Primitive, int]], pad: float, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+def _roi(ops: list[Op], pad: float, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
     b = np.array([_bounds(p) for p, _ in ops])
     x0 = max(0, math.floor(b[:, 0].min() - pad))
     y0 = max(0, math.floor(b[:, 1].min() - pad))
@@ -399,7 +372,7 @@ def _edge_point(maps: _BoardMaps, rng: np.random.Generator) -> tuple[F64, F64] |
     return p, np.array([maps.normal_x[y, x], maps.normal_y[y, x]], np.float64)
 
 
-def _open(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, int]] | None:
+def _open(maps: _BoardMaps, rng: np.random.Generator) -> list[Op] | None:
     """A gap cut across a trace, with ragged, slanted sides."""
     if not maps.segments:
         return None
@@ -422,7 +395,7 @@ def _open(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, i
             c + v * half - u * (gap / 2 + skew * gap),
         ]
     )
-    cut: list[tuple[Primitive, int]] = [(Polygon(corners + rng.uniform(-1.5, 1.5, corners.shape)), 0)]
+    cut: list[Op] = [(Polygon(corners + rng.uniform(-1.5, 1.5, corners.shape)), 0)]
     # The cut may remove copper of this trace only: it must not bite a pad, a joint or a neighbour.
     x0, y0, x1, y1 = _roi(cut, 3, maps.copper.shape)
     own = np.zeros((y1 - y0, x1 - x0), np.uint8)
@@ -433,7 +406,7 @@ def _open(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, i
     return None if np.any(stray) else cut
 
 
-def _short(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, int]] | None:
+def _short(maps: _BoardMaps, rng: np.random.Generator) -> list[Op] | None:
     """A copper bridge from a copper edge to the neighbouring copper of another net."""
     found = _edge_point(maps, rng)
     if found is None:
@@ -447,14 +420,12 @@ def _short(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, 
                 return None
             t = np.array([-n[1], n[0]])
             mid = (p + q) / 2 + t * rng.uniform(-2, 2)
-            bridge: list[tuple[Primitive, int]] = [
-                (Line(np.array([p - n * 2, mid, q + n * 2]), rng.uniform(3, 8)), 255)
-            ]
+            bridge: list[Op] = [(Line(np.array([p - n * 2, mid, q + n * 2]), rng.uniform(3, 8)), 255)]
             return bridge if maps.labels_under(bridge, 3) <= {0, own, maps.label(q)} else None
     return None
 
 
-def _mousebite(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, int]] | None:
+def _mousebite(maps: _BoardMaps, rng: np.random.Generator) -> list[Op] | None:
     """One to three small bites out of a copper edge, never through the copper."""
     found = _edge_point(maps, rng)
     if found is None:
@@ -464,14 +435,14 @@ def _mousebite(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primiti
     if not all(maps.is_copper(p - n * k) for k in np.arange(1, 2.6 * r + 2)):
         return None
     t = np.array([-n[1], n[0]])
-    bites: list[tuple[Primitive, int]] = [
+    bites: list[Op] = [
         (_blob(p - n * rng.uniform(0, 0.5 * r) + t * (i * 1.3 * r), r * rng.uniform(0.6, 1.0), rng, 1.3), 0)
         for i in range(int(rng.integers(1, 4)))
     ]
     return bites if maps.labels_under(bites, 1) <= {0, maps.label(p)} else None
 
 
-def _spur(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, int]] | None:
+def _spur(maps: _BoardMaps, rng: np.random.Generator) -> list[Op] | None:
     """A tapered copper protrusion from a copper edge into free space."""
     found = _edge_point(maps, rng)
     if found is None:
@@ -491,11 +462,11 @@ def _spur(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, i
             p - d * 2 + t * base / 2,
         ]
     )
-    spur: list[tuple[Primitive, int]] = [(Polygon(pts + rng.uniform(-1, 1, pts.shape)), 255)]
+    spur: list[Op] = [(Polygon(pts + rng.uniform(-1, 1, pts.shape)), 255)]
     return spur if maps.labels_under(spur, 4) <= {0, maps.label(p)} else None
 
 
-def _spurious_copper(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, int]] | None:
+def _spurious_copper(maps: _BoardMaps, rng: np.random.Generator) -> list[Op] | None:
     """An isolated copper blob in free space."""
     if len(maps.free) == 0:
         return None
@@ -506,7 +477,7 @@ def _spurious_copper(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[P
     return [(_blob(c, r, rng, elongation), 255)]
 
 
-def _pin_hole(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitive, int]] | None:
+def _pin_hole(maps: _BoardMaps, rng: np.random.Generator) -> list[Op] | None:
     """A small hole in copper."""
     if len(maps.bulk) == 0:
         return None
@@ -517,14 +488,9 @@ def _pin_hole(maps: _BoardMaps, rng: np.random.Generator) -> list[tuple[Primitiv
     return [(_blob(c, r, rng, elongation), 0)]
 
 
-_PROPOSERS: dict[int, Callable[[_BoardMaps, np.random.Generator], list[tuple[Primitive, int]] | None]] = {
-    OPEN: _open,
-    SHORT: _short,
-    MOUSEBITE: _mousebite,
-    SPUR: _spur,
-    SPURIOUS_COPPER: _spurious_copper,
-    PIN_HOLE: _pin_hole,
-}
+_PROPOSERS: dict[int, Callable[[_BoardMaps, np.random.Generator], list[Op] | None]] = dict(
+    zip(DEFECT_KINDS, (_open, _short, _mousebite, _spur, _spurious_copper, _pin_hole), strict=True)
+)
 
 
 class SyntheticCamera:
@@ -642,11 +608,12 @@ class SyntheticCamera:
             if len(xs) < _MIN_CHANGED:
                 continue
             coverage[y0:y1, x0:x1] = new
-            pad = int(rng.integers(6, 12))
+            pad = int(rng.integers(6, 12))  # DeepPCB's boxes leave a margin around the defect
+            x0, y0 = x0 - pad, y0 - pad
             return kind, (
-                x0 + int(xs.min()) - pad,
-                y0 + int(ys.min()) - pad,
-                x0 + int(xs.max()) + pad,
-                y0 + int(ys.max()) + pad,
+                x0 + int(xs.min()),
+                y0 + int(ys.min()),
+                x0 + int(xs.max()) + 2 * pad,
+                y0 + int(ys.max()) + 2 * pad,
             )
         return None

@@ -214,6 +214,16 @@ def test_live_stream_reconnects_with_backoff_and_counts() -> None:
     assert sum(clock.sleeps) == pytest.approx(0.5 + 0.8)  # backoff doubled, capped
 
 
+def test_live_stream_that_opens_but_never_delivers_gives_up() -> None:
+    clock = FakeClock()
+    settings = DeviceSource(kind="device", index=2, max_retries=2, retry_backoff_s=0.1, retry_backoff_max_s=0.1)
+    stream = LiveStream("device:2", lambda: FakeCapture(0), settings, clock, clock.sleep)
+    with pytest.raises(CameraError, match=r"device:2: .*delivered no frame, after 2 retries"):
+        for _ in range(100):
+            assert stream.read() is None
+    assert stream.counters.failed_opens == 3 and stream.finished
+
+
 def test_to_gray_handles_bgra_and_16_bit() -> None:
     assert to_gray(np.zeros((4, 5, 4), np.uint8)).shape == (4, 5)
     assert to_gray(np.full((4, 5), 65535, np.uint16)).max() == 255

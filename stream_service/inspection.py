@@ -1,0 +1,140 @@
+"""One frame through the inspection: registration, SOARTC features, the ViT, the attention filter.
+
+The same two halves run in the live pipeline (``FeatureExtractor`` in the soartc stage, ``Detector``
+in the infer stage) and, back to back, in ``Inspector`` for ``stream-service evaluate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_service.errors import RegistrationError
+from stream_service.features import FeatureSpec, TokenFeatures, feature_kernels, token_features
+from stream_service.highlight import HighlightResult, highlight, token_relevance
+from stream_service.model_card import ModelCard
+from stream_service.registration import Method, Registrar, Registration
+from stream_service.soartc import F32, U8, Device, to_unit
+from stream_service.windows import WindowLayout
+
+log = logging.getLogger(__name__)
+
+
+class WindowModel(Protocol):
+    """What the detector needs of a model: its card and a batched run over windows."""
+
+    card: ModelCard
+
+    def run(self, windows_nggc: F32) -> tuple[F32, F32]: ...
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """The soartc stage's result for one frame: the registered frame and its token features."""
+
+    aligned_hw: U8
+    features: TokenFeatures
+    registration: Registration | None
+
+
+class FeatureExtractor:
+    """Registration to one reference and SOARTC token features, on the CPU or the GPU.
+
+    A frame whose registration is unsure (a blank view, or a repetitive pattern with no clear peak)
+    is compared unshifted and its registration reported as None: the comparison still runs.
+    """
+
+    def __init__(
+        self,
+        reference_u8: U8,
+        spec: FeatureSpec,
+        dark_object: bool,
+        registration: Method = "translation",
+        max_shift: float = 16.0,
+        device: Device = "auto",
+    ) -> None:
+        self.spec = spec
+        self.dark_object = dark_object
+        self.reference = to_unit(reference_u8, dark_object)
+        self.shape = self.reference.shape
+        self.registrar = Registrar(self.reference, registration, max_shift=max_shift)
+        self.kernels = feature_kernels(self.reference, spec, device)
+        self.unregistered = 0
+
+    def extract(self, frame_u8: U8) -> Extracted:
+        frame = to_unit(frame_u8, self.dark_object)
+        try:
+            aligned, reg = self.registrar.register(frame)
+        except RegistrationError as exc:
+            self.unregistered += 1
+            log.debug("compared unshifted: %s", exc)
+            aligned, reg = frame, None
+        feats = token_features(self.reference, aligned, self.spec, self.kernels)
+        back = 1.0 - aligned if self.dark_object else aligned
+        aligned_u8 = np.clip(np.rint(back * 255.0), 0, 255).astype(np.uint8)
+        return Extracted(aligned_u8, feats, reg)
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The infer stage's result: verdict, worst-window score, threshold, and the filtered highlight."""
+
+    verdict: str
+    score: float
+    threshold: float
+    highlight: HighlightResult
+    window_scores: F32
+
+
+class Detector:
+    """The ViT over all windows of a frame (one batch), the verdict, and the attention-filtered highlight."""
+
+    def __init__(self, model: WindowModel, threshold: float | None = None) -> None:
+        self.model = model
+        card = model.card
+        self.block = card.features.block
+        self.grid = card.window.grid
+        self.stride = card.window.stride
+        self.threshold = card.threshold.value if threshold is None else threshold
+        self.attention = card.highlight.attention
+        self.magnitude = card.highlight.magnitude
+
+    def detect(self, features: TokenFeatures) -> Detection:
+        tokens = features.tokens_hwc
+        layout = WindowLayout.cover(tokens.shape[:2], self.grid, self.stride)
+        probs, attention = self.model.run(layout.cut(tokens))
+        relevance = token_relevance(layout, probs, attention, self.threshold)
+        token_score = layout.paste_window_scores(probs)
+        found = highlight(
+            tokens,
+            relevance,
+            features.open_diff_hw,
+            features.diff_hw,
+            token_score,
+            self.block,
+            self.attention,
+            self.magnitude,
+        )
+        score = float(probs.max())
+        return Detection("fail" if score >= self.threshold else "pass", score, self.threshold, found, probs)
+
+
+class Inspector:
+    """Both halves back to back, for one reference: what ``evaluate`` runs for every pair."""
+
+    def __init__(self, extractor: FeatureExtractor, detector: Detector) -> None:
+        self.extractor = extractor
+        self.detector = detector
+
+    def inspect(self, frame_u8: U8) -> tuple[Extracted, Detection]:
+        extracted = self.extractor.extract(frame_u8)
+        return extracted, self.detector.detect(extracted.features)
+
+
+def mask_png(mask_hw: npt.NDArray[np.bool_]) -> U8:
+    """A highlight mask as a uint8 image (255 = highlighted), the format predictions.jsonl points to."""
+    return (mask_hw.astype(np.uint8) * 255).astype(np.uint8)

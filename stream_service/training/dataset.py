@@ -1,0 +1,261 @@
+"""Training windows from an inspection manifest: registered SOARTC token features with labels.
+
+A window is ``window`` x ``window`` tokens (256 x 256 pixels at block 16). Labels follow the dataset's
+rule for crops: a window is a fail if a defect box lies wholly inside it, a pass if no box comes within
+``margin`` pixels (8), and ambiguous otherwise (-1: no window label, but its token targets still
+teach the attention). Token targets mark the tokens a box overlaps.
+
+Augmentation imitates what a line does to frames: sub-pixel shifts (undone by the real registration,
+which leaves its real residual), brightness and contrast changes, blur and sensor noise; plus the
+board's own symmetries (rotations by 90 degrees and flips) applied to reference and frame together.
+
+This module is pure NumPy/OpenCV (no torch), so its labelling is tested without the train extra.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from stream_service.errors import RegistrationError
+from stream_service.features import FeatureSpec, raw_deviations, token_features
+from stream_service.manifest import Box, ManifestItem, read_gray
+from stream_service.registration import register
+from stream_service.soartc import Calibration, to_unit
+
+log = logging.getLogger(__name__)
+
+MARGIN_PX = 8
+PASS, FAIL, AMBIGUOUS = 0, 1, -1
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Ranges of the line-like perturbations applied to the frame of a training window."""
+
+    shift_px: float = 2.0
+    gain: tuple[float, float] = (0.8, 1.2)
+    offset: float = 0.06
+    blur_sigma: float = 0.8
+    noise_sigma: float = 0.03
+    symmetries: bool = True
+
+
+NO_AUGMENT = Augment(shift_px=0.0, gain=(1.0, 1.0), offset=0.0, blur_sigma=0.0, noise_sigma=0.0, symmetries=False)
+
+
+def split_by_group(items: Sequence[ManifestItem], val_groups: Sequence[str]) -> tuple[list[ManifestItem], ...]:
+    """(train, validation) split by board group, never by image (images of a board are near-duplicates)."""
+    val = set(val_groups)
+    train = [i for i in items if i.group not in val]
+    valid = [i for i in items if i.group in val]
+    return train, valid
+
+
+def window_label(boxes: Sequence[Box], x0: int, y0: int, size: int, margin: int = MARGIN_PX) -> int:
+    """FAIL if a box lies wholly inside the window at (x0, y0), PASS if none comes within margin, else AMBIGUOUS."""
+    x1w, y1w = x0 + size - 1, y0 + size - 1
+    near = False
+    for bx1, by1, bx2, by2, *_ in boxes:
+        if bx1 >= x0 and by1 >= y0 and bx2 <= x1w and by2 <= y1w:
+            return FAIL
+        if bx2 + margin >= x0 and bx1 - margin <= x1w and by2 + margin >= y0 and by1 - margin <= y1w:
+            near = True
+    return AMBIGUOUS if near else PASS
+
+
+def token_targets(boxes: Sequence[Box], x0: int, y0: int, grid: int, block: int) -> npt.NDArray[np.uint8]:
+    """(grid, grid) uint8: 1 for tokens of the window at (x0, y0) that a box overlaps."""
+    out = np.zeros((grid, grid), np.uint8)
+    for bx1, by1, bx2, by2, *_ in boxes:
+        c1, c2 = (bx1 - x0) // block, (bx2 - x0) // block
+        r1, r2 = (by1 - y0) // block, (by2 - y0) // block
+        if c2 < 0 or r2 < 0 or c1 >= grid or r1 >= grid:
+            continue
+        out[max(r1, 0) : min(r2, grid - 1) + 1, max(c1, 0) : min(c2, grid - 1) + 1] = 1
+    return out
+
+
+def _perturb(frame_hw: npt.NDArray[np.float32], aug: Augment, rng: np.random.Generator) -> npt.NDArray[np.float32]:
+    out = frame_hw
+    if aug.shift_px > 0:
+        dx, dy = rng.uniform(-aug.shift_px, aug.shift_px, 2)
+        m = np.array([[1, 0, dx], [0, 1, dy]], np.float32)
+        size = (out.shape[1], out.shape[0])
+        out = np.asarray(
+            cv2.warpAffine(out, m, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT), np.float32
+        )
+    if aug.blur_sigma > 0:
+        sigma = rng.uniform(0, aug.blur_sigma)
+        if sigma > 0.2:
+            out = np.asarray(cv2.GaussianBlur(out, (0, 0), sigma), np.float32)
+    gain = rng.uniform(*aug.gain)
+    offset = rng.uniform(-aug.offset, aug.offset)
+    out = out * np.float32(gain) + np.float32(offset)
+    if aug.noise_sigma > 0:
+        out = out + rng.normal(0, rng.uniform(0, aug.noise_sigma), out.shape).astype(np.float32)
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _symmetry(image: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    out = np.rot90(image, k)
+    return np.ascontiguousarray(out[:, ::-1] if flip else out)
+
+
+def _box_symmetry(boxes: Sequence[Box], size: int, k: int, flip: bool) -> list[Box]:
+    """Boxes in a size x size crop after np.rot90(k) then a horizontal flip (same order as _symmetry)."""
+    out: list[Box] = []
+    for x1, y1, x2, y2, t in boxes:
+        for _ in range(k % 4):  # np.rot90 turns counter-clockwise: (x, y) -> (y, size - 1 - x)
+            x1, y1, x2, y2 = y1, size - 1 - x2, y2, size - 1 - x1
+        if flip:
+            x1, x2 = size - 1 - x2, size - 1 - x1
+        out.append((x1, y1, x2, y2, t))
+    return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """One training window: tokens (g, g, C) float16, token targets (g, g) uint8, label (PASS/FAIL/AMBIGUOUS)."""
+
+    tokens: npt.NDArray[np.float16]
+    targets: npt.NDArray[np.uint8]
+    label: int
+
+
+def align(reference_hw: npt.NDArray[np.float32], frame_hw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The frame registered by translation, or as it is when registration is unsure (blank or repetitive crops)."""
+    try:
+        return register(reference_hw, frame_hw, method="translation", max_shift=8.0)[0]
+    except RegistrationError:
+        return frame_hw
+
+
+def make_window(
+    reference_u8: npt.NDArray[np.uint8],
+    frame_u8: npt.NDArray[np.uint8],
+    boxes: Sequence[Box],
+    x0: int,
+    y0: int,
+    spec: FeatureSpec,
+    grid: int,
+    aug: Augment,
+    rng: np.random.Generator,
+    dark_object: bool = True,
+) -> Window:
+    """Cut, perturb, register and featurise the window at (x0, y0) of a full reference/frame pair."""
+    size = grid * spec.block
+    label = window_label(boxes, x0, y0, size)
+    local = [(x1 - x0, y1 - y0, x2 - x0, y2 - y0, t) for x1, y1, x2, y2, t in boxes]
+    ref = to_unit(reference_u8[y0 : y0 + size, x0 : x0 + size], dark_object)
+    frame = to_unit(frame_u8[y0 : y0 + size, x0 : x0 + size], dark_object)
+    if aug.symmetries:
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        ref, frame = _symmetry(ref, k, flip), _symmetry(frame, k, flip)
+        local = _box_symmetry(local, size, k, flip)
+    frame = _perturb(frame, aug, rng)
+    feats = token_features(ref, align(ref, frame), spec)
+    return Window(feats.tokens_hwc.astype(np.float16), token_targets(local, 0, 0, grid, spec.block), label)
+
+
+def sample_origins(
+    item: ManifestItem, shape: tuple[int, int], size: int, count: int, rng: np.random.Generator, tries: int = 60
+) -> list[tuple[int, int]]:
+    """Window origins for one image, in thirds: around a random box, clear of every box, anywhere.
+
+    Pass windows are rare at random (DeepPCB tiles hold 1 to 15 defects), so a third of the windows
+    are searched for among random positions that no box comes within 8 px of; an image without such
+    a position gives random windows instead.
+    """
+    h, w = shape
+    out: list[tuple[int, int]] = []
+    for n in range(count):
+        if n % 3 == 0 and item.boxes:
+            x1, y1, x2, y2, _ = item.boxes[int(rng.integers(len(item.boxes)))]
+            lo_x, hi_x = max(0, x2 - size + 1), min(x1, w - size)
+            lo_y, hi_y = max(0, y2 - size + 1), min(y1, h - size)
+            if lo_x <= hi_x and lo_y <= hi_y:
+                out.append((int(rng.integers(lo_x, hi_x + 1)), int(rng.integers(lo_y, hi_y + 1))))
+                continue
+        if n % 3 == 1:
+            for _ in range(tries):
+                x0, y0 = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
+                if window_label(item.boxes, x0, y0, size) == PASS:
+                    break
+            out.append((x0, y0))
+            continue
+        out.append((int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))))
+    return out
+
+
+def good_block_mask(boxes: Sequence[Box], shape: tuple[int, int], block: int) -> npt.NDArray[np.bool_]:
+    """(h, w) bool: blocks that no box comes within MARGIN_PX of."""
+    h, w = shape[0] // block, shape[1] // block
+    near = np.zeros((h * block, w * block), bool)
+    for x1, y1, x2, y2, *_ in boxes:
+        near[max(y1 - MARGIN_PX, 0) : y2 + MARGIN_PX + 1, max(x1 - MARGIN_PX, 0) : x2 + MARGIN_PX + 1] = True
+    return np.asarray(~near.reshape(h, block, w, block).any(axis=(1, 3)), bool)
+
+
+def calibrate_spec(
+    items: Sequence[ManifestItem], base: FeatureSpec, percentile: float = 99.5, gain: float = 2.0
+) -> FeatureSpec:
+    """The feature spec with calibration constants from the good blocks (no box within 8 px) of items.
+
+    SOARTC.md allows "a high percentile of all good blocks": DeepPCB has no defect-free frames, but
+    the blocks away from every box are good.
+    """
+    levels: dict[int, list[np.ndarray]] = {base.block: [], base.sub_block: []}
+    for item in items:
+        ref = to_unit(read_gray(item.reference), dark_object=True)
+        frame = to_unit(read_gray(item.frame), dark_object=True)
+        aligned = align(ref, frame)
+        for block, store in levels.items():
+            e = raw_deviations(ref, aligned, block, base.variant)
+            store.append(e[good_block_mask(item.boxes, ref.shape, block)])
+
+    def constants(block: int) -> Calibration:
+        values = np.concatenate(levels[block])
+        c = np.percentile(values, percentile, axis=0)
+        return Calibration(
+            (float(max(c[0], 1e-3)), float(max(c[1], 1e-3)), float(max(c[2], 1e-3))), gain, f"percentile-{percentile}"
+        )
+
+    return FeatureSpec(
+        block=base.block,
+        variant=base.variant,
+        calibration=constants(base.block),
+        sub_calibration=constants(base.sub_block),
+        diff_threshold=base.diff_threshold,
+        open_px=base.open_px,
+    )
+
+
+def build_windows(
+    items: Sequence[ManifestItem],
+    spec: FeatureSpec,
+    grid: int,
+    per_image: int,
+    aug: Augment,
+    seed: int,
+) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.uint8], npt.NDArray[np.int8]]:
+    """Sample windows from every item: (N, g, g, C) float16 tokens, (N, g, g) targets, (N,) labels."""
+    rng = np.random.default_rng(seed)
+    size = grid * spec.block
+    tokens, targets, labels = [], [], []
+    for item in items:
+        ref_u8, frame_u8 = read_gray(item.reference), read_gray(item.frame)
+        if ref_u8.shape[0] < size or ref_u8.shape[1] < size:
+            log.warning("skipping %s: %s is smaller than a %d px window", item.id, ref_u8.shape, size)
+            continue
+        for x0, y0 in sample_origins(item, ref_u8.shape, size, per_image, rng):
+            win = make_window(ref_u8, frame_u8, item.boxes, x0, y0, spec, grid, aug, rng)
+            tokens.append(win.tokens)
+            targets.append(win.targets)
+            labels.append(win.label)
+    return np.stack(tokens), np.stack(targets), np.asarray(labels, np.int8)

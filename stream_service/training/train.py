@@ -1,0 +1,249 @@
+"""Training the SOARTC ViT on CPU: windows from a manifest, seeded, within a time budget.
+
+Losses, per batch (pass windows oversampled to balance the classes):
+- cross-entropy of the window verdict (ambiguous windows excluded);
+- an attention loss: on windows with defect tokens, the KL divergence from the box-derived token
+  distribution to the class token's last-layer attention, so that the attention *is* the filter;
+- a per-token BCE on the token head, with the rare defect tokens weighted up (auxiliary).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch.nn import functional
+
+from stream_service.features import FeatureSpec
+from stream_service.manifest import ManifestItem, load_manifest
+from stream_service.metrics import auroc
+from stream_service.training.dataset import (
+    AMBIGUOUS,
+    FAIL,
+    NO_AUGMENT,
+    PASS,
+    Augment,
+    build_windows,
+    calibrate_spec,
+    split_by_group,
+)
+from stream_service.training.vit import SoartcViT, VitConfig
+
+log = logging.getLogger(__name__)
+
+Arrays = tuple[npt.NDArray[np.float16], npt.NDArray[np.uint8], npt.NDArray[np.int8]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (stored in the model card)."""
+
+    seed: int = 0
+    val_groups: tuple[str, ...] = ("group13000", "group50600")
+    block: int = 16
+    grid: int = 16
+    train_windows_per_image: int = 12
+    val_windows_per_image: int = 6
+    rounds: int = 2
+    minutes: float = 30.0
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.02
+    attention_weight: float = 1.0
+    token_weight: float = 0.5
+    token_pos_weight: float = 8.0
+    vit: VitConfig = field(default_factory=VitConfig)
+    augment: Augment = field(default_factory=Augment)
+    calibration_images: int = 60
+    workers: int = 2
+
+
+def _windows_job(args: tuple[list[ManifestItem], FeatureSpec, int, int, Augment, int]) -> Arrays:
+    items, spec, grid, per_image, aug, seed = args
+    return build_windows(items, spec, grid, per_image, aug, seed)
+
+
+def parallel_windows(
+    items: list[ManifestItem], spec: FeatureSpec, grid: int, per_image: int, aug: Augment, seed: int, workers: int
+) -> Arrays:
+    """build_windows over ``workers`` processes, each on an interleaved share of items with its own seed."""
+    jobs = [(items[k::workers], spec, grid, per_image, aug, seed * 1000 + k) for k in range(workers)]
+    if workers == 1:
+        parts = [_windows_job(jobs[0])]
+    else:
+        with get_context("spawn").Pool(workers) as pool:
+            parts = pool.map(_windows_job, jobs)
+    return (
+        np.concatenate([p[0] for p in parts]),
+        np.concatenate([p[1] for p in parts]),
+        np.concatenate([p[2] for p in parts]),
+    )
+
+
+def _batches(labels: npt.NDArray[np.int8], batch: int, rng: np.random.Generator) -> list[npt.NDArray[np.intp]]:
+    """One epoch of batch indices with pass windows oversampled to match the fail windows."""
+    passes, others = np.flatnonzero(labels == PASS), np.flatnonzero(labels != PASS)
+    fails = int((labels == FAIL).sum())
+    extra = rng.choice(passes, size=max(fails - passes.size, 0), replace=True) if passes.size else passes
+    order = rng.permutation(np.concatenate([passes, extra, others]))
+    return [order[i : i + batch] for i in range(0, order.size, batch)]
+
+
+def _loss(
+    model: SoartcViT, tokens: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
+) -> torch.Tensor:
+    logits, attention, token_logits = model.forward_all(tokens)
+    known = labels != AMBIGUOUS
+    loss = functional.cross_entropy(logits[known], labels[known].long()) if known.any() else logits.sum() * 0
+    t = targets.float().flatten(1)
+    has = t.sum(1) > 0
+    if has.any() and cfg.attention_weight > 0:
+        dist = t[has] / t[has].sum(1, keepdim=True)
+        att = attention.flatten(1)[has].clamp_min(1e-8)
+        loss = loss + cfg.attention_weight * (dist * (dist.clamp_min(1e-8).log() - att.log())).sum(1).mean()
+    if cfg.token_weight > 0:
+        pos_weight = torch.tensor(cfg.token_pos_weight)
+        loss = loss + cfg.token_weight * functional.binary_cross_entropy_with_logits(
+            token_logits.flatten(1), t, pos_weight=pos_weight
+        )
+    return loss
+
+
+@torch.no_grad()
+def predict(model: SoartcViT, tokens: npt.NDArray[np.float16], batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(fail probability (N,), attention (N, g, g)) for windows, in eval mode."""
+    model.eval()
+    probs, atts = [], []
+    for i in range(0, len(tokens), batch):
+        logits, attention = model(torch.from_numpy(tokens[i : i + batch].astype(np.float32)))
+        probs.append(torch.softmax(logits, 1)[:, 1].numpy())
+        atts.append(attention.numpy())
+    model.train()
+    return np.concatenate(probs), np.concatenate(atts)
+
+
+def window_report(probs: np.ndarray, labels: np.ndarray, max_miss: float = 0.01) -> dict[str, float]:
+    """Window AUROC and, at the highest threshold that keeps misses <= max_miss, the false-alarm rate."""
+    known = labels != AMBIGUOUS
+    p, y = probs[known], labels[known] == FAIL
+    fail_scores = np.sort(p[y])
+    k = math.floor(max_miss * fail_scores.size)
+    threshold = float(fail_scores[k]) if fail_scores.size else 0.5
+    return {
+        "auroc": auroc(p, y),
+        "threshold_at_miss": threshold,
+        "miss_rate": float((p[y] < threshold).mean()),
+        "false_alarm_rate": float((p[~y] >= threshold).mean()),
+        "n_pass": int((~y).sum()),
+        "n_fail": int(y.sum()),
+    }
+
+
+@dataclass
+class TrainResult:
+    model: SoartcViT
+    spec: FeatureSpec
+    config: TrainConfig
+    history: list[dict[str, float]]
+    validation: dict[str, float]
+    train_items: int
+    val_items: int
+    seconds: float
+
+
+def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
+    """Train a SOARTC ViT from a manifest; deterministic for a given config and machine."""
+    started = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    items = load_manifest(manifest)
+    train_items, val_items = split_by_group(items, cfg.val_groups)
+    if not train_items or not val_items:
+        from stream_service.errors import InputError
+
+        raise InputError(
+            f"train/validation split by group: expected both non-empty with val_groups={list(cfg.val_groups)}, "
+            f"found {len(train_items)} train and {len(val_items)} validation pairs"
+        )
+    calib_items = [
+        train_items[i]
+        for i in rng.choice(len(train_items), min(cfg.calibration_images, len(train_items)), replace=False)
+    ]
+    spec = calibrate_spec(calib_items, FeatureSpec(block=cfg.block))
+    log.info("calibrated features on %d images: %s", len(calib_items), spec)
+    val = parallel_windows(val_items, spec, cfg.grid, cfg.val_windows_per_image, NO_AUGMENT, cfg.seed + 1, cfg.workers)
+    model = SoartcViT(cfg.vit)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    deadline = started + cfg.minutes * 60
+    history: list[dict[str, float]] = []
+    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    step, total_steps_guess = 0, None
+    for rnd in range(cfg.rounds):
+        tr = parallel_windows(
+            train_items, spec, cfg.grid, cfg.train_windows_per_image, cfg.augment, cfg.seed + 10 + rnd, cfg.workers
+        )
+        log.info("round %d: %d training windows (%s pass/fail/ambiguous)", rnd, len(tr[2]), np.bincount(tr[2] + 1))
+        epoch = 0
+        while time.monotonic() < started + (rnd + 1) * (deadline - started) / cfg.rounds:
+            for idx in _batches(tr[2], cfg.batch_size, rng):
+                if total_steps_guess is None:
+                    total_steps_guess = 1
+                frac = min((time.monotonic() - started) / (deadline - started), 1.0)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * frac)))
+                loss = _loss(
+                    model,
+                    torch.from_numpy(tr[0][idx].astype(np.float32)),
+                    torch.from_numpy(tr[1][idx]),
+                    torch.from_numpy(tr[2][idx]),
+                    cfg,
+                )
+                opt.zero_grad()
+                loss.backward()  # type: ignore[no-untyped-call]
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                step += 1
+            epoch += 1
+            probs, _ = predict(model, val[0])
+            report = {"round": rnd, "epoch": epoch, "step": step, "loss": float(loss), **window_report(probs, val[2])}
+            report["elapsed_s"] = time.monotonic() - started
+            history.append(report)
+            log.info("%s", json.dumps(report))
+            if progress is not None:
+                progress(report)
+            score = report["auroc"] - report["false_alarm_rate"]
+            if best is None or score > best[0]:
+                best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    if best is not None:
+        model.load_state_dict(best[1])
+    probs, _ = predict(model, val[0])
+    return TrainResult(
+        model=model,
+        spec=spec,
+        config=cfg,
+        history=history,
+        validation=window_report(probs, val[2]),
+        train_items=len(train_items),
+        val_items=len(val_items),
+        seconds=time.monotonic() - started,
+    )
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, object]:
+    out: dict[str, object] = json.loads(json.dumps(asdict(cfg)))
+    return out
+
+
+def set_threads(threads: int | None) -> None:
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)

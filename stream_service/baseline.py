@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from stream_service.features import open_mask
 from stream_service.soartc import F32
 
 
@@ -35,7 +36,7 @@ def baseline(reference_hw: F32, aligned_hw: F32, params: BaselineParams) -> Base
     """Classical verdict of a registered frame (both (H, W) float32 in [0, 1])."""
     diff = (np.abs(aligned_hw - reference_hw) > params.threshold).astype(np.uint8)
     if params.open_px > 1:
-        diff = cv2.morphologyEx(diff, cv2.MORPH_OPEN, np.ones((params.open_px, params.open_px), np.uint8))
+        diff = open_mask(diff, params.open_px)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(diff, connectivity=8)
     areas = stats[1:, cv2.CC_STAT_AREA]
     big = np.flatnonzero(areas >= params.min_area) + 1

@@ -110,12 +110,22 @@ def _split_subblocks(sub_hwc: F32, h: int, w: int) -> F32:
     return np.ascontiguousarray(grid.reshape(h, w, 4 * c))
 
 
+def open_mask(mask_hw: U8, px: int) -> U8:
+    """Morphological opening of a uint8 mask with a ``px`` square, not moved for any px (odd or even).
+
+    cv2.morphologyEx(MORPH_OPEN) erodes and dilates with the same anchor, which moves the result by
+    one pixel down and right when px is even; dilating with the reflected anchor undoes the erosion's shift.
+    """
+    kernel = np.ones((px, px), np.uint8)
+    eroded = cv2.erode(mask_hw, kernel)
+    back = px - 1 - px // 2
+    return np.asarray(cv2.dilate(eroded, kernel, anchor=(back, back)), np.uint8)
+
+
 def difference_masks(reference_hw: F32, frame_hw: F32, spec: FeatureSpec) -> tuple[U8, U8]:
     """(diff_hw, open_diff_hw) uint8 0/1 masks of a registered frame against its reference."""
     diff = (cv2.absdiff(frame_hw, reference_hw) > spec.diff_threshold).astype(np.uint8)
-    kernel = np.ones((spec.open_px, spec.open_px), np.uint8)
-    opened = np.asarray(cv2.morphologyEx(diff, cv2.MORPH_OPEN, kernel), np.uint8)
-    return diff, opened
+    return diff, open_mask(diff, spec.open_px)
 
 
 def raw_deviations(reference_hw: F32, frame_hw: F32, block: int, variant: Variant) -> F32:

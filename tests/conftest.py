@@ -1,0 +1,163 @@
+"""Shared fixtures: the DeepPCB data set, its manifest, real pairs, and a tiny exported model.
+
+The GPU machine runs ``tests/test_soartc*.py`` without pydantic, zmq, torch or onnxruntime, so this
+module imports none of them at module level: every such import happens inside the fixture that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few DeepPCB pairs from two boards (groups); enough for every test that needs real data.
+PAIR_IDS = ("00041000", "00041001", "00041002", "00041003", "50600000", "50600001")
+
+
+def dataset_root() -> Path:
+    """$STREAM_SERVICE_DATASETS, or <repo>/../shared/datasets."""
+    return Path(os.environ.get("STREAM_SERVICE_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def deeppcb() -> Path:
+    """The DeepPCB folder (with manifest.jsonl); the test is skipped when it is absent."""
+    root = dataset_root() / "deeppcb"
+    if not (root / "manifest.jsonl").is_file():
+        pytest.skip(f"DeepPCB data set not found at {root} (set STREAM_SERVICE_DATASETS to its parent folder)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def deeppcb_rows(deeppcb: Path) -> dict[str, dict[str, Any]]:
+    """id -> raw manifest row (paths relative to the DeepPCB folder)."""
+    rows = [json.loads(line) for line in (deeppcb / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return {row["id"]: row for row in rows}
+
+
+@pytest.fixture(scope="session")
+def deeppcb_items(deeppcb: Path, deeppcb_rows: dict[str, dict[str, Any]]) -> list[Any]:
+    """The ManifestItems of PAIR_IDS (absolute paths), in that order."""
+    from stream_service.manifest import ManifestItem
+
+    out = []
+    for pair_id in PAIR_IDS:
+        row = deeppcb_rows[pair_id]
+        item = ManifestItem.model_validate(row)
+        out.append(item.model_copy(update={"reference": deeppcb / row["reference"], "frame": deeppcb / row["frame"]}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def scorer() -> ModuleType:
+    """The reference scorer ../shared/tools/score.py as a module (skipped when it is absent)."""
+    path = REPO.parent / "shared" / "tools" / "score.py"
+    if not path.is_file():
+        pytest.skip(f"reference scorer not found at {path}")
+    spec = importlib.util.spec_from_file_location("reference_score", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_manifest(rows: list[dict[str, Any]], deeppcb: Path, out_dir: Path) -> Path:
+    """A manifest at out_dir/manifest.jsonl of DeepPCB rows, paths made relative to out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for row in rows:
+        moved = dict(row)
+        for key in ("reference", "frame"):
+            moved[key] = os.path.relpath(deeppcb / row[key], out_dir)
+        lines.append(json.dumps(moved))
+    path = out_dir / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def manifest_writer(deeppcb: Path) -> Callable[[list[dict[str, Any]], Path], Path]:
+    """write_manifest bound to the DeepPCB folder: (rows, out_dir) -> out_dir/manifest.jsonl."""
+    return lambda rows, out_dir: write_manifest(rows, deeppcb, out_dir)
+
+
+@pytest.fixture(scope="session")
+def real_pair(deeppcb: Path, deeppcb_rows: dict[str, dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[Any]]:
+    """(reference, frame, boxes) of the first pair: (640, 640) float32 in [0, 1], copper = 1 (dark object)."""
+    from stream_service.manifest import read_gray
+    from stream_service.soartc import to_unit
+
+    row = deeppcb_rows[PAIR_IDS[0]]
+    reference = to_unit(read_gray(deeppcb / row["reference"]), dark_object=True)
+    frame = to_unit(read_gray(deeppcb / row["frame"]), dark_object=True)
+    return reference, frame, [tuple(b) for b in row["boxes"]]
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny SoartcViT exported to ``directory`` (card.json + model.onnx), and the torch model itself."""
+
+    directory: Path
+    torch_model: Any
+    card: Any
+
+
+TINY_SPEC_CONSTANTS = (0.2, 0.5, 0.1)
+
+
+def build_tiny_model(directory: Path, seed: int, threshold: float = 0.5) -> TinyModel:
+    """Export an untrained SoartcViT(dim=16, depth=1, heads=2) and write a valid card next to it."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from stream_service.baseline import BaselineParams
+    from stream_service.features import FeatureSpec
+    from stream_service.model_card import CARD_NAME, ONNX_NAME, file_sha256
+    from stream_service.soartc import Calibration
+    from stream_service.training.export import export_onnx
+    from stream_service.training.ship import _card
+    from stream_service.training.train import TrainConfig, TrainResult
+    from stream_service.training.vit import SoartcViT, VitConfig
+
+    torch.manual_seed(seed)
+    vit = VitConfig(dim=16, depth=1, heads=2)
+    model = SoartcViT(vit)
+    directory.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, directory / ONNX_NAME)
+    spec = FeatureSpec(
+        calibration=Calibration(TINY_SPEC_CONSTANTS, 2.0, "test"),
+        sub_calibration=Calibration(TINY_SPEC_CONSTANTS, 2.0, "test"),
+    )
+    result = TrainResult(model, spec, TrainConfig(vit=vit), [], {}, 0, 0, 0.0)
+    card = _card(
+        result,
+        "tiny",
+        "0",
+        file_sha256(directory / ONNX_NAME),
+        threshold,
+        "test",
+        1.0,
+        0.0,
+        "test",
+        {"baseline": asdict(BaselineParams())},
+        {},
+        [],
+        12,
+    )
+    (directory / CARD_NAME).write_text(card.model_dump_json(indent=1) + "\n")
+    return TinyModel(directory, model, card)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
+    """A tiny untrained model folder shared by the model, model card and evaluation tests."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)

@@ -91,7 +91,8 @@ class InspectionModel:
 
     def run(self, windows_nggc: F32) -> tuple[F32, F32]:
         """Fail probabilities (N,) and class-token attention (N, g, g) of a batch of windows."""
-        if windows_nggc.ndim != 4 or windows_nggc.shape[1:] != self._session.get_inputs()[0].shape[1:]:
+        # ONNX Runtime reports the input shape as a list: compare as tuples (a tuple never equals a list).
+        if windows_nggc.ndim != 4 or windows_nggc.shape[1:] != tuple(self._session.get_inputs()[0].shape[1:]):
             raise ModelError(
                 f"model input: expected (N, {self.card.window.grid}, {self.card.window.grid}, "
                 f"{len(self.card.features.channels)}) float32, found {windows_nggc.shape}"

@@ -60,8 +60,8 @@ def deeppcb_items(deeppcb: Path, deeppcb_rows: dict[str, dict[str, Any]]) -> lis
 
 @pytest.fixture(scope="session")
 def scorer() -> ModuleType:
-    """The reference scorer ../shared/tools/score.py as a module (skipped when it is absent)."""
-    path = REPO.parent / "shared" / "tools" / "score.py"
+    """The reference scorer (shared/tools/score.py, beside shared/datasets) as a module; skipped when absent."""
+    path = dataset_root().parent / "tools" / "score.py"
     if not path.is_file():
         pytest.skip(f"reference scorer not found at {path}")
     spec = importlib.util.spec_from_file_location("reference_score", path)
@@ -120,7 +120,7 @@ def build_tiny_model(directory: Path, seed: int, threshold: float = 0.5) -> Tiny
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     from stream_service.baseline import BaselineParams
-    from stream_service.features import FeatureSpec
+    from stream_service.features import N_CHANNELS, FeatureSpec
     from stream_service.model_card import CARD_NAME, ONNX_NAME, file_sha256
     from stream_service.soartc import Calibration
     from stream_service.training.export import export_onnx
@@ -129,7 +129,7 @@ def build_tiny_model(directory: Path, seed: int, threshold: float = 0.5) -> Tiny
     from stream_service.training.vit import SoartcViT, VitConfig
 
     torch.manual_seed(seed)
-    vit = VitConfig(dim=16, depth=1, heads=2)
+    vit = VitConfig(channels=N_CHANNELS, dim=16, depth=1, heads=2)
     model = SoartcViT(vit)
     directory.mkdir(parents=True, exist_ok=True)
     export_onnx(model, directory / ONNX_NAME)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_service.features import N_CHANNELS, FeatureSpec
+from stream_service.features import CHANNEL_NAMES, N_CHANNELS, FeatureSpec
 from stream_service.manifest import ManifestItem
 from stream_service.training.dataset import (
     AMBIGUOUS,
@@ -227,7 +227,8 @@ def test_make_window_on_a_real_pair(first_pair: tuple[np.ndarray, np.ndarray, Ma
         # Rotations and flips of a 256 px window move whole tokens: the count of target tokens is kept.
         assert window.targets.sum() == plain_targets.sum()
     # The target tokens hold the defect: its difference survives the opening there.
-    diff = window.tokens[..., 16:20].astype(np.float32).max(axis=2)
+    open_diff = [n for n, name in enumerate(CHANNEL_NAMES) if name.endswith(".open_diff")]
+    diff = window.tokens[..., open_diff].astype(np.float32).max(axis=2)
     assert diff[window.targets > 0].max() > 0.0
 
 

@@ -184,7 +184,10 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
     val = parallel_windows(val_items, spec, cfg.grid, cfg.val_windows_per_image, NO_AUGMENT, cfg.seed + 1, cfg.workers)
     model = SoartcViT(cfg.vit)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    deadline = started + cfg.minutes * 60
+    # The budget counts optimisation only, not data preparation (as `stream-service train --help` says):
+    # a short budget still trains, however long the windows take to build.
+    budget = cfg.minutes * 60
+    trained = 0.0
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     step, total_steps_guess = 0, None
@@ -194,11 +197,12 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
         )
         log.info("round %d: %d training windows (%s pass/fail/ambiguous)", rnd, len(tr[2]), np.bincount(tr[2] + 1))
         epoch = 0
-        while time.monotonic() < started + (rnd + 1) * (deadline - started) / cfg.rounds:
+        origin = time.monotonic() - trained  # time.monotonic() - origin = seconds trained so far
+        while time.monotonic() - origin < (rnd + 1) * budget / cfg.rounds:
             for idx in _batches(tr[2], cfg.batch_size, rng):
                 if total_steps_guess is None:
                     total_steps_guess = 1
-                frac = min((time.monotonic() - started) / (deadline - started), 1.0)
+                frac = min((time.monotonic() - origin) / budget, 1.0)
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * frac)))
                 loss = _loss(
@@ -224,6 +228,7 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
             score = report["auroc"] - report["false_alarm_rate"]
             if best is None or score > best[0]:
                 best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        trained = time.monotonic() - origin
     if best is not None:
         model.load_state_dict(best[1])
     probs, _ = predict(model, val[0])

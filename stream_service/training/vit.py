@@ -92,7 +92,9 @@ class SoartcViT(nn.Module):
         for block in self.blocks:
             x, weights = block(x)
         x = self.norm(x)
-        attention = weights[:, :, 0, 1:].mean(dim=1).reshape(n, g, g)
+        # The class token also attends to itself: renormalise over the tokens so that each map sums to 1.
+        attention = weights[:, :, 0, 1:].mean(dim=1)
+        attention = (attention / attention.sum(dim=1, keepdim=True)).reshape(n, g, g)
         token_logits = self.token_head(x[:, 1:]).reshape(n, g, g)
         return self.head(x[:, 0]), attention, token_logits
 

@@ -1,0 +1,95 @@
+"""A tiny end-to-end training run on real DeepPCB pairs from two boards: model, calibration, history, determinism."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from stream_service.errors import InputError  # noqa: E402
+from stream_service.features import N_CHANNELS  # noqa: E402
+from stream_service.training.train import TrainConfig, TrainResult, train  # noqa: E402
+from stream_service.training.vit import SoartcViT, VitConfig  # noqa: E402
+
+TRAIN_GROUP, VAL_GROUP = "group00041", "group50600"
+
+
+def tiny_config(seed: int = 0, **changes: Any) -> TrainConfig:
+    fields: dict[str, Any] = {
+        "seed": seed,
+        "val_groups": (VAL_GROUP,),
+        "minutes": 0.05,
+        "rounds": 1,
+        "train_windows_per_image": 2,
+        "val_windows_per_image": 2,
+        "vit": VitConfig(channels=N_CHANNELS, dim=16, depth=1, heads=2),
+        "calibration_images": 3,
+        "workers": 1,
+    }
+    return TrainConfig(**{**fields, **changes})
+
+
+@pytest.fixture(scope="module")
+def manifest(
+    deeppcb_rows: dict[str, dict[str, Any]],
+    manifest_writer: Callable[[list[dict[str, Any]], Path], Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """Six real pairs, four from the training board and two from the validation board."""
+    rows = [r for r in deeppcb_rows.values() if r["group"] == TRAIN_GROUP][:4]
+    rows += [r for r in deeppcb_rows.values() if r["group"] == VAL_GROUP][:2]
+    return manifest_writer(rows, tmp_path_factory.mktemp("train-data"))
+
+
+@pytest.fixture(scope="module")
+def runs(manifest: Path) -> tuple[TrainResult, TrainResult]:
+    """Two runs with the same seed."""
+    return train(manifest, tiny_config()), train(manifest, tiny_config())
+
+
+def test_train_returns_a_model_a_calibrated_spec_and_history(runs: tuple[TrainResult, TrainResult]) -> None:
+    result, _ = runs
+    assert isinstance(result.model, SoartcViT) and result.model.cfg == VitConfig(
+        channels=N_CHANNELS, dim=16, depth=1, heads=2
+    )
+    assert (result.train_items, result.val_items) == (4, 2)
+    for calibration in (result.spec.calibration, result.spec.sub_calibration):
+        assert len(calibration.constants) == 3 and all(c > 0 for c in calibration.constants)
+        assert calibration.constants != (1.0, 1.0, 1.0), "calibrated, not the placeholder"
+        assert calibration.method.startswith("percentile-")
+    assert result.spec.block == 16
+    assert result.history, "at least one epoch ran"
+    first = result.history[0]
+    assert {"round", "epoch", "step", "loss", "auroc", "false_alarm_rate", "elapsed_s"} <= set(first)
+    assert first["round"] == 0 and first["epoch"] == 1 and first["step"] >= 1
+    assert np.isfinite(first["loss"]) and first["loss"] > 0
+    assert [h["epoch"] for h in result.history] == list(range(1, len(result.history) + 1))
+    assert {"auroc", "miss_rate", "false_alarm_rate", "n_pass", "n_fail"} <= set(result.validation)
+    assert result.validation["n_pass"] + result.validation["n_fail"] <= 4
+    assert result.seconds > 0
+
+
+def test_the_trained_model_runs_on_windows(runs: tuple[TrainResult, TrainResult]) -> None:
+    result, _ = runs
+    model = result.model.eval()
+    with torch.no_grad():
+        logits, attention = model(torch.rand(3, 16, 16, N_CHANNELS))
+    assert logits.shape == (3, 2) and attention.shape == (3, 16, 16)
+    np.testing.assert_allclose(attention.sum(dim=(1, 2)).numpy(), 1.0, atol=1e-5)
+
+
+def test_the_same_seed_gives_the_same_calibration_and_first_loss(runs: tuple[TrainResult, TrainResult]) -> None:
+    first, second = runs
+    assert first.spec == second.spec
+    assert first.history[0]["loss"] == second.history[0]["loss"]
+    assert first.history[0]["step"] == second.history[0]["step"]
+
+
+def test_validation_groups_must_exist(manifest: Path) -> None:
+    with pytest.raises(InputError, match=r"val_groups=\['group99999'\], found 6 train and 0 validation pairs"):
+        train(manifest, tiny_config(val_groups=("group99999",)))

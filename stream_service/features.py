@@ -7,12 +7,15 @@ One token is one SOARTC block of ``block`` pixels (16 by default). Its channels,
 3-14  the SOARTC mosaic of its four half-size sub-blocks (row-major TL, TR, BL, BR; R, G, B each)
 15    the reference's mean in the block (copper density: where a defect can be at all)
 16-19 the fraction of each sub-block covered by the *opened* difference mask
+20-23 the same after a wider opening (``open_large_px``)
 ====  =====================================================================================
 
 The opened difference mask is ``|frame - reference| > diff_threshold`` after a morphological opening
-with a ``open_px`` square: binarisation and registration jitter along copper edges is one or two pixels
-wide and vanishes, while opens, shorts, bites, spurs, spurious copper and pin-holes survive. The mask is
-also what the highlight draws, pixel by pixel, inside the tokens the model keeps.
+with a ``open_px`` square: binarisation jitter along copper edges is one or two pixels wide and
+vanishes, while opens, shorts, bites, spurs, spurious copper and pin-holes survive. Residual
+registration error leaves bands as wide as the error along whole edges; the wider opening removes
+those too and keeps the compact defects, and the model weighs the two. The ``open_px`` mask is also
+what the highlight draws, pixel by pixel, inside the tokens the model keeps.
 
 Everything here is pure: arrays in, arrays out.
 """
@@ -39,7 +42,7 @@ from stream_service.soartc import (
     soartc_metrics,
 )
 
-N_CHANNELS = 20
+N_CHANNELS = 24
 CHANNEL_NAMES: tuple[str, ...] = (
     "R",
     "G",
@@ -47,6 +50,7 @@ CHANNEL_NAMES: tuple[str, ...] = (
     *(f"{corner}.{c}" for corner in ("tl", "tr", "bl", "br") for c in "RGB"),
     "ref_mean",
     *(f"{corner}.open_diff" for corner in ("tl", "tr", "bl", "br")),
+    *(f"{corner}.open_diff_large" for corner in ("tl", "tr", "bl", "br")),
 )
 
 
@@ -64,14 +68,17 @@ class FeatureSpec:
     sub_calibration: Calibration = UNCALIBRATED
     diff_threshold: float = 0.3
     open_px: int = 3
+    open_large_px: int = 5
 
     def __post_init__(self) -> None:
         if self.block not in (8, 16):
             raise InputError(f"feature block size: expected 8 or 16 (sub-blocks of 4 or 8), found {self.block}")
         if not 0.0 < self.diff_threshold < 1.0:
             raise InputError(f"feature diff_threshold: expected a value in (0, 1), found {self.diff_threshold}")
-        if self.open_px < 1:
-            raise InputError(f"feature open_px: expected >= 1, found {self.open_px}")
+        if not 1 <= self.open_px < self.open_large_px:
+            raise InputError(
+                f"feature openings: expected 1 <= open_px < open_large_px, found {self.open_px}, {self.open_large_px}"
+            )
 
     @property
     def sub_block(self) -> int:
@@ -167,6 +174,8 @@ def token_features(
     tokens[..., 15] = _block_means(reference_hw, spec.block)
     diff, opened = difference_masks(reference_hw, frame_hw, spec)
     tokens[..., 16:20] = _split_subblocks(_block_means(opened.astype(np.float32), spec.sub_block)[..., None], h, w)
+    large = open_mask(opened, spec.open_large_px)
+    tokens[..., 20:24] = _split_subblocks(_block_means(large.astype(np.float32), spec.sub_block)[..., None], h, w)
     return TokenFeatures(tokens, opened, diff)
 
 

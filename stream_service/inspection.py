@@ -13,7 +13,6 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from stream_service.errors import RegistrationError
 from stream_service.features import FeatureSpec, TokenFeatures, feature_kernels, token_features
 from stream_service.highlight import HighlightResult, highlight, token_relevance
 from stream_service.model_card import ModelCard
@@ -38,14 +37,14 @@ class Extracted:
 
     aligned_hw: U8
     features: TokenFeatures
-    registration: Registration | None
+    registration: Registration
 
 
 class FeatureExtractor:
     """Registration to one reference and SOARTC token features, on the CPU or the GPU.
 
-    A frame whose registration is unsure (a blank view, or a repetitive pattern with no clear peak)
-    is compared unshifted and its registration reported as None: the comparison still runs.
+    A frame whose registration is unsure (a blank view, a pattern with edges in one direction only) is
+    aligned as far as the evidence allows (``Registrar.align``); the comparison always runs.
     """
 
     def __init__(
@@ -67,12 +66,9 @@ class FeatureExtractor:
 
     def extract(self, frame_u8: U8) -> Extracted:
         frame = to_unit(frame_u8, self.dark_object)
-        try:
-            aligned, reg = self.registrar.register(frame)
-        except RegistrationError as exc:
+        aligned, reg = self.registrar.align(frame)
+        if reg.method == "none" and self.registrar.method != "none":
             self.unregistered += 1
-            log.debug("compared unshifted: %s", exc)
-            aligned, reg = frame, None
         feats = token_features(self.reference, aligned, self.spec, self.kernels)
         back = 1.0 - aligned if self.dark_object else aligned
         aligned_u8 = np.clip(np.rint(back * 255.0), 0, 255).astype(np.uint8)

@@ -46,6 +46,7 @@ class FeaturesCard(_Frozen):
     sub_calibration: CalibrationCard
     diff_threshold: float = Field(gt=0, lt=1)
     open_px: int = Field(ge=1)
+    open_large_px: int = Field(ge=2)
 
     def to_spec(self) -> FeatureSpec:
         return FeatureSpec(
@@ -55,6 +56,7 @@ class FeaturesCard(_Frozen):
             sub_calibration=self.sub_calibration.to_calibration(),
             diff_threshold=self.diff_threshold,
             open_px=self.open_px,
+            open_large_px=self.open_large_px,
         )
 
 

@@ -264,6 +264,31 @@ class Registrar:
         self._check(registration)
         return apply_registration(as_unit(frame_hw), registration), registration
 
+    def align(self, frame_hw: npt.NDArray[np.generic]) -> tuple[F32, Registration]:
+        """The frame aligned as well as the evidence allows; never raises for a frame of the right shape.
+
+        Phase correlation cannot see a shift along the only direction a pattern has (parallel traces
+        all running one way) and returns noise for that component. So the estimate is taken only when
+        it lowers the mean absolute difference to the reference, tried whole, per axis, and not at all;
+        the least different candidate wins. A registration refused by the limits falls back the same way.
+        The returned Registration is the one applied (method "none" when the frame is left as it is).
+        """
+        frame = as_unit(frame_hw)
+        _check_shapes(self.reference, frame)
+        candidates: list[tuple[F32, Registration]] = [(frame, Registration(0.0, 0.0, 0.0, "none"))]
+        try:
+            aligned, reg = self.register(frame)
+        except RegistrationError:
+            return candidates[0]
+        candidates[0] = (frame, Registration(0.0, 0.0, reg.confidence, "none"))
+        candidates.append((aligned, reg))
+        if reg.method == "translation":
+            for dx, dy in ((reg.dx, 0.0), (0.0, reg.dy)):
+                part = _translation(dx, dy, reg.confidence)
+                candidates.append((apply_registration(frame, part), part))
+        errors = [float(cv2.norm(self.reference, c[0], cv2.NORM_L1)) for c in candidates]
+        return candidates[int(np.argmin(errors))]
+
     def _check(self, registration: Registration) -> None:
         if registration.confidence < self.min_confidence:
             raise RegistrationError(

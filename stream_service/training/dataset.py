@@ -22,15 +22,16 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from stream_service.errors import RegistrationError
 from stream_service.features import FeatureSpec, raw_deviations, token_features
 from stream_service.manifest import Box, ManifestItem, read_gray
-from stream_service.registration import register
+from stream_service.registration import Registrar
 from stream_service.soartc import Calibration, to_unit
 
 log = logging.getLogger(__name__)
 
 MARGIN_PX = 8
+# Registration limit of the training path; the live default (settings soartc.max_shift_px) is larger.
+MAX_SHIFT_PX = 8.0
 PASS, FAIL, AMBIGUOUS = 0, 1, -1
 
 
@@ -129,11 +130,8 @@ class Window:
 
 
 def align(reference_hw: npt.NDArray[np.float32], frame_hw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """The frame registered by translation, or as it is when registration is unsure (blank or repetitive crops)."""
-    try:
-        return register(reference_hw, frame_hw, method="translation", max_shift=8.0)[0]
-    except RegistrationError:
-        return frame_hw
+    """The frame aligned to the reference by the pipeline's own policy (``Registrar.align``)."""
+    return Registrar(reference_hw, "translation", max_shift=MAX_SHIFT_PX).align(frame_hw)[0]
 
 
 def make_window(
@@ -203,7 +201,7 @@ def good_block_mask(boxes: Sequence[Box], shape: tuple[int, int], block: int) ->
 
 
 def calibrate_spec(
-    items: Sequence[ManifestItem], base: FeatureSpec, percentile: float = 99.5, gain: float = 2.0
+    items: Sequence[ManifestItem], base: FeatureSpec, percentile: float = 99.0, gain: float = 2.0
 ) -> FeatureSpec:
     """The feature spec with calibration constants from the good blocks (no box within 8 px) of items.
 
@@ -233,6 +231,7 @@ def calibrate_spec(
         sub_calibration=constants(base.sub_block),
         diff_threshold=base.diff_threshold,
         open_px=base.open_px,
+        open_large_px=base.open_large_px,
     )
 
 

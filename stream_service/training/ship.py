@@ -80,6 +80,7 @@ def _card(
                 "sub_calibration": asdict(spec.sub_calibration),
                 "diff_threshold": spec.diff_threshold,
                 "open_px": spec.open_px,
+                "open_large_px": spec.open_large_px,
             },
             "window": {"grid": result.config.grid, "stride": stride, "pixels": result.config.grid * spec.block},
             "threshold": {"value": threshold, "chosen_by": threshold_note},

@@ -190,7 +190,7 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
     trained = 0.0
     history: list[dict[str, float]] = []
     best: tuple[float, dict[str, torch.Tensor]] | None = None
-    step, total_steps_guess = 0, None
+    step = 0
     for rnd in range(cfg.rounds):
         tr = parallel_windows(
             train_items, spec, cfg.grid, cfg.train_windows_per_image, cfg.augment, cfg.seed + 10 + rnd, cfg.workers
@@ -200,8 +200,6 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
         origin = time.monotonic() - trained  # time.monotonic() - origin = seconds trained so far
         while time.monotonic() - origin < (rnd + 1) * budget / cfg.rounds:
             for idx in _batches(tr[2], cfg.batch_size, rng):
-                if total_steps_guess is None:
-                    total_steps_guess = 1
                 frac = min((time.monotonic() - origin) / budget, 1.0)
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * frac)))
@@ -219,7 +217,7 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
                 step += 1
             epoch += 1
             probs, _ = predict(model, val[0])
-            report = {"round": rnd, "epoch": epoch, "step": step, "loss": float(loss), **window_report(probs, val[2])}
+            report = {"round": rnd, "epoch": epoch, "step": step, "loss": loss.item(), **window_report(probs, val[2])}
             report["elapsed_s"] = time.monotonic() - started
             history.append(report)
             log.info("%s", json.dumps(report))

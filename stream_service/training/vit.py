@@ -21,7 +21,7 @@ class VitConfig:
     """Shape of the model; stored in the model card."""
 
     grid: int = 16
-    channels: int = 20
+    channels: int = 24
     dim: int = 64
     depth: int = 3
     heads: int = 4

@@ -1,0 +1,326 @@
+"""The wire contract: header models, the verdict JSON Schema, and the pure multipart codec.
+
+A message on the wire is a ZeroMQ multipart ``[topic, header, payload...]``:
+
+- ``topic``: UTF-8, ``<prefix>.<camera_id>`` (``frames.cam0``, ``verdicts.cam0``); subscribers filter
+  on its prefix;
+- ``header``: the JSON of one frozen header model below, carrying ``kind`` and ``schema_version``;
+- ``payload``: one part per ``ArraySpec`` of the header (``array_specs()``), the raw C-contiguous bytes
+  of the array, never pickled. ``encode`` hands out memoryviews of the arrays (no copy) and ``decode``
+  returns ``np.frombuffer`` views of the received parts (no copy, read-only: stages must not mutate
+  what they receive).
+
+Versioning and compatibility. ``SCHEMA_VERSION`` is ``"MAJOR.MINOR"``. Within a major version the
+contract only grows: new fields are optional (have defaults), no field is removed, renamed or changes
+type or meaning, so a decoder accepts any minor version of its major and ignores fields it does not
+know. A breaking change bumps the major; a decoder rejects a major it does not know. The verdict, the
+public contract for integrators, is exported as JSON Schema to ``schemas/verdict.v<MAJOR>.json``
+(``export_verdict_schema``); a test keeps the committed file equal to the generated one.
+
+Timestamps are wall-clock ``time.time_ns()``: a monotonic clock is per host (and per boot), so it
+cannot measure latency between stages that run on different hosts; wall clocks there must be
+NTP/PTP-synchronised, and the error of that synchronisation bounds the cross-host latency figures.
+
+Every decoding failure raises ``MessageError`` whose text is ``"<thing>: expected <x>, found <y>"``;
+``rejection_reason`` returns the ``<thing>`` so that rejections can be counted per reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError
+
+from stream_service.errors import MessageError
+
+SCHEMA_VERSION = "1.0"
+SCHEMA_MAJOR = 1
+
+Array = npt.NDArray[Any]
+Part = bytes | bytearray | memoryview
+DType = Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32", "float64", "bool"]
+CameraId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Camera id, [A-Za-z0-9_-]{1,64}.")]
+Shape = Annotated[tuple[NonNegativeInt, ...], Field(max_length=8)]
+
+TOPIC_PREFIXES: dict[str, str] = {
+    "frame": "frames",
+    "features": "features",
+    "verdict": "verdicts",
+    "highlight": "highlights",
+}
+
+
+class _Model(BaseModel):
+    # extra="ignore": a newer minor version may add fields this decoder does not know yet.
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Stamp(_Model):
+    """One stage's pass: the stage name and the wall-clock ``time.time_ns()`` when it sent the message."""
+
+    stage: str
+    t_ns: int
+
+
+class ArraySpec(_Model):
+    """Name, shape and dtype of one payload part."""
+
+    name: str
+    shape: Shape
+    dtype: DType
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+class Registration(_Model):
+    """Translation of the frame onto its reference, in pixels, and the phase-correlation confidence."""
+
+    dx: float
+    dy: float
+    confidence: float
+
+
+class _Header(_Model):
+    schema_version: str = Field(SCHEMA_VERSION, pattern=r"^\d+\.\d+$", description="MAJOR.MINOR.")
+    camera_id: CameraId
+    seq: NonNegativeInt = Field(description="Frame sequence number, per camera.")
+    capture_ns: int = Field(description="Wall-clock capture time, time.time_ns().")
+
+    def array_specs(self) -> tuple[ArraySpec, ...]:
+        """The payload parts that follow the header, in order."""
+        return ()
+
+
+class FrameHeader(_Header):
+    """A captured frame: one payload, the frame ``(H, W) or (H, W, C)``."""
+
+    kind: Literal["frame"] = "frame"
+    shape: Shape
+    dtype: DType
+    stamps: tuple[Stamp, ...] = ()
+    dropped: NonNegativeInt = Field(0, description="Frames of this camera dropped since the previous message.")
+    truth: dict[str, Any] | None = Field(None, description='Synthetic ground truth: {"label", "boxes"}.')
+    reference_id: str | None = None
+
+    def array_specs(self) -> tuple[ArraySpec, ...]:
+        return (ArraySpec(name="frame", shape=self.shape, dtype=self.dtype),)
+
+
+class FeaturesHeader(_Header):
+    """A registered frame and its SOARTC feature grid; ``shape``/``dtype`` describe the captured frame."""
+
+    kind: Literal["features"] = "features"
+    shape: Shape
+    dtype: DType
+    stamps: tuple[Stamp, ...] = ()
+    dropped: NonNegativeInt = 0
+    truth: dict[str, Any] | None = None
+    reference_id: str | None = None
+    arrays: tuple[ArraySpec, ...]
+    registration: Registration
+
+    def array_specs(self) -> tuple[ArraySpec, ...]:
+        return self.arrays
+
+
+class Region(_Model):
+    """A highlighted defect region: inclusive pixel corners in the frame, score and area in pixels."""
+
+    x1: NonNegativeInt
+    y1: NonNegativeInt
+    x2: NonNegativeInt
+    y2: NonNegativeInt
+    score: float
+    area: NonNegativeInt
+
+
+class Verdict(_Header):
+    """The verdict on one frame: the public contract for integrators (``verdict_json_schema``)."""
+
+    model_config = ConfigDict(
+        json_schema_serialization_defaults_required=True,
+        title="Verdict",
+    )
+
+    kind: Literal["verdict"] = "verdict"
+    verdict: Literal["pass", "fail"]
+    score: float = Field(description="Model score of the frame; fail when score >= threshold.")
+    threshold: float
+    model_id: str
+    model_version: str
+    reference_id: str
+    reference_version: str
+    regions: tuple[Region, ...] = Field((), description="Defect regions, in frame pixels.")
+    latency_ms: dict[str, float] = Field(
+        default_factory=dict, description='Per-stage latency of this frame, and "end_to_end" (capture to publish).'
+    )
+    dropped: NonNegativeInt = Field(0, description="Frames of this camera dropped since the previous verdict.")
+    truth: dict[str, Any] | None = None
+
+
+class Highlight(_Header):
+    """The highlight for a verdict: a JPEG payload (``jpeg``, 1-D uint8) and optionally the raw ``mask``."""
+
+    kind: Literal["highlight"] = "highlight"
+    arrays: tuple[ArraySpec, ...]
+
+    def array_specs(self) -> tuple[ArraySpec, ...]:
+        return self.arrays
+
+
+Header = FrameHeader | FeaturesHeader | Verdict | Highlight
+HEADER_KINDS: dict[str, type[FrameHeader] | type[FeaturesHeader] | type[Verdict] | type[Highlight]] = {
+    "frame": FrameHeader,
+    "features": FeaturesHeader,
+    "verdict": Verdict,
+    "highlight": Highlight,
+}
+
+
+class Message(NamedTuple):
+    """A decoded message: ``topic, header, arrays = message``."""
+
+    topic: str
+    header: Header
+    arrays: list[Array]
+
+
+def _reject(thing: str, expected: object, found: object) -> MessageError:
+    return MessageError(f"{thing}: expected {expected}, found {found}")
+
+
+def rejection_reason(exc: MessageError) -> str:
+    """The counted reason of a rejection: the ``<thing>`` of ``"<thing>: expected ..., found ..."``."""
+    return str(exc).split(":", 1)[0]
+
+
+def topic_of(header: Header) -> str:
+    """``<prefix>.<camera_id>``, e.g. ``verdicts.cam0``."""
+    return f"{TOPIC_PREFIXES[header.kind]}.{header.camera_id}"
+
+
+def highlight_header(verdict: Verdict, jpeg: Part, mask: Array | None = None) -> Highlight:
+    """The header of the highlight of ``verdict`` for a JPEG of ``len(jpeg)`` bytes and an optional mask."""
+    arrays = [ArraySpec(name="jpeg", shape=(memoryview(jpeg).nbytes,), dtype="uint8")]
+    if mask is not None:
+        arrays.append(ArraySpec.model_validate({"name": "mask", "shape": mask.shape, "dtype": str(mask.dtype)}))
+    return Highlight(camera_id=verdict.camera_id, seq=verdict.seq, capture_ns=verdict.capture_ns, arrays=tuple(arrays))
+
+
+def add_stamp(header: Header, stage: str, t_ns: int) -> Header:
+    """``header`` with ``Stamp(stage, t_ns)`` appended, for the kinds that carry stamps."""
+    if isinstance(header, FrameHeader | FeaturesHeader):
+        return header.model_copy(update={"stamps": (*header.stamps, Stamp(stage=stage, t_ns=t_ns))})
+    return header
+
+
+def encode(topic: str, header: Header, arrays: Sequence[Array | Part] = ()) -> list[bytes | memoryview]:
+    """``[topic, header_json, *payloads]``; payloads are memoryviews of the arrays (no copy when C-contiguous).
+
+    ``bytes`` stand for 1-D uint8 arrays (JPEG). Raises ``MessageError`` when the arrays do not match
+    ``header.array_specs()`` in count, shape or dtype, or the topic is empty or holds a NUL byte.
+    """
+    if not topic or "\x00" in topic:
+        raise _reject("topic", "a non-empty string without NUL", repr(topic))
+    specs = header.array_specs()
+    if len(arrays) != len(specs):
+        raise _reject("arrays", f"{len(specs)} for {header.kind} {[s.name for s in specs]}", len(arrays))
+    parts: list[bytes | memoryview] = [topic.encode(), header.model_dump_json().encode()]
+    for spec, array in zip(specs, arrays, strict=True):
+        a = np.frombuffer(array, np.uint8) if isinstance(array, bytes | bytearray | memoryview) else array
+        if a.shape != spec.shape or a.dtype != np.dtype(spec.dtype):
+            raise _reject(f"array '{spec.name}'", f"{spec.shape} {spec.dtype}", f"{a.shape} {a.dtype}")
+        parts.append(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+    return parts
+
+
+def decode_header(raw: Part) -> Header:
+    """Parse and validate a header part: JSON object, known major version, known kind, valid fields."""
+    try:
+        obj = json.loads(bytes(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _reject("header json", "a UTF-8 JSON object", f"{type(exc).__name__}: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise _reject("header json", "a JSON object", type(obj).__name__)
+    version = obj.get("schema_version")
+    major = version.split(".", 1)[0] if isinstance(version, str) else None
+    if major != str(SCHEMA_MAJOR):
+        raise _reject("schema_version", f"major {SCHEMA_MAJOR} ('{SCHEMA_VERSION}')", repr(version))
+    kind = obj.get("kind")
+    model = HEADER_KINDS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise _reject("kind", f"one of {sorted(HEADER_KINDS)}", repr(kind))
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        found = repr(error.get("input"))[:80]
+        raise _reject(f"header field '{where}'", f"a valid value ({error['msg']})", found) from exc
+
+
+def payload_views(header: Header, payloads: Sequence[Part]) -> list[Array]:
+    """Read-only zero-copy ``np.frombuffer`` views of ``payloads`` after checking their count and byte sizes."""
+    specs = header.array_specs()
+    if len(payloads) != len(specs):
+        raise _reject("part count", f"{2 + len(specs)} for {header.kind}", 2 + len(payloads))
+    arrays = []
+    for spec, part in zip(specs, payloads, strict=True):
+        view = memoryview(part)
+        if view.nbytes != spec.nbytes:
+            expected = f"{spec.nbytes} bytes for '{spec.name}' {spec.shape} {spec.dtype}"
+            raise _reject("payload size", expected, view.nbytes)
+        array = np.frombuffer(view, dtype=spec.dtype).reshape(spec.shape)
+        array.flags.writeable = False  # a receive buffer may be shared (ring slot): never write through it
+        arrays.append(array)
+    return arrays
+
+
+def decode(parts: Sequence[Part]) -> Message:
+    """Validate ``[topic, header_json, *payloads]`` and return the header and zero-copy array views.
+
+    Raises ``MessageError`` on a wrong part count, a topic that is not UTF-8, bad JSON, an unknown
+    major version or kind, invalid header fields (including an unknown dtype) or a payload whose size
+    is not ``prod(shape) * itemsize``.
+    """
+    if len(parts) < 2:
+        raise _reject("part count", "at least 2 (topic, header)", len(parts))
+    try:
+        topic = bytes(parts[0]).decode()
+    except UnicodeDecodeError as exc:
+        raise _reject("topic", "UTF-8", repr(bytes(parts[0])[:40])) from exc
+    header = decode_header(parts[1])
+    return Message(topic, header, payload_views(header, parts[2:]))
+
+
+def verdict_json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of ``Verdict`` as serialised on the wire."""
+    schema = Verdict.model_json_schema(mode="serialization")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://stream-service.example/schemas/verdict.v{SCHEMA_MAJOR}.json",
+        **schema,
+        "description": (
+            f"stream-service verdict, schema {SCHEMA_VERSION}. Within major version {SCHEMA_MAJOR} fields are "
+            "only added (optional), never removed or changed; ignore unknown fields."
+        ),
+    }
+
+
+def verdict_schema_text() -> str:
+    """``verdict_json_schema()`` as the canonical text of ``schemas/verdict.v<MAJOR>.json``."""
+    return json.dumps(verdict_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def export_verdict_schema(path: Path) -> None:
+    """Write ``verdict_schema_text()`` to ``path`` (the repository keeps it in ``schemas/``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(verdict_schema_text(), encoding="utf-8")

@@ -1,0 +1,254 @@
+"""The wire contract: round trips, zero copy, every malformed case, and the committed verdict schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_service.errors import MessageError
+from stream_service.messages import (
+    SCHEMA_VERSION,
+    ArraySpec,
+    DType,
+    FeaturesHeader,
+    FrameHeader,
+    Region,
+    Registration,
+    Stamp,
+    Verdict,
+    add_stamp,
+    decode,
+    encode,
+    highlight_header,
+    rejection_reason,
+    topic_of,
+    verdict_json_schema,
+    verdict_schema_text,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA_FILE = REPO / "schemas" / "verdict.v1.json"
+DTYPES: tuple[str, ...] = get_args(DType)
+
+
+def frame_header(**overrides: Any) -> FrameHeader:
+    fields: dict[str, Any] = {"camera_id": "cam0", "seq": 7, "capture_ns": 1_700_000_000_000_000_000}
+    fields |= {"shape": (4, 6), "dtype": "uint8"} | overrides
+    return FrameHeader(**fields)
+
+
+def verdict(**overrides: Any) -> Verdict:
+    fields: dict[str, Any] = {
+        "camera_id": "cam0",
+        "seq": 7,
+        "capture_ns": 1_700_000_000_000_000_000,
+        "verdict": "fail",
+        "score": 0.91,
+        "threshold": 0.5,
+        "model_id": "vit-soartc",
+        "model_version": "1.2.0",
+        "reference_id": "board-a",
+        "reference_version": "3",
+        "regions": [Region(x1=10, y1=20, x2=30, y2=40, score=0.8, area=441)],
+        "latency_ms": {"soartc": 4.1, "infer": 6.3, "end_to_end": 12.0},
+        "dropped": 2,
+    }
+    return Verdict(**(fields | overrides))
+
+
+def good_parts() -> list[bytes]:
+    array = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    return [bytes(part) for part in encode("frames.cam0", frame_header(), [array])]
+
+
+def with_header(**changes: Any) -> list[bytes]:
+    parts = good_parts()
+    header = json.loads(parts[1])
+    for key, value in changes.items():
+        if value is None:
+            header.pop(key, None)
+        else:
+            header[key] = value
+    parts[1] = json.dumps(header).encode()
+    return parts
+
+
+# --- round trips -------------------------------------------------------------------------------------
+
+camera_ids = st.text(alphabet="abcXYZ019_-", min_size=1, max_size=12)
+shapes = st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple)
+stamps = st.lists(st.builds(Stamp, stage=st.sampled_from(["capture", "soartc"]), t_ns=st.integers(0, 2**62)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=shapes,
+    dtype=st.sampled_from(DTYPES),
+    camera_id=camera_ids,
+    seq=st.integers(0, 2**40),
+    stamps=stamps,
+    dropped=st.integers(0, 1000),
+    truth=st.none() | st.just({"label": "fail", "boxes": [[1, 2, 3, 4, 0]]}),
+)
+def test_frame_round_trip_is_exact_and_zero_copy(
+    shape: tuple[int, ...], dtype: str, camera_id: str, seq: int, stamps: list[Stamp], dropped: int, truth: Any
+) -> None:
+    rng = np.random.default_rng(seq)
+    array = (rng.random(shape) * 100).astype(dtype)
+    header = frame_header(
+        camera_id=camera_id, seq=seq, shape=shape, dtype=dtype, stamps=stamps, dropped=dropped, truth=truth
+    )
+
+    parts = encode(topic_of(header), header, [array])
+    assert len(parts) == 3
+    assert np.shares_memory(np.frombuffer(parts[2], np.uint8), array) or array.size == 0  # no copy out
+
+    wire = [bytes(part) for part in parts]
+    topic, decoded, arrays = decode(wire)
+    assert topic == f"frames.{camera_id}"
+    assert decoded == header
+    assert arrays[0].dtype == np.dtype(dtype) and arrays[0].shape == shape
+    np.testing.assert_array_equal(arrays[0], array)
+    assert not arrays[0].flags.writeable
+    assert np.shares_memory(arrays[0], np.frombuffer(wire[2], np.uint8)) or array.size == 0  # no copy in
+
+
+def test_features_verdict_and_highlight_round_trip() -> None:
+    frame = np.zeros((8, 8), np.uint8)
+    grid = np.ones((2, 2, 20), np.float32)
+    features = FeaturesHeader(
+        camera_id="cam1",
+        seq=3,
+        capture_ns=5,
+        shape=(8, 8),
+        dtype="uint8",
+        arrays=(
+            ArraySpec(name="registered", shape=(8, 8), dtype="uint8"),
+            ArraySpec(name="features", shape=(2, 2, 20), dtype="float32"),
+        ),
+        registration=Registration(dx=0.5, dy=-1.0, confidence=0.9),
+    )
+    _, header, arrays = decode([bytes(p) for p in encode("features.cam1", features, [frame, grid])])
+    assert header == features
+    np.testing.assert_array_equal(arrays[1], grid)
+
+    v = verdict()
+    assert decode(encode("verdicts.cam0", v)) == ("verdicts.cam0", v, [])
+
+    jpeg = b"\xff\xd8fake-jpeg\xff\xd9"
+    mask = np.zeros((8, 8), np.uint8)
+    highlight = highlight_header(v, jpeg, mask)
+    _, header, arrays = decode(encode("highlights.cam0", highlight, [jpeg, mask]))
+    assert header == highlight and arrays[0].tobytes() == jpeg and arrays[1].shape == (8, 8)
+
+
+def test_add_stamp_appends_to_frames_and_leaves_verdicts() -> None:
+    header = add_stamp(frame_header(), "soartc", 42)
+    assert isinstance(header, FrameHeader)
+    assert header.stamps[-1] == Stamp(stage="soartc", t_ns=42)
+    assert add_stamp(verdict(), "infer", 42) == verdict()
+
+
+def test_newer_minor_version_with_unknown_fields_is_accepted() -> None:
+    _, header, _ = decode(with_header(schema_version="1.7", added_in_1_7={"anything": 1}))
+    assert header.schema_version == "1.7"
+
+
+# --- malformed messages ------------------------------------------------------------------------------
+
+MALFORMED: list[tuple[str, list[bytes], str]] = [
+    ("topic only", good_parts()[:1], "part count"),
+    ("payload missing", good_parts()[:2], "part count"),
+    ("extra payload", [*good_parts(), b"x"], "part count"),
+    ("topic not utf-8", [b"\xff\xfe", *good_parts()[1:]], "topic"),
+    ("bad json", [b"frames.cam0", b"{not json", good_parts()[2]], "header json"),
+    ("json not an object", [b"frames.cam0", b"[1, 2]", good_parts()[2]], "header json"),
+    ("unknown major version", with_header(schema_version="2.0"), "schema_version"),
+    ("missing version", with_header(schema_version=None), "schema_version"),
+    ("unknown kind", with_header(kind="telemetry"), "kind"),
+    ("missing kind", with_header(kind=None), "kind"),
+    ("unknown dtype", with_header(dtype="complex64"), "header field 'dtype'"),
+    ("negative seq", with_header(seq=-1), "header field 'seq'"),
+    ("bad camera id", with_header(camera_id="cam 0/.."), "header field 'camera_id'"),
+    ("missing field", with_header(capture_ns=None), "header field 'capture_ns'"),
+    ("payload too short", [*good_parts()[:2], good_parts()[2][:-1]], "payload size"),
+    ("payload too long", [*good_parts()[:2], good_parts()[2] + b"\x00"], "payload size"),
+    ("shape mismatch", with_header(shape=[5, 6]), "payload size"),
+]
+
+
+@pytest.mark.parametrize(("case", "parts", "reason"), MALFORMED, ids=[case for case, _, _ in MALFORMED])
+def test_malformed_message_is_rejected_with_its_reason(case: str, parts: list[bytes], reason: str) -> None:
+    with pytest.raises(MessageError) as info:
+        decode(parts)
+    assert rejection_reason(info.value) == reason
+    assert "expected" in str(info.value) and "found" in str(info.value)
+
+
+ENCODE_ERRORS: list[tuple[str, str, list[Any], str]] = [
+    ("empty topic", "", [np.zeros((4, 6), np.uint8)], "topic"),
+    ("NUL in topic", "frames.cam0\x00shm", [np.zeros((4, 6), np.uint8)], "topic"),
+    ("no array", "frames.cam0", [], "arrays"),
+    ("wrong shape", "frames.cam0", [np.zeros((6, 4), np.uint8)], "array 'frame'"),
+    ("wrong dtype", "frames.cam0", [np.zeros((4, 6), np.float32)], "array 'frame'"),
+    ("big-endian", "frames.cam0", [np.zeros((4, 6), ">u2")], "array 'frame'"),
+]
+
+
+@pytest.mark.parametrize(("case", "topic", "arrays", "reason"), ENCODE_ERRORS, ids=[c[0] for c in ENCODE_ERRORS])
+def test_encode_refuses_arrays_that_do_not_match_the_header(
+    case: str, topic: str, arrays: list[Any], reason: str
+) -> None:
+    header = frame_header(dtype="uint16") if case == "big-endian" else frame_header()
+    with pytest.raises(MessageError) as info:
+        encode(topic, header, arrays)
+    assert rejection_reason(info.value) == reason
+
+
+def test_non_contiguous_array_is_sent_contiguous() -> None:
+    array = np.arange(48, dtype=np.uint8).reshape(4, 12)[:, ::2]
+    _, _, arrays = decode([bytes(p) for p in encode("frames.cam0", frame_header(), [array])])
+    np.testing.assert_array_equal(arrays[0], array)
+
+
+# --- the verdict schema ------------------------------------------------------------------------------
+
+
+def test_committed_verdict_schema_is_up_to_date() -> None:
+    regenerate = (
+        'python -c "from pathlib import Path; from stream_service.messages import export_verdict_schema; '
+        "export_verdict_schema(Path('schemas/verdict.v1.json'))\""
+    )
+    assert SCHEMA_FILE.is_file(), f"{SCHEMA_FILE} is missing; create it with: {regenerate}"
+    assert SCHEMA_FILE.read_text(encoding="utf-8") == verdict_schema_text(), f"stale schema; run: {regenerate}"
+    assert f"schema {SCHEMA_VERSION}" in verdict_json_schema()["description"]
+
+
+def _validate(instance: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Validate with ``jsonschema`` when installed, else check it against the model and the schema's keys."""
+    try:
+        import jsonschema
+    except ImportError:
+        Verdict.model_validate(instance)
+        missing = set(schema["required"]) - set(instance)
+        if missing:
+            raise ValueError(f"missing required fields {sorted(missing)}") from None
+        return
+    jsonschema.validate(instance, schema)
+
+
+def test_a_verdict_validates_against_the_committed_schema() -> None:
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    instance = json.loads(verdict().model_dump_json())
+    _validate(instance, schema)
+    assert {"verdict", "score", "regions", "latency_ms", "dropped", "schema_version"} <= set(schema["required"])
+
+    incomplete = {k: v for k, v in instance.items() if k != "score"}
+    with pytest.raises(Exception, match="score"):
+        _validate(incomplete, schema)

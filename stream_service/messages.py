@@ -13,7 +13,8 @@ A message on the wire is a ZeroMQ multipart ``[topic, header, payload...]``:
 Versioning and compatibility. ``SCHEMA_VERSION`` is ``"MAJOR.MINOR"``. Within a major version the
 contract only grows: new fields are optional (have defaults), no field is removed, renamed or changes
 type or meaning, so a decoder accepts any minor version of its major and ignores fields it does not
-know. A breaking change bumps the major; a decoder rejects a major it does not know. The verdict, the
+know. A breaking change bumps the major; a decoder rejects a major it does not know. History: 1.0 the
+first contract; 1.1 adds ``FeaturesHeader.reference_version``. The verdict, the
 public contract for integrators, is exported as JSON Schema to ``schemas/verdict.v<MAJOR>.json``
 (``export_verdict_schema``); a test keeps the committed file equal to the generated one.
 
@@ -39,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationErr
 
 from stream_service.errors import MessageError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_MAJOR = 1
 
 Array = npt.NDArray[Any]
@@ -124,6 +125,7 @@ class FeaturesHeader(_Header):
     dropped: NonNegativeInt = 0
     truth: dict[str, Any] | None = None
     reference_id: str | None = None
+    reference_version: str | None = Field(None, description="Version of the reference (schema 1.1).")
     arrays: tuple[ArraySpec, ...]
     registration: Registration
 

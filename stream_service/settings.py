@@ -72,6 +72,7 @@ class SyntheticSource(Section):
     jitter: float = Field(0.3, ge=0, le=1)
     lighting_drift: float = Field(0.05, ge=0, le=0.5)
     noise: float = Field(2.0, ge=0)
+    truth: bool = True  # attach each frame's ground truth (label, defect boxes) to its header and verdict
 
 
 class _Reconnecting(Section):
@@ -221,6 +222,7 @@ class SupervisorSettings(Section):
     restart_backoff_s: float = Field(1.0, ge=0)
     max_restarts: int = Field(5, ge=0)
     shutdown_deadline_s: PositiveFloat = 5.0
+    startup_timeout_s: PositiveFloat = 60.0  # from start to a stage's first heartbeat (imports, model, JIT)
 
 
 class DashboardSettings(Section):

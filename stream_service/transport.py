@@ -565,6 +565,8 @@ class FrameSender:
 class FrameReceiver:
     """Receives messages on a PULL (default) or SUB socket, inline or through a shared-memory ring.
 
+    ``endpoint``: one endpoint, or several to connect to (messages from all of them, fair-queued).
+
     ``max_drain``: how many extra queued messages one ``receive`` may take to keep only the newest per
     camera (0: deliver every message in order). ``shm_copy``: copy ring payloads out instead of leasing
     the slot (for stages that keep frames longer than the sender's lease timeout).
@@ -572,7 +574,7 @@ class FrameReceiver:
 
     def __init__(
         self,
-        endpoint: str,
+        endpoint: str | Sequence[str],
         *,
         hwm: int,
         linger_ms: int,
@@ -583,7 +585,17 @@ class FrameReceiver:
         shm_copy: bool = False,
         ctx: zmq.Context[Socket] | None = None,
     ) -> None:
-        self._sock = open_socket(kind, endpoint, bind=bind, hwm=hwm, linger_ms=linger_ms, topics=topics, ctx=ctx)
+        endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        if not endpoints or (bind and len(endpoints) > 1):
+            raise ConfigError(f"receiver endpoints: expected one to bind or >= 1 to connect, found {endpoints}")
+        self._sock = open_socket(kind, endpoints[0], bind=bind, hwm=hwm, linger_ms=linger_ms, topics=topics, ctx=ctx)
+        # One socket connected to several senders (a soartc worker to every capture): ZeroMQ fair-queues them.
+        for extra in endpoints[1:]:
+            try:
+                self._sock.connect(extra)
+            except zmq.ZMQError as exc:
+                self._sock.close(linger=0)
+                raise TransportError(f"connect {kind} socket to {extra}: expected success, found {exc}") from exc
         self.endpoint = endpoint_of(self._sock)
         self._max_drain = max_drain
         self._shm_copy = shm_copy

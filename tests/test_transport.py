@@ -229,6 +229,19 @@ def verdict_for(camera: str, seq: int) -> Verdict:
     )
 
 
+def test_one_receiver_connects_to_several_senders() -> None:
+    senders = [FrameSender("tcp://127.0.0.1:*", hwm=16, linger_ms=0, send_timeout_ms=-1) for _ in range(2)]
+    with FrameReceiver([s.endpoint for s in senders], hwm=16, linger_ms=0) as receiver:
+        for camera, sender in zip(("cam0", "cam1"), senders, strict=True):
+            sender.send(f"frames.{camera}", header(0, camera), [frame(0)])
+        got = [receive(receiver), receive(receiver)]
+        assert sorted(m.header.camera_id for m in got) == ["cam0", "cam1"]
+    for sender in senders:
+        sender.close()
+    with pytest.raises(ConfigError, match="endpoints"):
+        FrameReceiver(["tcp://127.0.0.1:*", "tcp://127.0.0.1:*"], bind=True, hwm=1, linger_ms=0)
+
+
 @pytest.mark.parametrize("endpoint", ["tcp://256.1.1.1:5555", "nonsense://x", "ipc:///no/such/dir/x.ipc"])
 def test_socket_errors_become_transport_errors_naming_the_endpoint(endpoint: str) -> None:
     with pytest.raises(TransportError, match="bind pull socket to") as info:

@@ -21,7 +21,9 @@ CUDA path (``stream_service.soartc_cuda``, imported only when asked for).
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -48,98 +50,107 @@ SOART2_EPS = 1e-4
 TINY = 1e-12
 
 
-# Parallel over block rows. Each block row is walked row by row so that reads are contiguous; the
-# b products of one block within one pixel row are summed in float32 (b <= 16 terms, well inside
-# float32's precision) and the block totals in float64. fastmath stays off so that the guards'
-# comparisons and the non-finite checks hold.
-@numba.njit(parallel=True, cache=True, nogil=True)
-def _metrics_kernel(
-    ref: F32,
-    frame: F32,
-    block: int,
-    variant: int,
-    eps_dark: float,
-    rho_max: float,
-    beta_out: F32,
-    rho_out: F32,
-    y3_out: F32,
-) -> None:  # pragma: no cover - compiled by Numba; tests check it against a float64 loop
-    h, w = beta_out.shape
-    n = block * block
-    for bi in numba.prange(h):
-        sxx = np.zeros(w)
-        syy = np.zeros(w)
-        sxy = np.zeros(w)
-        ax = np.zeros(w)
-        ay = np.zeros(w)
-        r0 = bi * block
-        for r in range(r0, r0 + block):
-            xr = ref[r]
-            yr = frame[r]
-            for bj in range(w):
-                c0 = bj * block
-                pxx = np.float32(0.0)
-                pyy = np.float32(0.0)
-                pxy = np.float32(0.0)
-                for c in range(c0, c0 + block):
-                    pxx += xr[c] * xr[c]
-                    pyy += yr[c] * yr[c]
-                    pxy += xr[c] * yr[c]
-                sxx[bj] += pxx
-                syy[bj] += pyy
-                sxy[bj] += pxy
-            if variant == 1:  # L1 volumes, only for v1: a separate loop keeps the one above vectorised
+@functools.cache
+def _kernel(block: int) -> Callable[..., None]:  # pragma: no cover - compiled by Numba; tested against a float64 loop
+    """The compiled CPU kernel for one block size (compiled on first use, about a second).
+
+    One thread: a streaming service scales with worker processes (settings soartc.workers), and a
+    thread pool on a busy machine costs more than it gains at these frame sizes. ``block`` is a
+    constant of the closure, so the inner loops have a constant trip count and vectorise. Each block
+    row is walked row by row so that reads are contiguous; the b products of one block within one
+    pixel row are summed in float32 (b <= 16 terms, well inside float32's precision) and the block
+    totals in float64. fastmath is limited to reassociation and contraction (what vectorising the
+    sums needs), never "no NaN/inf", so the guards' comparisons and the non-finite checks hold.
+    """
+
+    def kernel(
+        ref: F32,
+        frame: F32,
+        variant: int,
+        eps_dark: float,
+        rho_max: float,
+        beta_out: F32,
+        rho_out: F32,
+        y3_out: F32,
+    ) -> None:
+        h, w = beta_out.shape
+        n = block * block
+        for bi in range(h):
+            sxx = np.zeros(w)
+            syy = np.zeros(w)
+            sxy = np.zeros(w)
+            ax = np.zeros(w)
+            ay = np.zeros(w)
+            r0 = bi * block
+            for r in range(r0, r0 + block):
+                xr = ref[r]
+                yr = frame[r]
                 for bj in range(w):
                     c0 = bj * block
-                    px = np.float32(0.0)
-                    py = np.float32(0.0)
+                    pxx = np.float32(0.0)
+                    pyy = np.float32(0.0)
+                    pxy = np.float32(0.0)
                     for c in range(c0, c0 + block):
-                        px += abs(xr[c])
-                        py += abs(yr[c])
-                    ax[bj] += px
-                    ay[bj] += py
-        gain = np.empty(w, np.float32)
-        for bj in range(w):
-            if not (math.isfinite(sxx[bj]) and math.isfinite(syy[bj]) and math.isfinite(sxy[bj])):
-                beta_out[bi, bj] = 0.0
-                rho_out[bi, bj] = rho_max
-                gain[bj] = np.nan  # marks the block: y3 = 1 below
-                continue
-            if sxx[bj] / n <= eps_dark:
-                beta = 1.0
-                rho = 1.0
-                s = 1.0
-            else:
-                beta = sxy[bj] / sxx[bj]
-                sign = 1.0 if beta > 0.0 else (-1.0 if beta < 0.0 else 0.0)
-                if variant == 0:
-                    rho = rho_max if abs(sxy[bj]) <= TINY else max(math.sqrt(sxx[bj] * syy[bj]) / abs(sxy[bj]), 1.0)
-                    s = sign * math.sqrt(syy[bj] / sxx[bj])
-                elif variant == 1:
-                    vol = abs(beta) * ax[bj]
-                    rho = ay[bj] / vol if vol > TINY else rho_max
-                    s = sign * ay[bj] / ax[bj]
-                else:
-                    beta = 1.0
-                    rho = (syy[bj] / n + SOART2_EPS) / (sxx[bj] / n + SOART2_EPS)
-                    s = rho
-                rho = min(rho, rho_max)
-            beta_out[bi, bj] = beta
-            rho_out[bi, bj] = rho
-            gain[bj] = s
-        acc = np.zeros(w)
-        for r in range(r0, r0 + block):
-            xr = ref[r]
-            yr = frame[r]
+                        pxx += xr[c] * xr[c]
+                        pyy += yr[c] * yr[c]
+                        pxy += xr[c] * yr[c]
+                    sxx[bj] += pxx
+                    syy[bj] += pyy
+                    sxy[bj] += pxy
+                if variant == 1:  # L1 volumes, only for v1: a separate loop keeps the one above vectorised
+                    for bj in range(w):
+                        c0 = bj * block
+                        px = np.float32(0.0)
+                        py = np.float32(0.0)
+                        for c in range(c0, c0 + block):
+                            px += abs(xr[c])
+                            py += abs(yr[c])
+                        ax[bj] += px
+                        ay[bj] += py
+            gain = np.empty(w, np.float32)
             for bj in range(w):
-                c0 = bj * block
-                s32 = gain[bj]
-                p = np.float32(0.0)
-                for c in range(c0, c0 + block):
-                    p += abs(yr[c] - s32 * xr[c])
-                acc[bj] += p
-        for bj in range(w):
-            y3_out[bi, bj] = acc[bj] / n if math.isfinite(gain[bj]) else 1.0
+                if not (math.isfinite(sxx[bj]) and math.isfinite(syy[bj]) and math.isfinite(sxy[bj])):
+                    beta_out[bi, bj] = 0.0
+                    rho_out[bi, bj] = rho_max
+                    gain[bj] = np.nan  # marks the block: y3 = 1 below
+                    continue
+                if sxx[bj] / n <= eps_dark:
+                    beta = 1.0
+                    rho = 1.0
+                    s = 1.0
+                else:
+                    beta = sxy[bj] / sxx[bj]
+                    sign = 1.0 if beta > 0.0 else (-1.0 if beta < 0.0 else 0.0)
+                    if variant == 0:
+                        rho = rho_max if abs(sxy[bj]) <= TINY else max(math.sqrt(sxx[bj] * syy[bj]) / abs(sxy[bj]), 1.0)
+                        s = sign * math.sqrt(syy[bj] / sxx[bj])
+                    elif variant == 1:
+                        vol = abs(beta) * ax[bj]
+                        rho = ay[bj] / vol if vol > TINY else rho_max
+                        s = sign * ay[bj] / ax[bj]
+                    else:
+                        beta = 1.0
+                        rho = (syy[bj] / n + SOART2_EPS) / (sxx[bj] / n + SOART2_EPS)
+                        s = rho
+                    rho = min(rho, rho_max)
+                beta_out[bi, bj] = beta
+                rho_out[bi, bj] = rho
+                gain[bj] = s
+            acc = np.zeros(w)
+            for r in range(r0, r0 + block):
+                xr = ref[r]
+                yr = frame[r]
+                for bj in range(w):
+                    c0 = bj * block
+                    s32 = gain[bj]
+                    p = np.float32(0.0)
+                    for c in range(c0, c0 + block):
+                        p += abs(yr[c] - s32 * xr[c])
+                    acc[bj] += p
+            for bj in range(w):
+                y3_out[bi, bj] = acc[bj] / n if math.isfinite(gain[bj]) else 1.0
+
+    return numba.njit(nogil=True, fastmath={"reassoc", "contract"})(kernel)
 
 
 def _check_pair(reference: np.ndarray, frame: np.ndarray, block: int, variant: str) -> None:
@@ -188,7 +199,7 @@ def soartc_metrics(
     beta = np.empty((h, w), np.float32)
     rho = np.empty((h, w), np.float32)
     y3 = np.empty((h, w), np.float32)
-    _metrics_kernel(reference, frame, block, VARIANT_CODES[variant], eps_dark, rho_max, beta, rho, y3)
+    _kernel(block)(reference, frame, VARIANT_CODES[variant], eps_dark, rho_max, beta, rho, y3)
     return beta, rho, y3
 
 

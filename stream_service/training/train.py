@@ -55,7 +55,7 @@ class TrainConfig:
     train_windows_per_image: int = 12
     val_windows_per_image: int = 6
     rounds: int = 2
-    minutes: float = 30.0
+    minutes: float = 26.0
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.02
@@ -250,3 +250,52 @@ def config_dict(cfg: TrainConfig) -> dict[str, object]:
 def set_threads(threads: int | None) -> None:
     n = threads or os.cpu_count() or 1
     torch.set_num_threads(n)
+
+
+def save_checkpoint(result: TrainResult, path: Path) -> None:
+    """Keep a trained network and everything ship() needs, so a failed export never costs the training."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "state": result.model.state_dict(),
+            "spec": asdict(result.spec),
+            "config": asdict(result.config),
+            "history": result.history,
+            "validation": result.validation,
+            "train_items": result.train_items,
+            "val_items": result.val_items,
+            "seconds": result.seconds,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path) -> TrainResult:
+    """The TrainResult saved by save_checkpoint."""
+    from stream_service.soartc import Calibration
+
+    data = torch.load(path, weights_only=False)
+    raw = data["config"]
+    cfg = TrainConfig(
+        **{
+            **raw,
+            "val_groups": tuple(raw["val_groups"]),
+            "vit": VitConfig(**raw["vit"]),
+            "augment": Augment(**{**raw["augment"], "gain": tuple(raw["augment"]["gain"])}),
+        }
+    )
+    s = data["spec"]
+    spec = FeatureSpec(
+        **{
+            **s,
+            "calibration": Calibration(**{**s["calibration"], "constants": tuple(s["calibration"]["constants"])}),
+            "sub_calibration": Calibration(
+                **{**s["sub_calibration"], "constants": tuple(s["sub_calibration"]["constants"])}
+            ),
+        }
+    )
+    model = SoartcViT(cfg.vit)
+    model.load_state_dict(data["state"])
+    return TrainResult(
+        model, spec, cfg, data["history"], data["validation"], data["train_items"], data["val_items"], data["seconds"]
+    )

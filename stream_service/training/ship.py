@@ -8,16 +8,19 @@ full frames. The classical baseline is tuned on the training split and evaluated
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from stream_service.baseline import tune_baseline
 from stream_service.crops import crop_origins, make_crop_manifest
@@ -33,6 +36,7 @@ from stream_service.soartc import to_unit
 from stream_service.training.dataset import align, split_by_group
 from stream_service.training.export import check_export, export_onnx
 from stream_service.training.train import TrainResult, config_dict
+from stream_service.training.vit import SoartcViT, rollout
 from stream_service.windows import WindowLayout
 
 log = logging.getLogger(__name__)
@@ -87,10 +91,10 @@ def _card(
             "highlight": {
                 "attention": attention,
                 "magnitude": magnitude,
-                "source": "last-layer",
+                "source": result.model.cfg.attention,
                 "chosen_by": highlight_note,
             },
-            "architecture": result.config.vit.as_dict(),
+            "architecture": result.model.cfg.as_dict(),
             "training": training,
             "validation": validation,
             "experiments": experiments,
@@ -121,39 +125,89 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, target_miss: float)
     return float(np.nextafter(fails[k], -np.inf)) if fails.size else 0.5
 
 
-def tune_highlight(
-    model: InspectionModel, items: list[ManifestItem], threshold: float, target_recall: float
-) -> tuple[float, float, dict[str, float]]:
-    """(attention, magnitude, figures) with the best full-frame highlight precision at box recall >= target."""
+def _full_frame_cache(
+    model: InspectionModel, items: list[ManifestItem]
+) -> list[tuple[ManifestItem, Any, WindowLayout]]:
+    """(item, token features, window layout) of every full frame, computed once for the highlight grids."""
     card = model.card
     spec = card.features.to_spec()
-    cache = []
+    out = []
     for item in items:
         if item.kind != "full":
             continue
         extractor = FeatureExtractor(read_gray(item.reference), spec, True, device="cpu")
         feats = extractor.extract(read_gray(item.frame)).features
         layout = WindowLayout.cover(feats.tokens_hwc.shape[:2], card.window.grid, card.window.stride)
-        probs, attention = model.run(layout.cut(feats.tokens_hwc))
-        cache.append(
+        out.append((item, feats, layout))
+    return out
+
+
+def tune_highlight(
+    model: InspectionModel,
+    cache: list[tuple[ManifestItem, Any, WindowLayout]],
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    threshold: float,
+    target_recall: float,
+) -> tuple[float, float, dict[str, float]]:
+    """(attention, magnitude, figures): the best full-frame highlight precision at box recall >= target.
+
+    ``run`` maps windows to (fail probabilities, attention maps): the ONNX model's last-layer map, or a
+    torch rollout, so that both are measured on the same frames and the same grid.
+    """
+    block = model.card.features.block
+    maps = []
+    for item, feats, layout in cache:
+        probs, attention = run(layout.cut(feats.tokens_hwc))
+        maps.append(
             (item, feats, token_relevance(layout, probs, attention, threshold), layout.paste_window_scores(probs))
         )
     best: tuple[float, float, float, dict[str, float]] | None = None
-    for att in (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0):
+    for att in (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0):
         for mag in (0.0, 0.1, 0.25, 0.5, 0.75):
             board = Scoreboard()
-            for item, feats, relevance, token_score in cache:
+            for item, feats, relevance, token_score in maps:
                 res = highlight(
-                    feats.tokens_hwc, relevance, feats.open_diff_hw, feats.diff_hw, token_score, spec.block, att, mag
+                    feats.tokens_hwc, relevance, feats.open_diff_hw, feats.diff_hw, token_score, block, att, mag
                 )
                 board.add("full", item.label, item.boxes, 0.0, "fail", res.mask_hw)
             fig = board.figures()
             precision, recall = float(fig["full_highlight_precision"]), float(fig["full_box_recall"])
             key = precision if recall >= target_recall else recall - 1.0
             if best is None or key > best[0]:
-                best = (key, att, mag, {"precision": precision, "box_recall": recall})
+                best = (
+                    key,
+                    att,
+                    mag,
+                    {"precision": precision, "box_recall": recall, "attention": att, "magnitude": mag},
+                )
     assert best is not None
     return best[1], best[2], best[3]
+
+
+def _better(a: dict[str, float], b: dict[str, float], target_recall: float) -> bool:
+    """Whether highlight figures ``a`` beat ``b``: precision once both reach the box-recall target."""
+    a_ok, b_ok = a["box_recall"] >= target_recall, b["box_recall"] >= target_recall
+    if a_ok != b_ok:
+        return a_ok
+    return a["precision"] > b["precision"] if a_ok else a["box_recall"] > b["box_recall"]
+
+
+def _with_attention(net: SoartcViT, attention: str) -> SoartcViT:
+    """The same weights with another exported attention map."""
+    other = SoartcViT(dataclasses.replace(net.cfg, attention=attention))
+    other.load_state_dict(net.state_dict())
+    return other.eval()
+
+
+def _torch_rollout(net: SoartcViT) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    def run(windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        net.eval()
+        with torch.no_grad():
+            x, layers = net.encode(torch.from_numpy(windows))
+            probs = torch.softmax(net.head(x[:, 0]), 1)[:, 1]
+            return probs.numpy(), rollout(layers, net.cfg.grid).numpy()
+
+    return run
 
 
 def ship(
@@ -223,10 +277,28 @@ def ship(
             f"highest threshold with a crop miss rate <= {target_miss} on {labels.sum()} fail and "
             f"{(~labels).sum()} pass validation crops (boards {', '.join(cfg.val_groups)})"
         )
-        attention, magnitude, hl = tune_highlight(model, list(val_rows.values()), threshold, target_recall)
+        cache = _full_frame_cache(model, list(val_rows.values()))
+        attention, magnitude, hl = tune_highlight(model, cache, model.run, threshold, target_recall)
+        r_attention, r_magnitude, hl_rollout = tune_highlight(
+            model, cache, _torch_rollout(result.model), threshold, target_recall
+        )
+        source = "last-layer"
+        if _better(hl_rollout, hl, target_recall):
+            # Rollout filters better: the ONNX file's second output becomes the rollout map.
+            result.model = _with_attention(result.model, "rollout")
+            export_onnx(result.model, onnx_path)
+            training["export_check"] = check_export(result.model, onnx_path, probe)
+            attention, magnitude, source = r_attention, r_magnitude, "rollout"
+        experiments = [
+            *(experiments or []),
+            {"what": "highlight filter: last-layer class-token attention", "validation": hl},
+            {"what": "highlight filter: attention rollout (Abnar & Zuidema 2020)", "validation": hl_rollout},
+        ]
         highlight_note = (
             f"best full-frame highlight precision with box recall >= {target_recall} on the validation boards "
-            f"(grid over attention x magnitude): precision {hl['precision']:.3f}, box recall {hl['box_recall']:.3f}"
+            f"(grid over attention x magnitude): precision {hl['precision']:.3f}, box recall {hl['box_recall']:.3f}; "
+            f"rollout on the same grid gave precision {hl_rollout['precision']:.3f}, box recall "
+            f"{hl_rollout['box_recall']:.3f}; shipped: {source}"
         )
         log.info("threshold %.4f (%s); highlight %s", threshold, first.get("crop_auroc"), highlight_note)
         card = _card(
@@ -241,7 +313,7 @@ def ship(
             highlight_note,
             training,
             {},
-            experiments or [],
+            experiments,
             stride,
         )
         _write_card(card, out_dir)

@@ -27,6 +27,7 @@ class VitConfig:
     heads: int = 4
     mlp_ratio: int = 2
     dropout: float = 0.0
+    attention: str = "last-layer"  # the exported map: "last-layer" or "rollout"
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -84,20 +85,48 @@ class SoartcViT(nn.Module):
         nn.init.trunc_normal_(self.pos, std=0.02)
         nn.init.trunc_normal_(self.cls, std=0.02)
 
-    def forward_all(self, tokens_nggc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode(self, tokens_nggc: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(normalised tokens (N, 1 + g*g, dim), per-layer attention weights [(N, heads, T, T)])."""
         n, g = tokens_nggc.shape[0], self.cfg.grid
         x = self.embed(tokens_nggc.reshape(n, g * g, self.cfg.channels)) + self.pos
         x = torch.cat([self.cls.expand(n, -1, -1), x], dim=1)
-        weights = x.new_zeros(0)
+        layers = []
         for block in self.blocks:
             x, weights = block(x)
-        x = self.norm(x)
+            layers.append(weights)
+        return self.norm(x), layers
+
+    def forward_all(self, tokens_nggc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n, g = tokens_nggc.shape[0], self.cfg.grid
+        x, layers = self.encode(tokens_nggc)
         # The class token also attends to itself: renormalise over the tokens so that each map sums to 1.
-        attention = weights[:, :, 0, 1:].mean(dim=1)
+        attention = layers[-1][:, :, 0, 1:].mean(dim=1)
         attention = (attention / attention.sum(dim=1, keepdim=True)).reshape(n, g, g)
         token_logits = self.token_head(x[:, 1:]).reshape(n, g, g)
         return self.head(x[:, 0]), attention, token_logits
 
     def forward(self, tokens_nggc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (N, 2), the class token's attention (N, g, g) as ``cfg.attention`` names it)."""
+        if self.cfg.attention == "rollout":
+            x, layers = self.encode(tokens_nggc)
+            return self.head(x[:, 0]), rollout(layers, self.cfg.grid)
         logits, attention, _ = self.forward_all(tokens_nggc)
         return logits, attention
+
+
+def rollout(layers: list[torch.Tensor], grid: int) -> torch.Tensor:
+    """Attention rollout of the class token over the tokens, (N, g, g), each map summing to 1.
+
+    Abnar & Zuidema (2020): each layer's head-mean attention plus the identity (the residual path),
+    rows renormalised, multiplied through the layers. Only the class token's row is carried, so the
+    cost is a vector-matrix product per layer.
+    """
+    row: torch.Tensor | None = None
+    for weights in reversed(layers):
+        a = weights.mean(dim=1)
+        a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype)
+        a = a / a.sum(dim=-1, keepdim=True)
+        row = a[:, 0] if row is None else torch.einsum("nt,nts->ns", row, a)
+    assert row is not None
+    maps = row[:, 1:]
+    return (maps / maps.sum(dim=1, keepdim=True)).reshape(-1, grid, grid)

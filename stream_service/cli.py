@@ -7,10 +7,17 @@ never touches CUDA, ONNX Runtime or torch.
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
+
+if TYPE_CHECKING:
+    from stream_service.service import Heartbeat, StageKind
+    from stream_service.settings import Settings
+
 
 app = typer.Typer(
     name="stream-service",
@@ -160,6 +167,257 @@ def evaluate_command(
     typer.echo(json.dumps(figures, indent=1))
 
 
+# -- the pipeline: stages, supervisor, subscribers ---------------------------------------------------------
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Settings YAML (default: the embedded configs/default.yaml).")
+]
+StatsOption = Annotated[
+    Path | None,
+    typer.Option("--stats", hidden=True, help="Write a JSON heartbeat with the counters here every heartbeat_s."),
+]
+ExitWithParentOption = Annotated[
+    bool, typer.Option("--exit-with-parent", hidden=True, help="Stop when the parent process (supervisor) is gone.")
+]
+
+
+def _load(config: Path | None) -> Settings:
+    from stream_service.errors import StreamServiceError
+    from stream_service.settings import load_settings
+
+    try:
+        settings = load_settings(config)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    root = logging.getLogger()
+    if root.level != logging.DEBUG:  # --verbose wins over the settings' level
+        root.setLevel(settings.logging.level)
+    return settings
+
+
+def _serve(
+    kind: StageKind,
+    config: Path | None,
+    stats: Path | None,
+    exit_with_parent: bool,
+    body: Callable[[Settings, threading.Event, Heartbeat], None],
+) -> None:
+    """Run one stage process until SIGTERM/SIGINT; exit 1 with the error when it cannot start."""
+    from stream_service.errors import StreamServiceError
+    from stream_service.service import Heartbeat, install_stop_signals
+
+    settings = _load(config)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    name = stats.stem if stats is not None else kind
+    heartbeat = Heartbeat(stats, name, kind, settings.supervisor.heartbeat_s, stop, exit_with_parent)
+    try:
+        body(settings, stop, heartbeat)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command("capture")
+def capture_command(
+    config: ConfigOption = None,
+    camera: Annotated[str | None, typer.Option("--camera", help="Camera id (default: the only camera).")] = None,
+    stats: StatsOption = None,
+    exit_with_parent: ExitWithParentOption = False,
+) -> None:
+    """Capture one camera: read, stamp and push its frames (never blocks; drops are counted)."""
+    from stream_service.service import serve_capture
+
+    _serve("capture", config, stats, exit_with_parent, lambda s, stop, hb: serve_capture(s, camera, stop, hb))
+
+
+@app.command("soartc")
+def soartc_command(
+    config: ConfigOption = None,
+    camera: Annotated[
+        list[str] | None, typer.Option("--camera", help="Only these cameras (repeatable; default: all).")
+    ] = None,
+    stats: StatsOption = None,
+    exit_with_parent: ExitWithParentOption = False,
+) -> None:
+    """A soartc worker: registration and SOARTC features of the frames of every (or the given) camera."""
+    from stream_service.service import serve_soartc
+
+    _serve("soartc", config, stats, exit_with_parent, lambda s, stop, hb: serve_soartc(s, camera, stop, hb))
+
+
+@app.command("infer")
+def infer_command(
+    config: ConfigOption = None,
+    stats: StatsOption = None,
+    exit_with_parent: ExitWithParentOption = False,
+) -> None:
+    """The infer stage: the ViT, verdicts and highlights, published on transport.verdicts_pub."""
+    from stream_service.service import serve_infer
+
+    _serve("infer", config, stats, exit_with_parent, serve_infer)
+
+
+@app.command("run")
+def run_command(
+    config: ConfigOption = None,
+    duration: Annotated[
+        float | None,
+        typer.Option("--duration", min=0.1, help="Stop after this many seconds (default: run until stopped)."),
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="Folder for the stages' logs and heartbeats (default: a temp dir).")
+    ] = None,
+) -> None:
+    """Run the whole pipeline under a supervisor, with a live summary; Ctrl-C or SIGTERM stops it cleanly."""
+    import sys
+    import tempfile
+    import time
+
+    from stream_service.errors import MessageError, StreamServiceError
+    from stream_service.messages import Verdict
+    from stream_service.service import connectable, install_stop_signals
+    from stream_service.summary import PipelineSummary
+    from stream_service.supervisor import Supervisor, plan
+    from stream_service.transport import FrameReceiver, terminate_context
+
+    settings = _load(config)
+    try:
+        specs = plan(settings, config)
+        endpoint = connectable(settings.transport.verdicts_pub)
+        subscriber = FrameReceiver(
+            endpoint, kind="sub", topics=["verdicts."], hwm=settings.transport.publish_hwm, linger_ms=0
+        )
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="stream-service-run-"))
+    stop = threading.Event()
+    install_stop_signals(stop)
+    supervisor = Supervisor(specs, settings.supervisor, folder)
+    summary = PipelineSummary()
+    tty = sys.stdout.isatty()
+    typer.echo(
+        f"stream-service run: {len(specs)} processes ({', '.join(s.name for s in specs)}); verdicts on {endpoint}; "
+        f"logs and heartbeats in {folder}",
+        err=True,
+    )
+    started = time.monotonic()
+    next_report, shown, code = started + 1.0, 0, 0
+    try:
+        supervisor.start()
+        while not stop.is_set():
+            supervisor.poll()
+            if supervisor.failure is not None:
+                typer.echo(f"error: {supervisor.failure}", err=True)
+                code = 1
+                break
+            timeout = 0.1
+            while True:
+                try:
+                    message = subscriber.receive(timeout)
+                except MessageError:
+                    continue  # counted and logged by the receiver
+                if message is None:
+                    break
+                if isinstance(message.header, Verdict):
+                    summary.add(message.header, time.monotonic_ns())
+                timeout = 0.0
+            now = time.monotonic()
+            if now >= next_report:
+                next_report += 1.0
+                if tty:
+                    block = summary.render(supervisor.stages, time.monotonic_ns(), now - started)
+                    sys.stdout.write((f"\x1b[{shown}F\x1b[J" if shown else "") + block + "\n")
+                    sys.stdout.flush()
+                    shown = block.count("\n") + 1
+                else:
+                    typer.echo(f"[{now - started:5.0f} s] {summary.line(time.monotonic_ns())}")
+            if duration is not None and now - started >= duration:
+                break
+    finally:
+        supervisor.stop()
+        subscriber.close()
+        terminate_context()
+    final = summary.render(supervisor.stages, time.monotonic_ns(), time.monotonic() - started)
+    typer.echo((f"\x1b[{shown}F\x1b[J" if tty and shown else "") + final)
+    raise typer.Exit(code)
+
+
+@app.command("subscribe")
+def subscribe_command(
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Verdict PUB endpoint (default: transport.verdicts_pub).")
+    ] = None,
+    camera: Annotated[str | None, typer.Option("--camera", help="Only this camera's verdicts.")] = None,
+    count: Annotated[int | None, typer.Option("--count", min=1, help="Exit 0 after this many verdicts.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One verdict JSON object per line (schemas/verdict.v1.json).")
+    ] = False,
+    config: ConfigOption = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Exit 1 when no verdict arrives for this many seconds.")
+    ] = 30.0,
+) -> None:
+    """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
+    import time
+
+    from stream_service.errors import MessageError, StreamServiceError
+    from stream_service.messages import Verdict
+    from stream_service.service import connectable
+    from stream_service.summary import PipelineSummary, verdict_line
+    from stream_service.transport import FrameReceiver, terminate_context
+
+    hwm = 1000
+    if endpoint is None:
+        settings = _load(config)
+        endpoint, hwm = connectable(settings.transport.verdicts_pub), settings.transport.publish_hwm
+    topics = [f"verdicts.{camera}"] if camera else ["verdicts."]
+    try:
+        receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    summary = PipelineSummary()
+    last = time.monotonic()
+    code = 0
+    try:
+        while count is None or summary.total < count:
+            try:
+                message = receiver.receive(0.2)
+            except MessageError:
+                continue  # counted and logged by the receiver
+            now = time.monotonic()
+            if message is None:
+                if now - last > timeout:
+                    got = f"after {summary.total} verdict(s)" if summary.total else "nothing arrived"
+                    typer.echo(
+                        f"error: no verdict on {endpoint} for {timeout:g} s ({got}); is `stream-service run` running "
+                        "and is the endpoint right?",
+                        err=True,
+                    )
+                    code = 1
+                    break
+                continue
+            verdict = message.header
+            if not isinstance(verdict, Verdict) or (camera is not None and verdict.camera_id != camera):
+                continue
+            last = now
+            summary.add(verdict, time.monotonic_ns())
+            typer.echo(verdict.model_dump_json() if as_json else verdict_line(verdict))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.close()
+        terminate_context()
+    missed = sum(t.missed for t in summary.cameras.values())
+    if missed:
+        typer.echo(
+            f"note: this subscriber missed {missed} verdict(s) (sequence gaps not reported as dropped)", err=True
+        )
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The whole pipeline on this machine: end-to-end latency and throughput, then frame transport vs imagezmq.
+
+Part 1, the pipeline: for 640x640 and 1920x1080 frames, with one and two synthetic cameras, start the
+real pipeline (``stream-service run``: capture, soartc, infer processes on loopback tcp, the bundled
+model, CPU) with each camera offered at a set frame rate, subscribe to its verdicts from this process,
+skip a warm-up, and measure for a fixed time:
+
+- end-to-end latency, from the capture stamp (``capture_ns``) to the verdict received here, p50/p99;
+- the pipeline's own figures from the verdicts: soartc, infer and end-to-end (capture to publish);
+- throughput: verdicts per second (all cameras), and the frames dropped to keep up (drop-oldest).
+
+An offered rate above what the machine sustains is on purpose: throughput is then the capacity, and the
+latency is that of fresh frames, the older ones dropped and counted.
+
+Part 2, frame transport alone (``bench_transport.py``'s harness, same frames, same machine, separate
+processes): our tcp and shared-memory transports against imagezmq, 1920x1080 and 640x640 BGR frames.
+
+    python benchmarks/bench_pipeline.py [--seconds 30] [--warmup 8] [--out bench_out/bench_pipeline.json]
+
+Prints tables and writes JSON with the machine, versions and parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from stream_service.messages import Verdict
+from stream_service.transport import FrameReceiver
+
+HERE = Path(__file__).resolve().parent
+CLI = [sys.executable, "-m", "stream_service.cli"]
+STARTUP_S = 300.0
+# (name, width, height, offered fps per camera)
+SIZES = {"640x640": (640, 640, 10.0), "1920x1080": (1920, 1080, 5.0)}
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def pipeline_config(width: int, height: int, fps: float, cameras: int, threads: int) -> tuple[dict[str, Any], str]:
+    ports = free_ports(cameras + 2)
+    verdicts = f"tcp://127.0.0.1:{ports[-1]}"
+    config = {
+        "cameras": [
+            {
+                "id": f"cam{i}",
+                "source": {"kind": "synthetic", "width": width, "height": height, "fps": fps, "seed": i},
+            }
+            for i in range(cameras)
+        ],
+        "transport": {
+            "capture_out": [f"tcp://127.0.0.1:{p}" for p in ports[:cameras]],
+            "features_out": f"tcp://127.0.0.1:{ports[-2]}",
+            "verdicts_pub": verdicts,
+        },
+        "soartc": {"device": "cpu"},
+        "inference": {"device": "cpu", "threads": threads},
+        "supervisor": {"startup_timeout_s": STARTUP_S, "heartbeat_timeout_s": 30.0},
+        "dashboard": {"enabled": False},
+    }
+    return config, verdicts
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p99": None}
+    p50, p99 = np.percentile(np.asarray(values), [50, 99])
+    return {"p50": float(p50), "p99": float(p99)}
+
+
+def run_pipeline(size: str, cameras: int, seconds: float, warmup: float, threads: int, workdir: Path) -> dict[str, Any]:
+    width, height, fps = SIZES[size]
+    config, endpoint = pipeline_config(width, height, fps, cameras, threads)
+    folder = workdir / f"{size}-{cameras}"
+    folder.mkdir(parents=True)
+    path = folder / "pipeline.yaml"
+    path.write_text(json.dumps(config))
+    subscriber = FrameReceiver(endpoint, kind="sub", topics=["verdicts."], hwm=100_000, linger_ms=0)
+    with (folder / "run.out").open("w") as out:
+        process = subprocess.Popen(
+            [*CLI, "run", "--config", str(path), "--run-dir", str(folder / "run")], stdout=out, stderr=subprocess.STDOUT
+        )
+    samples: list[tuple[Verdict, int]] = []
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while subscriber.receive(0.5) is None:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"pipeline {size} x{cameras} gave no verdict; see {folder}")
+        measure_from = time.monotonic() + warmup
+        while time.monotonic() < measure_from:
+            subscriber.receive(0.1)
+        end = time.monotonic() + seconds
+        while (now := time.monotonic()) < end:
+            message = subscriber.receive(end - now)
+            if message is not None and isinstance(message.header, Verdict):
+                samples.append((message.header, time.time_ns()))
+        heartbeats = {p.stem: json.loads(p.read_text()) for p in (folder / "run").glob("*.json")}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        subscriber.close()
+    received = [(received_ns - v.capture_ns) / 1e6 for v, received_ns in samples]
+    stages: dict[str, list[float]] = {}
+    for v, _ in samples:
+        for stage, ms in v.latency_ms.items():
+            stages.setdefault(stage, []).append(ms)
+    dropped = sum(v.dropped for v, _ in samples)
+    captured = sum(int(b["stats"]["capture"]["frames"]) for n, b in heartbeats.items() if n.startswith("capture-"))
+    return {
+        "size": size,
+        "cameras": cameras,
+        "offered_fps_per_camera": fps,
+        "seconds": seconds,
+        "verdicts": len(samples),
+        "throughput_fps": len(samples) / seconds,
+        "dropped": dropped,
+        "dropped_fraction": dropped / (dropped + len(samples)) if samples else None,
+        "frames_captured_total": captured,
+        "e2e_received_ms": percentiles(received),
+        "stages_ms": {stage: percentiles(values) for stage, values in sorted(stages.items())},
+        "fail_fraction": sum(v.verdict == "fail" for v, _ in samples) / len(samples) if samples else None,
+    }
+
+
+def load_bench_transport() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_transport", HERE / "bench_transport.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_transport"] = module  # spawned processes import it by this name
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_transport(frames: int, runs: int) -> list[dict[str, Any]]:
+    bench = load_bench_transport()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        for size in ("1920x1080", "640x640"):
+            shape = bench.SIZES[size]
+            medians = {}
+            for transport in ("tcp", "shm", "imagezmq"):
+                fps = [bench._one_run(transport, shape, frames, Path(tmp))["fps"] for _ in range(runs)]
+                medians[transport] = statistics.median(fps)
+                rows.append({"size": size, "transport": transport, "fps_runs": [round(f, 1) for f in fps]})
+            for row in rows:
+                if row["size"] == size:
+                    row["fps"] = medians[row["transport"]]
+                    row["mb_s"] = row["fps"] * int(np.prod(shape)) / 1e6
+                    row["x_imagezmq"] = row["fps"] / medians["imagezmq"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=30.0, help="measurement time per pipeline case")
+    parser.add_argument("--warmup", type=float, default=8.0, help="seconds skipped after the first verdict")
+    parser.add_argument("--threads", type=int, default=0, help="inference.threads (0: ONNX Runtime's default)")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--cameras", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--transport-frames", type=int, default=300)
+    parser.add_argument("--transport-runs", type=int, default=3)
+    parser.add_argument("--skip-transport", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/bench_pipeline.json"))
+    args = parser.parse_args()
+
+    import zmq
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        for size in args.sizes:
+            for cameras in args.cameras:
+                print(f"pipeline {size} x{cameras} ...", file=sys.stderr, flush=True)
+                rows.append(run_pipeline(size, cameras, args.seconds, args.warmup, args.threads, Path(tmp)))
+    transport = [] if args.skip_transport else run_transport(args.transport_frames, args.transport_runs)
+
+    print(
+        f"\n{'frames':<10}{'cams':>5}{'offered/s':>10}{'verdicts/s':>11}{'dropped':>9}"
+        f"{'e2e p50':>9}{'e2e p99':>9}{'soartc p50':>11}{'infer p50':>10}   (ms; e2e = capture stamp to received)"
+    )
+    for r in rows:
+        e2e, st = r["e2e_received_ms"], r["stages_ms"]
+        print(
+            f"{r['size']:<10}{r['cameras']:>5}{r['offered_fps_per_camera'] * r['cameras']:>10.1f}"
+            f"{r['throughput_fps']:>11.2f}{r['dropped_fraction'] or 0:>9.0%}"
+            f"{e2e['p50'] or float('nan'):>9.0f}{e2e['p99'] or float('nan'):>9.0f}"
+            f"{(st.get('soartc') or {}).get('p50') or float('nan'):>11.0f}"
+            f"{(st.get('infer') or {}).get('p50') or float('nan'):>10.0f}"
+        )
+    if transport:
+        print(f"\n{'frames':<10}{'transport':<10}{'frames/s':>10}{'MB/s':>8}{'x imagezmq':>11}  runs")
+        for t in transport:
+            print(
+                f"{t['size']:<10}{t['transport']:<10}{t['fps']:>10.0f}{t['mb_s']:>8.0f}{t['x_imagezmq']:>11.2f}"
+                f"  {t['fps_runs']}"
+            )
+
+    card = json.loads((HERE.parent / "models" / "soartc-vit" / "card.json").read_text())
+    report = {
+        "benchmark": "bench_pipeline",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "pyzmq": zmq.__version__,
+            "libzmq": zmq.zmq_version(),
+        },
+        "model": {"name": card["name"], "version": card["version"], "created": card["created"]},
+        "params": vars(args) | {"out": str(args.out)},
+        "pipeline": rows,
+        "transport": transport,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

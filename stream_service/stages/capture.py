@@ -1,0 +1,210 @@
+"""The capture stage: one camera's frames, stamped and pushed downstream without ever blocking.
+
+``CaptureStage`` is pure: a frame (and the synthetic camera's ground truth) in, the outgoing
+``(topic, FrameHeader, [frame])`` out, resized to the camera's ``frame_size`` when one is set. The
+header carries one stamp, ``capture`` at the capture time, from which every later stage's latency and
+the end-to-end latency are measured.
+
+``run_capture`` is the loop around a camera source. The sink is a non-blocking sender: a frame it
+cannot queue is dropped, counted, and reported in the ``dropped`` field of the camera's next frame. A
+camera that vanishes raises ``CameraError`` (after its own reconnection policy, for live streams): the
+loop logs it, closes the source, waits ``retry_s`` and opens it again, so a capture process outlives
+an unplugged camera. A finished source (a video file or a folder without ``loop``) leaves the loop
+idle, beating, until it is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+
+from stream_service.camera import FrameSource, SyntheticStream, open_source
+from stream_service.errors import CameraError
+from stream_service.latency import FpsCounter
+from stream_service.messages import FrameHeader, Stamp, topic_of
+from stream_service.runner import Outgoing, Sink, StopEvent
+from stream_service.settings import CameraSettings, Settings, SyntheticSource
+from stream_service.soartc import U8
+from stream_service.synthetic import Truth
+
+log = logging.getLogger(__name__)
+
+STAGE = "capture"
+# Idle loops (a finished source, a wait before reopening) wake this often to check the stop event.
+_IDLE_S = 0.1
+
+
+def frame_shape(camera: CameraSettings) -> tuple[int, int] | None:
+    """(H, W) of the camera's frames when the settings fix it (``frame_size``, or a synthetic source)."""
+    if camera.frame_size is not None:
+        width, height = camera.frame_size
+        return height, width
+    if isinstance(camera.source, SyntheticSource):
+        return camera.source.height, camera.source.width
+    return None
+
+
+def retry_delay_s(camera: CameraSettings, settings: Settings) -> float:
+    """How long to wait before reopening a camera that raised ``CameraError``.
+
+    Live streams back off up to ``retry_backoff_max_s`` inside their source already; files and folders
+    have no policy of their own and wait the supervisor's ``restart_backoff_s``.
+    """
+    return float(getattr(camera.source, "retry_backoff_max_s", settings.supervisor.restart_backoff_s))
+
+
+class CaptureStage:
+    """Frame messages of one camera: sequence numbers, the capture stamp, the truth of synthetic frames."""
+
+    name = STAGE
+
+    def __init__(self, camera: CameraSettings) -> None:
+        self.camera_id = camera.id
+        # Frames are resized only to a configured frame_size; otherwise they go out as captured.
+        self.shape = (camera.frame_size[1], camera.frame_size[0]) if camera.frame_size is not None else None
+        self.attach_truth = isinstance(camera.source, SyntheticSource) and camera.source.truth
+        self.seq = 0
+
+    def frame_message(self, frame_hw: U8, truth: Truth | None, capture_ns: int) -> Outgoing:
+        """The outgoing message of a uint8 gray ``(H, W)`` frame captured at wall-clock ``capture_ns``."""
+        if frame_hw.ndim != 2 or frame_hw.dtype != np.uint8:
+            raise CameraError(
+                f"camera {self.camera_id} frame: expected a uint8 gray (H, W) image, found {frame_hw.dtype} "
+                f"{frame_hw.shape}"
+            )
+        frame, scale = frame_hw, (1.0, 1.0)
+        if self.shape is not None and frame_hw.shape != self.shape:
+            height, width = self.shape
+            scale = (width / frame_hw.shape[1], height / frame_hw.shape[0])
+            frame = np.asarray(cv2.resize(frame_hw, (width, height), interpolation=cv2.INTER_AREA), np.uint8)
+        header = FrameHeader(
+            camera_id=self.camera_id,
+            seq=self.seq,
+            capture_ns=capture_ns,
+            shape=frame.shape,
+            dtype="uint8",
+            stamps=(Stamp(stage=STAGE, t_ns=capture_ns),),
+            truth=_scaled_truth(truth, scale, frame.shape) if self.attach_truth and truth is not None else None,
+        )
+        self.seq += 1
+        return topic_of(header), header, [frame]
+
+
+def _scaled_truth(truth: Truth, scale: tuple[float, float], shape: tuple[int, ...]) -> dict[str, Any]:
+    """The truth with its boxes ``[x1, y1, x2, y2, kind]`` scaled like the frame (inclusive corners)."""
+    sx, sy = scale
+    if (sx, sy) == (1.0, 1.0):
+        return {"label": truth["label"], "boxes": [list(b) for b in truth["boxes"]]}
+    h, w = shape[0], shape[1]
+    boxes = [
+        [
+            min(w - 1, int(x1 * sx)),
+            min(h - 1, int(y1 * sy)),
+            min(w - 1, int((x2 + 1) * sx) - 1),
+            min(h - 1, int((y2 + 1) * sy) - 1),
+            kind,
+        ]
+        for x1, y1, x2, y2, kind in truth["boxes"]
+    ]
+    return {"label": truth["label"], "boxes": boxes}
+
+
+@dataclass
+class CaptureStats:
+    """Counters of a capture loop; ``snapshot()`` is what its heartbeat reports."""
+
+    fps: FpsCounter = field(default_factory=lambda: FpsCounter(5.0))  # frames read per second
+    frames: int = 0  # frames read from the camera
+    sent: int = 0  # frames queued downstream
+    dropped: int = 0  # frames the sender could not queue (downstream full or absent)
+    camera_errors: int = 0  # CameraErrors (the camera vanished or could not be opened)
+    opens: int = 0  # times the source was opened
+    finished: bool = False  # the source has no more frames (a file or folder without loop)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "fps": self.fps.fps(time.monotonic_ns()),
+            "frames": self.frames,
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "camera_errors": self.camera_errors,
+            "opens": self.opens,
+            "finished": self.finished,
+        }
+
+
+def _pause(seconds: float, stop: StopEvent, heartbeat: Callable[[], None] | None) -> None:
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        if heartbeat is not None:
+            heartbeat()
+        time.sleep(min(_IDLE_S, left))
+
+
+def run_capture(
+    stage: CaptureStage,
+    open_camera: Callable[[], FrameSource],
+    sink: Sink,
+    stop: StopEvent,
+    *,
+    retry_s: float,
+    heartbeat: Callable[[], None] | None = None,
+    stats: CaptureStats | None = None,
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> CaptureStats:
+    """Read, stamp and send frames until ``stop`` is set; see the module docstring for the policy."""
+    stats = stats if stats is not None else CaptureStats()
+    source: FrameSource | None = None
+    try:
+        while not stop.is_set():
+            if heartbeat is not None:
+                heartbeat()
+            if source is None:
+                try:
+                    source = open_camera()
+                except CameraError as exc:
+                    stats.camera_errors += 1
+                    log.error("camera %s: %s; reopening in %.1f s", stage.camera_id, exc, retry_s)
+                    _pause(retry_s, stop, heartbeat)
+                    continue
+                stats.opens += 1
+                stats.finished = False
+            try:
+                frame = source.read()
+            except CameraError as exc:
+                stats.camera_errors += 1
+                log.error("camera %s: %s; reopening in %.1f s", stage.camera_id, exc, retry_s)
+                source.close()
+                source = None
+                _pause(retry_s, stop, heartbeat)
+                continue
+            if frame is None:
+                if source.finished and not stats.finished:
+                    stats.finished = True
+                    log.info("camera %s: the source has no more frames; idle until stopped", stage.camera_id)
+                if source.finished:
+                    _pause(_IDLE_S, stop, None)
+                continue
+            stats.frames += 1
+            stats.fps.tick(time.monotonic_ns())
+            truth = source.truth if isinstance(source, SyntheticStream) else None
+            topic, header, arrays = stage.frame_message(frame, truth, clock_ns())
+            if sink.send(topic, header, arrays):
+                stats.sent += 1
+            else:
+                stats.dropped += 1
+    finally:
+        if source is not None:
+            source.close()
+    return stats
+
+
+def open_camera(camera: CameraSettings) -> Callable[[], FrameSource]:
+    """The opener ``run_capture`` calls (again after a ``CameraError``) for ``camera``."""
+    return lambda: open_source(camera.source)

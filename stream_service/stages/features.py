@@ -1,0 +1,203 @@
+"""The soartc stage: each frame registered to its camera's golden reference, and its SOARTC token features.
+
+``FeaturesStage`` holds one ``inspection.FeatureExtractor`` per camera and turns a frame message into a
+features message ``features.<camera>`` whose payload is, in this order:
+
+==========  ==================  ========================================================================
+name        shape, dtype        what
+==========  ==================  ========================================================================
+aligned     (H, W) uint8        the frame registered onto the reference (what the highlight is drawn on)
+tokens      (h, w, C) float32   the token features the ViT reads (``features.CHANNEL_NAMES``)
+open_diff   (H, W) uint8        the opened difference mask (1 = set), the highlight's pixels
+diff        (H, W) uint8        the raw difference mask (1 = set)
+==========  ==================  ========================================================================
+
+Tokens stay float32: they are small next to the frame (640x640 with 16-px blocks: 150 kB against 400 kB
+of masks and frame), and float16 would make the live verdicts differ from ``evaluate``'s in process.
+
+The feature definition (block, variant, calibration, openings) is the model card's, so that the soartc
+stage computes exactly what the model was trained on; this stage never loads the model itself (no ONNX
+Runtime here). The reference of a camera is its ``reference`` directory, or for the synthetic camera
+its clean render, recomputed from the source settings (same seed, same board): no files needed.
+
+A frame of the wrong size or type raises ``FrameShapeError``; the runner counts it and goes on. Frames
+lost to such errors are added to the ``dropped`` count of the camera's next features message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from stream_service.errors import FrameShapeError, GoldenReferenceError, MessageError, StreamServiceError
+from stream_service.features import FeatureSpec
+from stream_service.inspection import FeatureExtractor
+from stream_service.messages import Array, ArraySpec, FeaturesHeader, FrameHeader, Header, Registration, topic_of
+from stream_service.references import load_reference
+from stream_service.runner import Outgoing
+from stream_service.settings import CameraSettings, Settings, SyntheticSource
+from stream_service.soartc import U8, Device
+from stream_service.stages.capture import frame_shape
+from stream_service.synthetic import SyntheticCamera
+
+log = logging.getLogger(__name__)
+
+STAGE = "soartc"
+ARRAY_NAMES = ("aligned", "tokens", "open_diff", "diff")
+
+
+@dataclass(frozen=True)
+class CameraReference:
+    """A camera's golden reference: raw gray ``(H, W)`` uint8 (polarity not applied), polarity, identity."""
+
+    image_hw: U8
+    dark_object: bool
+    reference_id: str
+    version: str
+
+
+def synthetic_reference(source: SyntheticSource) -> U8:
+    """The synthetic camera's clean render ``(H, W)`` uint8: pure, the same settings give the same board."""
+    camera = SyntheticCamera(
+        width=source.width,
+        height=source.height,
+        seed=source.seed,
+        defect_rate=source.defect_rate,
+        max_defects=source.max_defects,
+        shift_px=source.shift_px,
+        jitter=source.jitter,
+        lighting_drift=source.lighting_drift,
+        noise=source.noise,
+    )
+    return camera.reference()
+
+
+def camera_reference(camera: CameraSettings) -> CameraReference:
+    """The reference of ``camera``: its ``reference`` directory, else the synthetic source's clean render.
+
+    A stored reference's own polarity wins over the camera's ``polarity`` (a mismatch is logged), since
+    it records how the reference was built. With ``frame_size`` set, the synthetic render is resized to it.
+    """
+    shape = frame_shape(camera)
+    if camera.reference is not None:
+        reference = load_reference(camera.reference, expected_shape=shape)
+        meta = reference.meta
+        if meta.polarity != camera.polarity:
+            log.warning(
+                "camera %s: polarity %s in the settings, but reference %s v%d is %s; using the reference's",
+                camera.id,
+                camera.polarity,
+                meta.id,
+                meta.version,
+                meta.polarity,
+            )
+        image = np.clip(np.rint(reference.image * 255.0), 0, 255).astype(np.uint8)
+        return CameraReference(image, meta.polarity == "dark-object", meta.id, str(meta.version))
+    if not isinstance(camera.source, SyntheticSource):
+        raise GoldenReferenceError(f"camera {camera.id}: expected a reference directory, found none")
+    source = camera.source
+    image = synthetic_reference(source)
+    if shape is not None and image.shape != shape:
+        image = np.asarray(cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA), np.uint8)
+    reference_id = f"synthetic-seed{source.seed}-{source.width}x{source.height}"
+    return CameraReference(image, camera.polarity == "dark-object", reference_id, "1")
+
+
+@dataclass(frozen=True)
+class CameraFeatures:
+    """What the stage keeps for one camera: its extractor and its reference's identity."""
+
+    extractor: FeatureExtractor
+    reference: CameraReference
+
+
+class FeaturesStage:
+    """Registration and SOARTC token features for every camera it was built for (see the module docstring)."""
+
+    name = STAGE
+
+    def __init__(self, cameras: Mapping[str, CameraFeatures]) -> None:
+        self.cameras = dict(cameras)
+        self._lost: Counter[str] = Counter()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, spec: FeatureSpec, camera_ids: Sequence[str] | None = None
+    ) -> FeaturesStage:
+        """One extractor per camera of ``settings`` (or of ``camera_ids``), with the model card's ``spec``."""
+        soartc = settings.soartc
+        device: Device = soartc.device
+        if soartc.block != spec.block or soartc.variant != spec.variant:
+            log.info(
+                "soartc.block %d / variant %s: the model card's %d / %s are used (the model was trained on them)",
+                soartc.block,
+                soartc.variant,
+                spec.block,
+                spec.variant,
+            )
+        cameras = {}
+        for camera in settings.cameras:
+            if camera_ids is not None and camera.id not in camera_ids:
+                continue
+            reference = camera_reference(camera)
+            extractor = FeatureExtractor(
+                reference.image_hw,
+                spec,
+                reference.dark_object,
+                registration=soartc.registration,
+                max_shift=soartc.max_shift_px,
+                device=device,
+            )
+            cameras[camera.id] = CameraFeatures(extractor, reference)
+        return cls(cameras)
+
+    def process(self, topic: str, header: Header, arrays: list[Array]) -> Sequence[Outgoing]:
+        if not isinstance(header, FrameHeader):
+            raise MessageError(f"message kind on {topic}: expected 'frame', found {header.kind!r}")
+        camera = self.cameras.get(header.camera_id)
+        if camera is None:
+            raise MessageError(f"camera_id: expected one of {sorted(self.cameras)}, found {header.camera_id!r}")
+        try:
+            frame = arrays[0]
+            expected = camera.extractor.shape
+            if frame.dtype != np.uint8 or frame.shape != expected:
+                raise FrameShapeError(
+                    f"frame {header.seq} of camera {header.camera_id}: expected {tuple(expected)} uint8 like reference "
+                    f"{camera.reference.reference_id}, found {frame.shape} {frame.dtype}"
+                )
+            extracted = camera.extractor.extract(frame)
+        except StreamServiceError:
+            # This frame and the drops it carried never reach a verdict: report them with the next one.
+            self._lost[header.camera_id] += 1 + header.dropped
+            raise
+        features = extracted.features
+        payload: list[Array] = [
+            extracted.aligned_hw,
+            np.ascontiguousarray(features.tokens_hwc, np.float32),
+            features.open_diff_hw,
+            features.diff_hw,
+        ]
+        reg = extracted.registration
+        out = FeaturesHeader(
+            camera_id=header.camera_id,
+            seq=header.seq,
+            capture_ns=header.capture_ns,
+            shape=header.shape,
+            dtype=header.dtype,
+            stamps=header.stamps,
+            dropped=header.dropped + self._lost.pop(header.camera_id, 0),
+            truth=header.truth,
+            reference_id=camera.reference.reference_id,
+            reference_version=camera.reference.version,
+            arrays=tuple(
+                ArraySpec.model_validate({"name": name, "shape": a.shape, "dtype": str(a.dtype)})
+                for name, a in zip(ARRAY_NAMES, payload, strict=True)
+            ),
+            registration=Registration(dx=reg.dx, dy=reg.dy, confidence=reg.confidence),
+        )
+        return [(topic_of(out), out, payload)]

@@ -1,0 +1,150 @@
+"""The infer stage: the ViT over a frame's token features, the verdict, the highlight and its JPEG.
+
+``InferenceStage`` turns a features message (see ``stages.features``) into two messages:
+
+- ``verdicts.<camera>``: a ``Verdict`` (the public contract): pass or fail, score and threshold, the
+  model's and the reference's identity, the defect regions in captured-frame pixels, the latency of
+  every stage and ``end_to_end`` (capture stamp to this publish), the frames of this camera dropped
+  since the previous verdict, and the synthetic ground truth when the capture attached it;
+- ``highlights.<camera>``: a ``Highlight`` whose ``jpeg`` payload is ``highlight.overlay`` of the
+  registered frame (highlighted pixels, boxed regions, in reference coordinates), and with
+  ``highlight.send_mask`` the raw mask ``(H, W)`` uint8 (255 = highlighted) as ``mask``.
+
+Regions are found on the registered frame and shifted by the registration back into the pixels of the
+frame as captured, where an integrator's coordinates live. The model is handed in (``model.py`` loads
+it), so the stage runs with any ``WindowModel``, and tests use fakes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+import cv2
+import numpy as np
+
+from stream_service.errors import InputError, MessageError, StreamServiceError
+from stream_service.features import TokenFeatures
+from stream_service.highlight import Region as FoundRegion
+from stream_service.highlight import overlay
+from stream_service.inspection import Detector, WindowModel
+from stream_service.latency import latency_breakdown
+from stream_service.messages import (
+    Array,
+    FeaturesHeader,
+    Header,
+    Part,
+    Region,
+    Verdict,
+    highlight_header,
+    topic_of,
+)
+from stream_service.runner import Outgoing
+from stream_service.settings import HighlightSettings, InferenceSettings
+from stream_service.soartc import U8
+from stream_service.stages.features import ARRAY_NAMES
+
+STAGE = "infer"
+
+
+def jpeg(image: U8, quality: int) -> bytes:
+    """JPEG bytes of a uint8 ``(H, W)`` or ``(H, W, 3)`` BGR image."""
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise InputError(f"highlight image: expected an image JPEG can encode, found {image.dtype} {image.shape}")
+    return bytes(encoded)
+
+
+def to_frame_regions(found: Sequence[FoundRegion], dx: float, dy: float, shape: tuple[int, ...]) -> tuple[Region, ...]:
+    """Regions found on the registered frame, moved by the registration ``(dx, dy)`` into captured-frame
+    pixels (the frame's content lies at reference position + (dx, dy)) and clipped to the ``(H, W)`` frame."""
+    h, w = shape[0], shape[1]
+    ox, oy = round(dx), round(dy)
+    out = []
+    for r in found:
+        x1, x2 = min(max(r.x1 + ox, 0), w - 1), min(max(r.x2 + ox, 0), w - 1)
+        y1, y2 = min(max(r.y1 + oy, 0), h - 1), min(max(r.y2 + oy, 0), h - 1)
+        out.append(Region(x1=x1, y1=y1, x2=x2, y2=y2, score=float(r.score), area=int(r.area)))
+    return tuple(out)
+
+
+class InferenceStage:
+    """The ViT, the verdict and the highlight for every features message (see the module docstring)."""
+
+    name = STAGE
+
+    def __init__(
+        self,
+        model: WindowModel,
+        inference: InferenceSettings,
+        highlight: HighlightSettings,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.detector = Detector(model, threshold=inference.threshold)
+        self.model_id = model.card.name
+        self.model_version = model.card.version
+        self.channels = len(model.card.features.channels)
+        self.highlight = highlight
+        self._clock_ns = clock_ns
+        self._lost: Counter[str] = Counter()
+
+    def process(self, topic: str, header: Header, arrays: list[Array]) -> Sequence[Outgoing]:
+        if not isinstance(header, FeaturesHeader):
+            raise MessageError(f"message kind on {topic}: expected 'features', found {header.kind!r}")
+        try:
+            verdict, parts = self._inspect(header, arrays)
+        except StreamServiceError:
+            # This frame and the drops it carried never get a verdict: report them with the next one.
+            self._lost[header.camera_id] += 1 + header.dropped
+            raise
+        return [(topic_of(verdict), verdict, []), (topic_of(parts[0]), parts[0], parts[1])]
+
+    def _inspect(
+        self, header: FeaturesHeader, arrays: list[Array]
+    ) -> tuple[Verdict, tuple[Header, list[Part | Array]]]:
+        named = {spec.name: array for spec, array in zip(header.arrays, arrays, strict=True)}
+        missing = [name for name in ARRAY_NAMES if name not in named]
+        if missing:
+            raise MessageError(f"features arrays: expected {list(ARRAY_NAMES)}, found {sorted(named)}")
+        aligned, tokens = named["aligned"], named["tokens"]
+        if tokens.ndim != 3 or tokens.shape[2] != self.channels or tokens.dtype != np.float32:
+            raise InputError(
+                f"features 'tokens' of camera {header.camera_id}: expected (h, w, {self.channels}) float32, "
+                f"found {tokens.shape} {tokens.dtype}"
+            )
+        if (
+            aligned.dtype != np.uint8
+            or named["open_diff"].shape != aligned.shape
+            or named["diff"].shape != aligned.shape
+        ):
+            raise InputError(
+                f"features masks of camera {header.camera_id}: expected uint8 (H, W) like 'aligned' {aligned.shape}, "
+                f"found {named['open_diff'].shape} and {named['diff'].shape}"
+            )
+        detection = self.detector.detect(TokenFeatures(tokens, named["open_diff"], named["diff"]))
+        found = detection.highlight
+        failed = detection.verdict == "fail"
+        picture = jpeg(overlay(aligned, found.mask_hw, found.regions, failed), self.highlight.jpeg_quality)
+        reg = header.registration
+        now_ns = self._clock_ns()
+        verdict = Verdict(
+            camera_id=header.camera_id,
+            seq=header.seq,
+            capture_ns=header.capture_ns,
+            verdict="fail" if failed else "pass",
+            score=detection.score,
+            threshold=detection.threshold,
+            model_id=self.model_id,
+            model_version=self.model_version,
+            reference_id=header.reference_id or "unknown",
+            reference_version=header.reference_version or "unknown",
+            regions=to_frame_regions(found.regions, reg.dx, reg.dy, header.shape),
+            latency_ms=latency_breakdown(header.stamps, now_ns, stage=STAGE),
+            dropped=header.dropped + self._lost.pop(header.camera_id, 0),
+            truth=header.truth,
+        )
+        mask = (found.mask_hw.astype(np.uint8) * 255) if self.highlight.send_mask else None
+        highlight = highlight_header(verdict, picture, mask)
+        payload: list[Part | Array] = [picture] if mask is None else [picture, mask]
+        return verdict, (highlight, payload)

@@ -1,0 +1,195 @@
+"""The pipeline commands without a model: `subscribe` against a test publisher, stage and run errors, and a
+slow subscriber on the verdict PUB socket (never blocks the publisher; its misses are counted)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stream_service.cli import app
+from stream_service.messages import Region, Verdict
+from stream_service.summary import PipelineSummary
+from stream_service.transport import FrameReceiver, FrameSender
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "stream_service.cli"]
+TIMEOUT_S = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def verdict(camera: str, seq: int, regions: int = 1) -> Verdict:
+    boxes = tuple(Region(x1=i, y1=i, x2=i + 9, y2=i + 9, score=0.9, area=50) for i in range(regions))
+    return Verdict(
+        camera_id=camera,
+        seq=seq,
+        capture_ns=time.time_ns(),
+        verdict="fail" if seq % 3 == 0 else "pass",
+        score=0.7 if seq % 3 == 0 else 0.2,
+        threshold=0.5,
+        model_id="m",
+        model_version="1",
+        reference_id="r",
+        reference_version="1",
+        regions=boxes,
+        latency_ms={"soartc": 5.0, "infer": 7.0, "end_to_end": 12.0},
+        truth={"label": "pass", "boxes": []},
+    )
+
+
+@pytest.fixture
+def publisher() -> Iterator[str]:
+    """A PUB socket publishing verdicts of cam0 and cam1 every 20 ms (and a highlight); yields its endpoint."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def publish() -> None:
+        with FrameSender(endpoint, kind="pub", hwm=100, linger_ms=0) as pub:
+            ready.set()
+            seq = 0
+            while not stop.is_set():
+                for camera in ("cam0", "cam1"):
+                    pub.send(f"verdicts.{camera}", verdict(camera, seq))
+                seq += 1
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield endpoint
+    stop.set()
+    thread.join(10)
+
+
+def subscribe(*args: str, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "subscribe", *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_subscribe_prints_n_verdicts_as_json_valid_against_the_schema(publisher: str) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "schemas" / "verdict.v1.json").read_text())
+    done = subscribe("--endpoint", publisher, "--count", "6", "--json", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 6
+    for line in lines:
+        jsonschema.validate(json.loads(line), schema)
+        assert Verdict.model_validate_json(line).camera_id in ("cam0", "cam1")
+
+
+def test_subscribe_filters_one_camera_and_prints_readable_lines(publisher: str) -> None:
+    done = subscribe("--endpoint", publisher, "--camera", "cam1", "--count", "3", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 3 and all(line.startswith("cam1 #") for line in lines), lines
+    assert all(("PASS" in line) or ("FAIL" in line) for line in lines)
+
+
+def test_subscribe_reads_the_endpoint_from_the_config(publisher: str, tmp_path: Path) -> None:
+    config = tmp_path / "line.yaml"
+    config.write_text(
+        f"cameras:\n  - id: cam0\n    source: {{kind: synthetic}}\ntransport:\n  verdicts_pub: {publisher}\n"
+    )
+    done = subscribe("--config", str(config), "--count", "2", "--json", "--timeout", "30")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2
+
+
+def test_subscribe_exits_1_with_a_clear_message_when_nothing_arrives() -> None:
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    done = subscribe("--endpoint", endpoint, "--count", "1", "--timeout", "1")
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"error: no verdict on {endpoint} for 1 s (nothing arrived)" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "capture", "soartc", "infer", "subscribe"])
+def test_pipeline_commands_have_help(command: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "--config" in result.output
+
+
+def write_config(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "line.yaml"
+    cameras = "cameras:\n  - {id: left, source: {kind: synthetic}}\n  - {id: right, source: {kind: synthetic}}\n"
+    path.write_text(cameras + extra)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "extra", "message"),
+    [
+        (["run"], "inference: {workers: 2}\n", "inference.workers: expected 1"),
+        (["run"], "soartc: {workers: 0}\n", "soartc.workers: expected an integer > 0"),
+        (["capture"], "", "--camera: expected one of ['left', 'right']"),
+        (["capture", "--camera", "middle"], "", "found 'middle'"),
+        (["infer"], "inference: {workers: 3}\n", "inference.workers"),
+        (["soartc"], "inference: {model: /nonexistent/model}\n", "model card: expected /nonexistent/model/card.json"),
+    ],
+)
+def test_commands_refuse_what_they_cannot_run_naming_the_key(
+    tmp_path: Path, args: list[str], extra: str, message: str
+) -> None:
+    done = subprocess.run(
+        [*CLI, *args, "--config", str(write_config(tmp_path, extra))],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_slow_subscriber_never_blocks_the_publisher_and_its_misses_are_counted() -> None:
+    """20 000 verdicts of 40 regions (about 100 MB) at a subscriber that reads nothing meanwhile."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    count, message = 20_000, verdict("cam0", 0, regions=40)
+    with (
+        FrameSender(endpoint, kind="pub", hwm=8, linger_ms=0) as pub,
+        FrameReceiver(endpoint, kind="sub", topics=["verdicts."], hwm=8, linger_ms=0) as slow,
+    ):
+        deadline = time.monotonic() + 10
+        while slow.receive(0.05) is None:  # PUB drops until the subscription has arrived
+            assert time.monotonic() < deadline
+            pub.send("verdicts.warm", verdict("warm", 0))
+        before = rss_kib()
+        started = time.monotonic()
+        for seq in range(count):
+            assert pub.send("verdicts.cam0", message.model_copy(update={"seq": seq}))
+        took = time.monotonic() - started
+        grown_mib = (rss_kib() - before) / 1024
+        summary, received, first = PipelineSummary(), 0, -1
+        while (got := slow.receive(0.5)) is not None:
+            if isinstance(got.header, Verdict) and got.header.camera_id == "cam0":
+                first = got.header.seq if not received else first
+                summary.add(got.header, time.monotonic_ns())
+                received += 1
+    assert took < 30.0  # a blocking publisher would wait for the subscriber forever
+    assert grown_mib < 60, f"publisher memory grew by {grown_mib:.0f} MiB: unbounded queue?"
+    tally = summary.cameras["cam0"]
+    assert 0 < received < count / 2 and tally.missed > 0 and tally.last_seq is not None
+    # Every verdict from the first to the last received was either received or counted as missed.
+    assert received + tally.missed == tally.last_seq - first + 1

@@ -1,0 +1,391 @@
+"""End to end: real stage processes on loopback under `stream-service run`, with the bundled model.
+
+One pipeline (a 256x256 synthetic camera at 6 fps) serves the tests in order: verdicts against the
+synthetic ground truth, a malformed message at the infer stage, a slow subscriber, a killed stage, and
+SIGTERM last. A second, overloaded pipeline checks drop-oldest, and a soartc stage runs alone. Ports
+are picked free; every process started here is stopped in teardown, by pid, even when a test fails.
+Skipped only when the bundled model (models/soartc-vit) is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from stream_service.messages import FeaturesHeader, FrameHeader, Stamp, Verdict, encode
+from stream_service.model_card import resolve_model_dir
+from stream_service.settings import load_settings
+from stream_service.summary import PipelineSummary
+from stream_service.synthetic import SyntheticCamera
+from stream_service.transport import FrameReceiver, open_socket
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "stream_service.cli"]
+STARTUP_S = 240.0  # imports, model load and JIT on a loaded 2-core machine
+WAIT_S = 120.0
+
+MODEL_DIR = resolve_model_dir(load_settings(None).inference.model)
+MODEL_NAME = json.loads((MODEL_DIR / "card.json").read_text())["name"] if (MODEL_DIR / "card.json").is_file() else ""
+pytestmark = [
+    pytest.mark.timeout(900),
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (MODEL_DIR / "card.json").is_file() or not (MODEL_DIR / "model.onnx").is_file(),
+        reason=f"the bundled model is missing ({MODEL_DIR}: card.json + model.onnx); train or install it first",
+    ),
+]
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def write_config(directory: Path, fps: float, defect_rate: float, **supervisor: float) -> tuple[Path, dict[str, str]]:
+    capture, features, verdicts = free_ports(3)
+    endpoints = {
+        "capture": f"tcp://127.0.0.1:{capture}",
+        "features": f"tcp://127.0.0.1:{features}",
+        "verdicts": f"tcp://127.0.0.1:{verdicts}",
+    }
+    timing = {"heartbeat_s": 0.2, "heartbeat_timeout_s": 30.0, "restart_backoff_s": 0.5, "max_restarts": 5}
+    timing |= {"shutdown_deadline_s": 4.0, "startup_timeout_s": STARTUP_S} | supervisor
+    config = {
+        "cameras": [
+            {
+                "id": "cam0",
+                "source": {
+                    "kind": "synthetic",
+                    "width": 256,
+                    "height": 256,
+                    "fps": fps,
+                    "seed": 11,
+                    "defect_rate": defect_rate,
+                },
+            }
+        ],
+        "transport": {
+            "capture_out": [endpoints["capture"]],
+            "features_out": endpoints["features"],
+            "verdicts_pub": endpoints["verdicts"],
+        },
+        "soartc": {"device": "cpu"},
+        "inference": {"device": "cpu", "threads": 1},
+        "supervisor": timing,
+        "dashboard": {"enabled": False},
+    }
+    path = directory / "pipeline.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path, endpoints
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@dataclass
+class Pipeline:
+    process: subprocess.Popen[str]
+    run_dir: Path
+    config: Path
+    endpoints: dict[str, str]
+    subscriber: FrameReceiver
+
+    def heartbeat(self, name: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads((self.run_dir / f"{name}.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    def pids(self) -> dict[str, int]:
+        return {p.stem: int(json.loads(p.read_text())["pid"]) for p in self.run_dir.glob("*.json")}
+
+    def verdicts(self, n: int, timeout_s: float = WAIT_S, after_ns: int = 0) -> list[Verdict]:
+        out: list[Verdict] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < n:
+            assert time.monotonic() < deadline, f"only {len(out)} of {n} verdicts in {timeout_s} s\n{self.logs()}"
+            assert self.process.poll() is None, f"`run` exited with {self.process.returncode}\n{self.logs()}"
+            message = self.subscriber.receive(0.2)
+            if message is not None and isinstance(message.header, Verdict) and message.header.capture_ns > after_ns:
+                out.append(message.header)
+        return out
+
+    def output(self) -> str:
+        """What `run` printed (summary lines, the supervisor's log)."""
+        return (self.run_dir.parent / "run.out").read_text()
+
+    def logs(self) -> str:
+        logs = [f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.run_dir.glob("*.log"))]
+        return "\n".join([*logs, f"--- run\n{self.output()[-3000:]}"])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for pid in self.pids().values():  # only the stage processes this pipeline started
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.subscriber.close()
+
+
+def start_pipeline(directory: Path, fps: float, defect_rate: float, **supervisor: float) -> Pipeline:
+    config, endpoints = write_config(directory, fps, defect_rate, **supervisor)
+    run_dir = directory / "run"
+    with (directory / "run.out").open("w") as out:  # a file, not a pipe: nobody reads it while it runs
+        process = subprocess.Popen(
+            [*CLI, "run", "--config", str(config), "--run-dir", str(run_dir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    subscriber = FrameReceiver(endpoints["verdicts"], kind="sub", topics=["verdicts."], hwm=1000, linger_ms=0)
+    pipeline = Pipeline(process, run_dir, config, endpoints, subscriber)
+    try:
+        pipeline.verdicts(1, timeout_s=STARTUP_S)
+    except BaseException:
+        pipeline.stop()
+        raise
+    return pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
+    started = start_pipeline(tmp_path_factory.mktemp("pipeline"), fps=6, defect_rate=0.6)
+    yield started
+    started.stop()
+
+
+def validator() -> Callable[[Verdict], None]:
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO / "schemas" / "verdict.v1.json").read_text())
+    return lambda v: jsonschema.validate(json.loads(v.model_dump_json()), schema)
+
+
+def overlaps(region: Any, box: list[int], margin: int = 8) -> bool:
+    return bool(
+        region.x1 <= box[2] + margin
+        and box[0] <= region.x2 + margin
+        and region.y1 <= box[3] + margin
+        and box[1] <= region.y2 + margin
+    )
+
+
+# -- the running pipeline -------------------------------------------------------------------------------------
+def test_verdicts_of_known_frames_agree_with_the_synthetic_truth(pipeline: Pipeline) -> None:
+    validate = validator()
+    verdicts = pipeline.verdicts(48)
+    for v in verdicts:
+        validate(v)
+        assert v.truth is not None and set(v.latency_ms) >= {"soartc", "infer", "end_to_end"}
+        assert (v.model_id, v.reference_id) == (MODEL_NAME, "synthetic-seed11-256x256")
+    defective = [v for v in verdicts if v.truth and v.truth["label"] == "fail"]
+    clean = [v for v in verdicts if v.truth and v.truth["label"] == "pass"]
+    assert len(defective) >= 10 and len(clean) >= 8
+    caught = [v for v in defective if v.verdict == "fail"]
+    located = [v for v in caught if any(overlaps(r, b) for r in v.regions for b in v.truth["boxes"])]  # type: ignore[index]
+    false_alarms = [v for v in clean if v.verdict == "fail"]
+    assert len(caught) >= 0.85 * len(defective), f"{len(caught)} of {len(defective)} defective frames judged fail"
+    assert len(located) >= 0.8 * len(caught), f"{len(located)} of {len(caught)} fails have a region on a truth box"
+    assert len(false_alarms) <= 0.15 * len(clean), f"{len(false_alarms)} of {len(clean)} clean frames judged fail"
+
+
+def test_a_malformed_message_is_rejected_counted_and_the_stage_keeps_serving(pipeline: Pipeline) -> None:
+    infer_pid = pipeline.pids()["infer"]
+    bogus = FeaturesHeader.model_validate(
+        {
+            "camera_id": "cam0",
+            "seq": 1,
+            "capture_ns": 0,
+            "shape": [4, 4],
+            "dtype": "uint8",
+            "arrays": [{"name": "aligned", "shape": [4, 4], "dtype": "uint8"}],
+            "registration": {"dx": 0, "dy": 0, "confidence": 1},
+        }
+    ).model_dump_json()
+    push = open_socket("push", pipeline.endpoints["features"], bind=False, hwm=10, linger_ms=1000)
+    try:
+        push.send_multipart([b"features.cam0", b"{not json"])
+        push.send_multipart([b"features.cam0", bogus.encode(), b"short"])  # payload of the wrong size
+        push.send_multipart([b"features.cam0", b'{"schema_version": "9.0", "kind": "features"}'])
+    finally:
+        push.close()
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        rejected = pipeline.heartbeat("infer").get("stats", {}).get("stage", {}).get("rejected", {})
+        if sum(rejected.values()) >= 3:
+            break
+        assert time.monotonic() < deadline, f"rejections not counted: {rejected}"
+        time.sleep(0.2)
+    assert {"header json", "payload size", "schema_version"} <= set(rejected)
+    assert len(pipeline.verdicts(5, after_ns=time.time_ns())) == 5
+    assert pipeline.pids()["infer"] == infer_pid  # the same process, still serving
+
+
+def test_a_slow_subscriber_drops_and_counts_without_holding_back_the_pipeline(pipeline: Pipeline) -> None:
+    infer_pid = pipeline.pids()["infer"]
+    rss_before = rss_mib(infer_pid)
+    slow = FrameReceiver(
+        pipeline.endpoints["verdicts"], kind="sub", topics=["verdicts."], hwm=2, linger_ms=0, max_drain=64
+    )
+    try:
+        assert slow.receive(WAIT_S) is not None  # subscribed
+        started_ns = time.time_ns()
+        assert len(pipeline.verdicts(24, after_ns=started_ns)) == 24  # the slow one reads nothing meanwhile
+        took_s = (time.time_ns() - started_ns) / 1e9
+        # One receive drains what is queued for the slow subscriber and keeps only the newest verdict.
+        newest = slow.receive(WAIT_S)
+    finally:
+        slow.close()
+    assert newest is not None and isinstance(newest.header, Verdict)
+    assert took_s < 24 / 6 * 3, f"the fast subscriber needed {took_s:.1f} s for 24 verdicts at 6 fps"
+    assert slow.dropped["cam0"] > 0 and newest.header.dropped >= slow.dropped["cam0"]  # skipped, counted, reported
+    assert rss_mib(infer_pid) - rss_before < 50
+
+
+@pytest.mark.parametrize("stage", ["soartc-0", "infer"])
+def test_a_killed_stage_is_restarted_by_the_supervisor_and_verdicts_resume(pipeline: Pipeline, stage: str) -> None:
+    pid = pipeline.pids()[stage]
+    os.kill(pid, signal.SIGKILL)
+    killed_ns = time.time_ns()
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        beat = pipeline.heartbeat(stage)
+        if beat.get("pid") not in (None, pid) and beat.get("state") == "running":
+            break
+        assert time.monotonic() < deadline, f"{stage} was not restarted\n{pipeline.logs()}"
+        time.sleep(0.2)
+    assert not alive(pid)
+    resumed = pipeline.verdicts(5, timeout_s=STARTUP_S, after_ns=killed_ns)
+    assert all(v.capture_ns > killed_ns for v in resumed)
+    assert f"{stage} exited with code -9; restarting" in pipeline.output()
+
+
+def test_sigterm_stops_every_process_within_5_s(pipeline: Pipeline) -> None:
+    pids = pipeline.pids()
+    assert set(pids) == {"infer", "soartc-0", "capture-cam0"} and all(alive(p) for p in pids.values())
+    started = time.monotonic()
+    pipeline.process.send_signal(signal.SIGTERM)
+    pipeline.process.wait(10)
+    took = time.monotonic() - started
+    output = pipeline.output()
+    assert took < 5.0, f"`run` took {took:.1f} s to stop"
+    assert pipeline.process.returncode == 0, output[-3000:]
+    assert not [name for name, pid in pids.items() if alive(pid)]
+    assert "verdicts" in output and "restarts" in output  # the final summary
+
+
+# -- an overloaded pipeline, a stage alone ---------------------------------------------------------------------
+def test_an_overloaded_pipeline_drops_the_oldest_frames_and_counts_them(tmp_path: Path) -> None:
+    overloaded = start_pipeline(tmp_path, fps=200, defect_rate=0.5)
+    try:
+        overloaded.verdicts(5)  # past the start-up backlog
+        pids = overloaded.pids()
+        rss_before = {name: rss_mib(pid) for name, pid in pids.items()}
+        frames_before = overloaded.heartbeat("capture-cam0")["stats"]["capture"]["frames"]
+        summary = PipelineSummary()
+        for v in overloaded.verdicts(30):
+            summary.add(v, time.monotonic_ns())
+        capture = overloaded.heartbeat("capture-cam0")["stats"]
+        soartc = overloaded.heartbeat("soartc-0")["stats"]
+        rss_after = {name: rss_mib(pid) for name, pid in pids.items()}
+    finally:
+        overloaded.stop()
+    tally = summary.cameras["cam0"]
+    frames = capture["capture"]["frames"] - frames_before
+    assert frames > 30, f"capture delivered {frames} frames while 30 verdicts were made: was it blocked?"
+    assert tally.dropped > 0  # reported in the verdicts,
+    assert tally.missed == 0  # and every gap in the sequence numbers is a reported drop
+    stage_drops = capture["capture"]["dropped"] + sum(soartc["receiver"]["dropped"].values())
+    assert stage_drops > 0  # and in the stages' counters
+    e2e = summary.latency.percentiles()["end_to_end"]
+    assert e2e.p50 < 2000, f"end-to-end p50 {e2e.p50:.0f} ms: frames are queueing instead of being dropped"
+    grown = {name: rss_after[name] - rss_before[name] for name in pids}
+    assert max(grown.values()) < 50, f"memory grew (MiB): {grown}"
+
+
+def test_the_soartc_stage_runs_alone_rejects_malformed_frames_and_keeps_serving(tmp_path: Path) -> None:
+    config, endpoints = write_config(tmp_path, fps=5, defect_rate=1.0)
+    stats = tmp_path / "soartc.json"
+    features = FrameReceiver(endpoints["features"], bind=True, hwm=10, linger_ms=0)
+    capture = open_socket("push", endpoints["capture"], bind=True, hwm=10, linger_ms=0)
+    process = subprocess.Popen(
+        [*CLI, "soartc", "--config", str(config), "--stats", str(stats)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        camera = SyntheticCamera(256, 256, seed=11, defect_rate=1.0)
+        frame, truth = camera.next_frame()
+        header = FrameHeader(
+            camera_id="cam0",
+            seq=4,
+            capture_ns=time.time_ns(),
+            shape=frame.shape,
+            dtype="uint8",
+            stamps=(Stamp(stage="capture", t_ns=time.time_ns()),),
+            truth=dict(truth),
+        )
+        capture.send_multipart([b"frames.cam0", b"\xff\xfe"])  # blocks until the stage has connected
+        wrong_size = header.model_copy(update={"shape": (10, 10)})
+        capture.send_multipart(encode("frames.cam0", wrong_size, [np.zeros((10, 10), np.uint8)]))
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            core = json.loads(stats.read_text())["stats"].get("stage", {}) if stats.exists() else {}
+            if core.get("rejected") and core.get("errors"):
+                break
+            assert time.monotonic() < deadline, core
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            time.sleep(0.2)
+        assert core["rejected"] == {"header json": 1} and core["errors"] == {"FrameShapeError": 1}
+        capture.send_multipart(encode("frames.cam0", header, [frame]))  # the stage still serves
+        message = features.receive(WAIT_S)
+        assert message is not None and isinstance(message.header, FeaturesHeader)
+        out = message.header
+        assert (out.seq, out.reference_id, out.truth) == (4, "synthetic-seed11-256x256", dict(truth))
+        assert out.dropped == 1  # the wrong-size frame, lost, reported with the next one
+        assert [s.stage for s in out.stamps] == ["capture", "soartc"]
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        assert time.monotonic() - started < 5.0 and process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        capture.close()
+        features.close()

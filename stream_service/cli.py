@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from stream_service.service import Heartbeat, StageKind
     from stream_service.settings import Settings
 
-
 app = typer.Typer(
     name="stream-service",
     help="Real-time visual inspection: cameras -> SOARTC -> ONNX ViT -> verdicts over ZeroMQ.",
@@ -105,18 +104,26 @@ def train_command(
     out: Annotated[Path, typer.Option("--out", help="Model folder to write (model.onnx + card.json).")],
     minutes: Annotated[
         float, typer.Option(help="Training time budget in minutes (data preparation not counted).")
-    ] = 30.0,
+    ] = 26.0,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     val_groups: Annotated[str, typer.Option(help="Comma-separated validation board groups.")] = "group13000,group50600",
     windows_per_image: Annotated[int, typer.Option(help="Training windows sampled per image per round.")] = 12,
     rounds: Annotated[int, typer.Option(help="Rounds of freshly augmented windows.")] = 2,
     threads: Annotated[int, typer.Option(help="torch threads (0 = all cores).")] = 0,
     version: Annotated[str, typer.Option(help="Model version written to the card.")] = "1",
+    from_checkpoint: Annotated[
+        Path | None, typer.Option(help="Skip training: export and validate a checkpoint saved by an earlier run.")
+    ] = None,
+    notes: Annotated[
+        Path | None, typer.Option(help="JSON list of earlier experiments to record in the model card.")
+    ] = None,
 ) -> None:
     """Train the SOARTC ViT on CPU, export it to ONNX, choose its thresholds on validation, write its card."""
+    import json
+
     try:
         from stream_service.training.ship import ship
-        from stream_service.training.train import TrainConfig, set_threads, train
+        from stream_service.training.train import TrainConfig, load_checkpoint, save_checkpoint, set_threads, train
     except ImportError as exc:
         typer.echo(f"error: training needs torch and onnx: pip install 'stream-service[train]' ({exc})", err=True)
         raise typer.Exit(1) from exc
@@ -130,9 +137,16 @@ def train_command(
         train_windows_per_image=windows_per_image,
         rounds=rounds,
     )
+    checkpoint = Path("runs") / f"{out.name}-checkpoint.pt"
     try:
-        result = train(manifest, cfg)
-        card = ship(result, manifest, out, name=out.name, version=version)
+        if from_checkpoint is not None:
+            result = load_checkpoint(from_checkpoint)
+        else:
+            result = train(manifest, cfg)
+            save_checkpoint(result, checkpoint)
+            typer.echo(f"trained in {result.seconds / 60:.1f} min; checkpoint {checkpoint}")
+        experiments = json.loads(notes.read_text()) if notes is not None else []
+        card = ship(result, manifest, out, name=out.name, version=version, experiments=experiments)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     vit = card.validation["vit"]

@@ -5,8 +5,12 @@ Raw SOARTC lights up every bit of edge jitter and registration error; the class 
 - a window over it was judged a fail (its fail probability >= the threshold),
 - its attention in such a window, relative to uniform (attention * tokens per window), is >= ``attention``,
 - its SOARTC magnitude (the largest mosaic channel of the block or its sub-blocks) is >= ``magnitude``.
-Inside kept tokens the mask is the opened difference (defect pixels, edge jitter removed), or the raw
-difference where opening left nothing. Regions are the connected parts of that mask.
+Inside kept tokens the mask is the opened difference (edge jitter removed), keeping only the connected
+pieces shaped like defects: residual registration error leaves bands a few pixels thick along whole
+edges, so a piece whose long side exceeds ``max_elongation`` times its thickness (twice its largest
+inscribed radius), or whose area is under ``min_area``, is not shown. Regions are the connected parts
+of the mask. (On the validation boards a raw-difference fallback for kept tokens that opening emptied
+added no box and cost highlight precision, so there is none.)
 """
 
 from __future__ import annotations
@@ -53,31 +57,59 @@ def token_relevance(layout: WindowLayout, probs_n: F32, attention_ngg: F32, thre
     return layout.paste_max(gated.astype(np.float32))
 
 
+@dataclass(frozen=True)
+class Pieces:
+    """Connected pieces of an opened difference mask and their shape, computed once per frame.
+
+    labels_hw: (H, W) int32 piece index (0 = none); thickness, long_side, area: per piece, index 0 unused.
+    """
+
+    labels_hw: npt.NDArray[np.int32]
+    thickness: F32
+    long_side: npt.NDArray[np.int32]
+    area: npt.NDArray[np.int32]
+
+    @classmethod
+    def of(cls, open_diff_hw: U8) -> Pieces:
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(open_diff_hw, connectivity=8)
+        radius = np.zeros(count, np.float32)
+        if count > 1:
+            dist = cv2.distanceTransform(open_diff_hw, cv2.DIST_L2, 3)
+            np.maximum.at(radius, np.asarray(labels, np.intp).ravel(), dist.ravel())
+        long_side = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]).astype(np.int32)
+        return cls(labels.astype(np.int32), 2 * radius, long_side, stats[:, cv2.CC_STAT_AREA].astype(np.int32))
+
+    def defect_like(self, max_elongation: float, min_area: int) -> npt.NDArray[np.bool_]:
+        """Per piece: True when compact enough and large enough to be shown (index 0 is False)."""
+        ok = (self.long_side <= max_elongation * np.maximum(self.thickness, 1.0)) & (self.area >= min_area)
+        ok[0] = False
+        return np.asarray(ok, bool)
+
+
 def highlight(
     tokens_hwc: F32,
     relevance_hw: F32,
-    open_diff_hw: U8,
-    diff_hw: U8,
+    pieces: Pieces,
     token_score_hw: F32,
     block: int,
     attention: float,
     magnitude: float,
+    max_elongation: float,
+    min_area: int,
 ) -> HighlightResult:
-    """Filter the SOARTC evidence by attention; see the module docstring. token_score_hw scores regions."""
+    """Filter the SOARTC evidence by attention and shape; see the module docstring.
+
+    pieces: ``Pieces.of(open_diff_hw)`` of the frame; token_score_hw scores the regions.
+    """
     magnitude_hw = tokens_hwc[..., MAGNITUDE_CHANNELS].max(axis=2)
     keep = (relevance_hw >= attention) & (magnitude_hw >= magnitude) & (relevance_hw > 0)
     h, w = keep.shape
-    shape = open_diff_hw.shape
+    shape = pieces.labels_hw.shape
     mask = np.zeros(shape, bool)
     if keep.any():
         kept_px = np.zeros(shape, bool)
         kept_px[: h * block, : w * block] = np.repeat(np.repeat(keep, block, axis=0), block, axis=1)
-        opened = kept_px & (open_diff_hw > 0)
-        # Tokens where opening removed everything (a one-pixel-wide open, say) show their raw difference.
-        has_open = opened[: h * block, : w * block].reshape(h, block, w, block).any(axis=(1, 3))
-        bare = np.zeros(shape, bool)
-        bare[: h * block, : w * block] = np.repeat(np.repeat(keep & ~has_open, block, axis=0), block, axis=1)
-        mask = opened | (bare & (diff_hw > 0))
+        mask = kept_px & pieces.defect_like(max_elongation, min_area)[pieces.labels_hw]
     return HighlightResult(keep, mask, tuple(regions(mask, token_score_hw, block)))
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_service.features import FeatureSpec, TokenFeatures, feature_kernels, token_features
-from stream_service.highlight import HighlightResult, highlight, token_relevance
+from stream_service.highlight import HighlightResult, Pieces, highlight, token_relevance
 from stream_service.model_card import ModelCard
 from stream_service.registration import Method, Registrar, Registration
 from stream_service.soartc import F32, U8, Device, to_unit
@@ -98,6 +98,8 @@ class Detector:
         self.threshold = card.threshold.value if threshold is None else threshold
         self.attention = card.highlight.attention
         self.magnitude = card.highlight.magnitude
+        self.max_elongation = card.highlight.max_elongation
+        self.min_area = card.highlight.min_area
 
     def detect(self, features: TokenFeatures) -> Detection:
         tokens = features.tokens_hwc
@@ -108,12 +110,13 @@ class Detector:
         found = highlight(
             tokens,
             relevance,
-            features.open_diff_hw,
-            features.diff_hw,
+            Pieces.of(features.open_diff_hw),
             token_score,
             self.block,
             self.attention,
             self.magnitude,
+            self.max_elongation,
+            self.min_area,
         )
         score = float(probs.max())
         return Detection("fail" if score >= self.threshold else "pass", score, self.threshold, found, probs)

@@ -74,6 +74,8 @@ class ThresholdCard(_Frozen):
 class HighlightCard(_Frozen):
     attention: float = Field(ge=0, description="attention relative to uniform (attention * tokens) to keep a token")
     magnitude: float = Field(ge=0, le=1, description="SOARTC magnitude (max of the mosaic channels) to keep a token")
+    max_elongation: float = Field(gt=0, description="longest side / thickness above which a piece is not shown")
+    min_area: int = Field(ge=0, description="pieces smaller than this (pixels) are not shown")
     source: Literal["last-layer", "rollout"] = "last-layer"
     chosen_by: str
 

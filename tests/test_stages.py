@@ -57,7 +57,7 @@ class FakeModel:
             features=SimpleNamespace(block=16, channels=list(CHANNEL_NAMES)),
             window=SimpleNamespace(grid=16, stride=12),
             threshold=SimpleNamespace(value=0.5),
-            highlight=SimpleNamespace(attention=1.0, magnitude=0.0),
+            highlight=SimpleNamespace(attention=1.0, magnitude=0.0, max_elongation=1e6, min_area=0),
         )
 
     def run(self, windows_nggc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

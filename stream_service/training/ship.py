@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from stream_service.baseline import tune_baseline
 from stream_service.crops import crop_origins, make_crop_manifest
 from stream_service.evaluation import evaluate
 from stream_service.features import CHANNEL_NAMES
-from stream_service.highlight import highlight, token_relevance
+from stream_service.highlight import Pieces, highlight, token_relevance
 from stream_service.inspection import FeatureExtractor
 from stream_service.manifest import ManifestItem, load_manifest, read_gray
 from stream_service.metrics import Scoreboard
@@ -54,8 +55,7 @@ def _card(
     sha: str,
     threshold: float,
     threshold_note: str,
-    attention: float,
-    magnitude: float,
+    highlight_params: dict[str, float],
     highlight_note: str,
     training: dict[str, Any],
     validation: dict[str, Any],
@@ -89,8 +89,7 @@ def _card(
             "window": {"grid": result.config.grid, "stride": stride, "pixels": result.config.grid * spec.block},
             "threshold": {"value": threshold, "chosen_by": threshold_note},
             "highlight": {
-                "attention": attention,
-                "magnitude": magnitude,
+                **highlight_params,
                 "source": result.model.cfg.attention,
                 "chosen_by": highlight_note,
             },
@@ -142,46 +141,45 @@ def _full_frame_cache(
     return out
 
 
+ATTENTION_GRID = (1.0, 2.0, 3.0, 5.0, 8.0)
+MAGNITUDE_GRID = (0.25, 0.5, 0.75)
+ELONGATION_GRID = (6.0, 8.0, 12.0, 16.0, 1e6)
+MIN_AREA_GRID = (0, 10)
+
+
 def tune_highlight(
     model: InspectionModel,
     cache: list[tuple[ManifestItem, Any, WindowLayout]],
     run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
     threshold: float,
     target_recall: float,
-) -> tuple[float, float, dict[str, float]]:
-    """(attention, magnitude, figures): the best full-frame highlight precision at box recall >= target.
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(highlight parameters, figures): the best full-frame highlight precision at box recall >= target.
 
     ``run`` maps windows to (fail probabilities, attention maps): the ONNX model's last-layer map, or a
-    torch rollout, so that both are measured on the same frames and the same grid.
+    torch rollout, so that both are measured on the same frames and the same grid (attention x
+    magnitude x elongation x minimum area).
     """
     block = model.card.features.block
     maps = []
     for item, feats, layout in cache:
         probs, attention = run(layout.cut(feats.tokens_hwc))
-        maps.append(
-            (item, feats, token_relevance(layout, probs, attention, threshold), layout.paste_window_scores(probs))
-        )
-    best: tuple[float, float, float, dict[str, float]] | None = None
-    for att in (0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0, 30.0):
-        for mag in (0.0, 0.1, 0.25, 0.5, 0.75):
-            board = Scoreboard()
-            for item, feats, relevance, token_score in maps:
-                res = highlight(
-                    feats.tokens_hwc, relevance, feats.open_diff_hw, feats.diff_hw, token_score, block, att, mag
-                )
-                board.add("full", item.label, item.boxes, 0.0, "fail", res.mask_hw)
-            fig = board.figures()
-            precision, recall = float(fig["full_highlight_precision"]), float(fig["full_box_recall"])
-            key = precision if recall >= target_recall else recall - 1.0
-            if best is None or key > best[0]:
-                best = (
-                    key,
-                    att,
-                    mag,
-                    {"precision": precision, "box_recall": recall, "attention": att, "magnitude": mag},
-                )
+        relevance = token_relevance(layout, probs, attention, threshold)
+        maps.append((item, feats, relevance, layout.paste_window_scores(probs), Pieces.of(feats.open_diff_hw)))
+    best: tuple[float, dict[str, float], dict[str, float]] | None = None
+    for att, mag, elong, area in itertools.product(ATTENTION_GRID, MAGNITUDE_GRID, ELONGATION_GRID, MIN_AREA_GRID):
+        board = Scoreboard()
+        for item, feats, relevance, token_score, pieces in maps:
+            res = highlight(feats.tokens_hwc, relevance, pieces, token_score, block, att, mag, elong, area)
+            board.add("full", item.label, item.boxes, 0.0, "fail", res.mask_hw)
+        fig = board.figures()
+        precision, recall = float(fig["full_highlight_precision"]), float(fig["full_box_recall"])
+        key = precision if recall >= target_recall else recall - 1.0
+        if best is None or key > best[0]:
+            params = {"attention": att, "magnitude": mag, "max_elongation": elong, "min_area": area}
+            best = (key, params, {"precision": precision, "box_recall": recall, **params})
     assert best is not None
-    return best[1], best[2], best[3]
+    return best[1], best[2]
 
 
 def _better(a: dict[str, float], b: dict[str, float], target_recall: float) -> bool:
@@ -257,8 +255,7 @@ def ship(
             file_sha256(onnx_path),
             0.5,
             "provisional",
-            1.0,
-            0.0,
+            {"attention": 1.0, "magnitude": 0.0, "max_elongation": 1e6, "min_area": 0},
             "provisional",
             training,
             {},
@@ -278,17 +275,15 @@ def ship(
             f"{(~labels).sum()} pass validation crops (boards {', '.join(cfg.val_groups)})"
         )
         cache = _full_frame_cache(model, list(val_rows.values()))
-        attention, magnitude, hl = tune_highlight(model, cache, model.run, threshold, target_recall)
-        r_attention, r_magnitude, hl_rollout = tune_highlight(
-            model, cache, _torch_rollout(result.model), threshold, target_recall
-        )
+        hl_params, hl = tune_highlight(model, cache, model.run, threshold, target_recall)
+        r_params, hl_rollout = tune_highlight(model, cache, _torch_rollout(result.model), threshold, target_recall)
         source = "last-layer"
         if _better(hl_rollout, hl, target_recall):
             # Rollout filters better: the ONNX file's second output becomes the rollout map.
             result.model = _with_attention(result.model, "rollout")
             export_onnx(result.model, onnx_path)
             training["export_check"] = check_export(result.model, onnx_path, probe)
-            attention, magnitude, source = r_attention, r_magnitude, "rollout"
+            hl_params, source = r_params, "rollout"
         experiments = [
             *(experiments or []),
             {"what": "highlight filter: last-layer class-token attention", "validation": hl},
@@ -308,8 +303,7 @@ def ship(
             file_sha256(onnx_path),
             threshold,
             threshold_note,
-            attention,
-            magnitude,
+            hl_params,
             highlight_note,
             training,
             {},
@@ -348,8 +342,7 @@ def ship(
         file_sha256(onnx_path),
         threshold,
         threshold_note,
-        attention,
-        magnitude,
+        hl_params,
         highlight_note,
         training,
         validation,

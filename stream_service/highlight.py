@@ -86,6 +86,28 @@ class Pieces:
         return np.asarray(ok, bool)
 
 
+def highlight_mask(
+    tokens_hwc: F32,
+    relevance_hw: F32,
+    pieces: Pieces,
+    block: int,
+    attention: float,
+    magnitude: float,
+    max_elongation: float,
+    min_area: int,
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """(kept tokens (h, w), highlighted pixels (H, W)): the filter of the module docstring, no regions."""
+    magnitude_hw = tokens_hwc[..., MAGNITUDE_CHANNELS].max(axis=2)
+    keep = (relevance_hw >= attention) & (magnitude_hw >= magnitude) & (relevance_hw > 0)
+    h, w = keep.shape
+    shape = pieces.labels_hw.shape
+    if not keep.any():
+        return keep, np.zeros(shape, bool)
+    kept_px = np.zeros(shape, bool)
+    kept_px[: h * block, : w * block] = np.repeat(np.repeat(keep, block, axis=0), block, axis=1)
+    return keep, kept_px & pieces.defect_like(max_elongation, min_area)[pieces.labels_hw]
+
+
 def highlight(
     tokens_hwc: F32,
     relevance_hw: F32,
@@ -97,19 +119,11 @@ def highlight(
     max_elongation: float,
     min_area: int,
 ) -> HighlightResult:
-    """Filter the SOARTC evidence by attention and shape; see the module docstring.
+    """The filtered highlight and its regions; ``pieces`` is ``Pieces.of(open_diff_hw)`` of the frame.
 
-    pieces: ``Pieces.of(open_diff_hw)`` of the frame; token_score_hw scores the regions.
+    token_score_hw (h, w) scores the regions (the highest score of a window over their pixels).
     """
-    magnitude_hw = tokens_hwc[..., MAGNITUDE_CHANNELS].max(axis=2)
-    keep = (relevance_hw >= attention) & (magnitude_hw >= magnitude) & (relevance_hw > 0)
-    h, w = keep.shape
-    shape = pieces.labels_hw.shape
-    mask = np.zeros(shape, bool)
-    if keep.any():
-        kept_px = np.zeros(shape, bool)
-        kept_px[: h * block, : w * block] = np.repeat(np.repeat(keep, block, axis=0), block, axis=1)
-        mask = kept_px & pieces.defect_like(max_elongation, min_area)[pieces.labels_hw]
+    keep, mask = highlight_mask(tokens_hwc, relevance_hw, pieces, block, attention, magnitude, max_elongation, min_area)
     return HighlightResult(keep, mask, tuple(regions(mask, token_score_hw, block)))
 
 
@@ -119,16 +133,25 @@ def regions(mask_hw: npt.NDArray[np.bool_], token_score_hw: F32, block: int) -> 
         return []
     merged = cv2.dilate(mask_hw.astype(np.uint8), np.ones((MERGE_PX, MERGE_PX), np.uint8))
     count, labels, _, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
-    out: list[Region] = []
-    for k in range(1, count):
-        part = (labels == k) & mask_hw
-        ys, xs = np.nonzero(part)
-        if ys.size == 0:
-            continue
-        rows = np.clip(ys // block, 0, token_score_hw.shape[0] - 1)
-        cols = np.clip(xs // block, 0, token_score_hw.shape[1] - 1)
-        score = float(token_score_hw[rows, cols].max())
-        out.append(Region(int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()), score, int(ys.size)))
+    ys, xs = np.nonzero(mask_hw)
+    lab = np.asarray(labels[ys, xs], np.intp)
+    rows = np.clip(ys // block, 0, token_score_hw.shape[0] - 1)
+    cols = np.clip(xs // block, 0, token_score_hw.shape[1] - 1)
+    big = np.iinfo(np.int64).max
+    x1, y1 = np.full(count, big, np.int64), np.full(count, big, np.int64)
+    x2, y2 = np.full(count, -1, np.int64), np.full(count, -1, np.int64)
+    score = np.zeros(count, np.float32)
+    np.minimum.at(x1, lab, xs)
+    np.minimum.at(y1, lab, ys)
+    np.maximum.at(x2, lab, xs)
+    np.maximum.at(y2, lab, ys)
+    np.maximum.at(score, lab, token_score_hw[rows, cols])
+    area = np.bincount(lab, minlength=count)
+    out = [
+        Region(int(x1[k]), int(y1[k]), int(x2[k]), int(y2[k]), float(score[k]), int(area[k]))
+        for k in range(1, count)
+        if area[k] > 0
+    ]
     out.sort(key=lambda r: r.area, reverse=True)
     return out
 

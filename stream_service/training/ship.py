@@ -27,7 +27,7 @@ from stream_service.baseline import tune_baseline
 from stream_service.crops import crop_origins, make_crop_manifest
 from stream_service.evaluation import evaluate
 from stream_service.features import CHANNEL_NAMES
-from stream_service.highlight import Pieces, highlight, token_relevance
+from stream_service.highlight import Pieces, highlight_mask, token_relevance
 from stream_service.inspection import FeatureExtractor
 from stream_service.manifest import ManifestItem, load_manifest, read_gray
 from stream_service.metrics import Scoreboard
@@ -142,7 +142,7 @@ def _full_frame_cache(
 
 
 ATTENTION_GRID = (1.0, 2.0, 3.0, 5.0, 8.0)
-MAGNITUDE_GRID = (0.25, 0.5, 0.75)
+MAGNITUDE_GRID = (0.5, 0.75)
 ELONGATION_GRID = (6.0, 8.0, 12.0, 16.0, 1e6)
 MIN_AREA_GRID = (0, 10)
 
@@ -165,13 +165,13 @@ def tune_highlight(
     for item, feats, layout in cache:
         probs, attention = run(layout.cut(feats.tokens_hwc))
         relevance = token_relevance(layout, probs, attention, threshold)
-        maps.append((item, feats, relevance, layout.paste_window_scores(probs), Pieces.of(feats.open_diff_hw)))
+        maps.append((item, feats, relevance, Pieces.of(feats.open_diff_hw)))
     best: tuple[float, dict[str, float], dict[str, float]] | None = None
     for att, mag, elong, area in itertools.product(ATTENTION_GRID, MAGNITUDE_GRID, ELONGATION_GRID, MIN_AREA_GRID):
         board = Scoreboard()
-        for item, feats, relevance, token_score, pieces in maps:
-            res = highlight(feats.tokens_hwc, relevance, pieces, token_score, block, att, mag, elong, area)
-            board.add("full", item.label, item.boxes, 0.0, "fail", res.mask_hw)
+        for item, feats, relevance, pieces in maps:
+            _, mask = highlight_mask(feats.tokens_hwc, relevance, pieces, block, att, mag, elong, area)
+            board.add("full", item.label, item.boxes, 0.0, "fail", mask)
         fig = board.figures()
         precision, recall = float(fig["full_highlight_precision"]), float(fig["full_box_recall"])
         key = precision if recall >= target_recall else recall - 1.0

@@ -368,7 +368,7 @@ def subscribe_command(
     config: ConfigOption = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Exit 1 when no verdict arrives for this many seconds.")
-    ] = 30.0,
+    ] = 60.0,
 ) -> None:
     """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
     import time

@@ -29,7 +29,7 @@ from stream_service.model_card import resolve_model_dir
 from stream_service.settings import load_settings
 from stream_service.summary import PipelineSummary
 from stream_service.synthetic import SyntheticCamera
-from stream_service.transport import FrameReceiver, open_socket
+from stream_service.transport import FrameReceiver, open_socket, ring_directory
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "stream_service.cli"]
@@ -59,7 +59,9 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def write_config(directory: Path, fps: float, defect_rate: float, **supervisor: float) -> tuple[Path, dict[str, str]]:
+def write_config(
+    directory: Path, fps: float, defect_rate: float, shared_memory: bool = False, **supervisor: float
+) -> tuple[Path, dict[str, str]]:
     capture, features, verdicts = free_ports(3)
     endpoints = {
         "capture": f"tcp://127.0.0.1:{capture}",
@@ -86,6 +88,7 @@ def write_config(directory: Path, fps: float, defect_rate: float, **supervisor: 
             "capture_out": [endpoints["capture"]],
             "features_out": endpoints["features"],
             "verdicts_pub": endpoints["verdicts"],
+            "shared_memory": shared_memory,
         },
         "soartc": {"device": "cpu"},
         "inference": {"device": "cpu", "threads": 1},
@@ -162,8 +165,10 @@ class Pipeline:
         self.subscriber.close()
 
 
-def start_pipeline(directory: Path, fps: float, defect_rate: float, **supervisor: float) -> Pipeline:
-    config, endpoints = write_config(directory, fps, defect_rate, **supervisor)
+def start_pipeline(
+    directory: Path, fps: float, defect_rate: float, shared_memory: bool = False, **supervisor: float
+) -> Pipeline:
+    config, endpoints = write_config(directory, fps, defect_rate, shared_memory, **supervisor)
     run_dir = directory / "run"
     with (directory / "run.out").open("w") as out:  # a file, not a pipe: nobody reads it while it runs
         process = subprocess.Popen(
@@ -309,8 +314,9 @@ def test_sigterm_stops_every_process_within_5_s(pipeline: Pipeline) -> None:
 
 
 # -- an overloaded pipeline, a stage alone ---------------------------------------------------------------------
-def test_an_overloaded_pipeline_drops_the_oldest_frames_and_counts_them(tmp_path: Path) -> None:
-    overloaded = start_pipeline(tmp_path, fps=200, defect_rate=0.5)
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
+def test_an_overloaded_pipeline_drops_the_oldest_frames_and_counts_them(tmp_path: Path, shared_memory: bool) -> None:
+    overloaded = start_pipeline(tmp_path, fps=200, defect_rate=0.5, shared_memory=shared_memory)
     try:
         overloaded.verdicts(5)  # past the start-up backlog
         pids = overloaded.pids()
@@ -335,6 +341,8 @@ def test_an_overloaded_pipeline_drops_the_oldest_frames_and_counts_them(tmp_path
     assert e2e.p50 < 2000, f"end-to-end p50 {e2e.p50:.0f} ms: frames are queueing instead of being dropped"
     grown = {name: rss_after[name] - rss_before[name] for name in pids}
     assert max(grown.values()) < 50, f"memory grew (MiB): {grown}"
+    leftover = [p for pid in pids.values() for p in ring_directory().glob(f"stream-service-ring-{pid}-*")]
+    assert not leftover  # every shared-memory ring was unlinked
 
 
 def test_the_soartc_stage_runs_alone_rejects_malformed_frames_and_keeps_serving(tmp_path: Path) -> None:

@@ -288,7 +288,9 @@ def run_command(
 
     from stream_service.errors import MessageError, StreamServiceError
     from stream_service.messages import Verdict
+    from stream_service.model_card import load_card, resolve_model_dir
     from stream_service.service import connectable, install_stop_signals
+    from stream_service.stages.features import camera_reference
     from stream_service.summary import PipelineSummary
     from stream_service.supervisor import Supervisor, plan
     from stream_service.transport import FrameReceiver, terminate_context
@@ -296,6 +298,10 @@ def run_command(
     settings = _load(config)
     try:
         specs = plan(settings, config)
+        # Fail now, not after max_restarts restarts of the stages that need them: the model and references.
+        load_card(resolve_model_dir(settings.inference.model))
+        for camera in settings.cameras:
+            camera_reference(camera)
         endpoint = connectable(settings.transport.verdicts_pub)
         subscriber = FrameReceiver(
             endpoint, kind="sub", topics=["verdicts."], hwm=settings.transport.publish_hwm, linger_ms=0

@@ -136,6 +136,7 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
     [
         (["run"], "inference: {workers: 2}\n", "inference.workers: expected 1"),
         (["run"], "soartc: {workers: 0}\n", "soartc.workers: expected an integer > 0"),
+        (["run"], "inference: {model: /nonexistent/model}\n", "model card: expected /nonexistent/model/card.json"),
         (["capture"], "", "--camera: expected one of ['left', 'right']"),
         (["capture", "--camera", "middle"], "", "found 'middle'"),
         (["infer"], "inference: {workers: 3}\n", "inference.workers"),

@@ -291,7 +291,8 @@ def ship(
         ]
         highlight_note = (
             f"best full-frame highlight precision with box recall >= {target_recall} on the validation boards "
-            f"(grid over attention x magnitude x elongation x minimum area): precision {hl['precision']:.3f}, box recall {hl['box_recall']:.3f}; "
+            "(grid over attention x magnitude x elongation x minimum area): "
+            f"precision {hl['precision']:.3f}, box recall {hl['box_recall']:.3f}; "
             f"rollout on the same grid gave precision {hl_rollout['precision']:.3f}, box recall "
             f"{hl_rollout['box_recall']:.3f}; shipped: {source}"
         )

@@ -75,7 +75,8 @@ class Pieces:
         radius = np.zeros(count, np.float32)
         if count > 1:
             dist = cv2.distanceTransform(open_diff_hw, cv2.DIST_L2, 3)
-            np.maximum.at(radius, np.asarray(labels, np.intp).ravel(), dist.ravel())
+            ys, xs = np.nonzero(open_diff_hw)  # ufunc.at is slow per element: visit only the mask's pixels
+            np.maximum.at(radius, np.asarray(labels[ys, xs], np.intp), dist[ys, xs])
         long_side = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]).astype(np.int32)
         return cls(labels.astype(np.int32), 2 * radius, long_side, stats[:, cv2.CC_STAT_AREA].astype(np.int32))
 

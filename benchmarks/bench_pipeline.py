@@ -167,7 +167,7 @@ def run_transport(frames: int, runs: int) -> list[dict[str, Any]]:
         for size in ("1920x1080", "640x640"):
             shape = bench.SIZES[size]
             medians = {}
-            for transport in ("tcp", "shm", "imagezmq"):
+            for transport in ("tcp", "shm", "shm-inplace", "imagezmq"):
                 fps = [bench._one_run(transport, shape, frames, Path(tmp))["fps"] for _ in range(runs)]
                 medians[transport] = statistics.median(fps)
                 rows.append({"size": size, "transport": transport, "fps_runs": [round(f, 1) for f in fps]})
@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--transport-frames", type=int, default=300)
     parser.add_argument("--transport-runs", type=int, default=3)
     parser.add_argument("--skip-transport", action="store_true")
+    parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_pipeline.json"))
     args = parser.parse_args()
 
@@ -196,7 +197,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        for size in args.sizes:
+        for size in [] if args.skip_pipeline else args.sizes:
             for cameras in args.cameras:
                 print(f"pipeline {size} x{cameras} ...", file=sys.stderr, flush=True)
                 rows.append(run_pipeline(size, cameras, args.seconds, args.warmup, args.threads, Path(tmp)))

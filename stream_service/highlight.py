@@ -157,11 +157,24 @@ def regions(mask_hw: npt.NDArray[np.bool_], token_score_hw: F32, block: int) -> 
     return out
 
 
-def overlay(frame_hw: U8, mask_hw: npt.NDArray[np.bool_], found: tuple[Region, ...], failed: bool) -> U8:
-    """(H, W, 3) uint8 BGR picture for people: the frame, highlighted pixels in red, regions boxed."""
+def overlay(
+    frame_hw: U8,
+    mask_hw: npt.NDArray[np.bool_],
+    found: tuple[Region, ...],
+    failed: bool,
+    color_bgr: tuple[int, int, int] = (0, 0, 255),
+    alpha: float = 0.65,
+    draw_boxes: bool = True,
+    box_thickness: int = 1,
+) -> U8:
+    """(H, W, 3) uint8 BGR picture for people: the frame, highlighted pixels tinted with ``color_bgr``
+    at opacity ``alpha``, and (``draw_boxes``) each region boxed, in that colour on a fail and green on a pass.
+    """
     image = cv2.cvtColor(frame_hw, cv2.COLOR_GRAY2BGR)
-    image[mask_hw] = (0.35 * image[mask_hw] + 0.65 * np.array([0, 0, 255])).astype(np.uint8)
-    colour = (0, 0, 255) if failed else (0, 180, 0)
-    for r in found:
-        cv2.rectangle(image, (r.x1 - 3, r.y1 - 3), (r.x2 + 3, r.y2 + 3), colour, 1)
+    tint = np.array(color_bgr, np.float32)
+    image[mask_hw] = ((1.0 - alpha) * image[mask_hw] + alpha * tint).astype(np.uint8)
+    if draw_boxes:
+        colour = color_bgr if failed else (0, 180, 0)
+        for r in found:
+            cv2.rectangle(image, (r.x1 - 3, r.y1 - 3), (r.x2 + 3, r.y2 + 3), colour, box_thickness)
     return np.asarray(image, np.uint8)

@@ -86,3 +86,16 @@ def test_regions_merge_close_pieces_and_score_them() -> None:
     assert found[1].score == pytest.approx(0.8)
     picture = overlay(np.full((64, 64), 128, np.uint8), mask, tuple(found), failed=True)
     assert picture.shape == (64, 64, 3) and picture[11, 11, 2] > picture[11, 11, 0]
+
+
+@pytest.mark.parametrize(("draw_boxes", "alpha"), [(True, 1.0), (False, 0.5)])
+def test_overlay_follows_the_highlight_settings(draw_boxes: bool, alpha: float) -> None:
+    frame = np.full((64, 64), 100, np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[20:30, 20:30] = True
+    found = (regions(mask, np.ones((4, 4), np.float32), BLOCK)[0],)
+    picture = overlay(frame, mask, found, True, color_bgr=(255, 0, 0), alpha=alpha, draw_boxes=draw_boxes)
+    expected = np.round((1 - alpha) * 100 + alpha * np.array([255, 0, 0])).astype(int)
+    assert np.abs(picture[25, 25].astype(int) - expected).max() <= 1
+    box_pixel = picture[17, 25]  # on the box drawn 3 px outside the region
+    assert (box_pixel.tolist() == [255, 0, 0]) is draw_boxes

@@ -125,7 +125,18 @@ class InferenceStage:
         detection = self.detector.detect(TokenFeatures(tokens, named["open_diff"], named["diff"]))
         found = detection.highlight
         failed = detection.verdict == "fail"
-        picture = jpeg(overlay(aligned, found.mask_hw, found.regions, failed), self.highlight.jpeg_quality)
+        style = self.highlight
+        drawn = overlay(
+            aligned,
+            found.mask_hw,
+            found.regions,
+            failed,
+            color_bgr=style.color_bgr,
+            alpha=style.alpha,
+            draw_boxes=style.draw_boxes,
+            box_thickness=style.box_thickness,
+        )
+        picture = jpeg(drawn, style.jpeg_quality)
         reg = header.registration
         now_ns = self._clock_ns()
         verdict = Verdict(

@@ -251,7 +251,7 @@ class Supervisor:
         for out in self._logs.values():
             out.close()
         self._logs.clear()
-        from stream_service.transport import remove_stale_rings
+        from stream_service.shm_ring import remove_stale_rings
 
         # A killed capture cannot unlink its shared-memory ring: remove the rings of dead processes.
         remove_stale_rings()

@@ -14,7 +14,8 @@ from stream_service.errors import ConfigError
 from stream_service.messages import FrameHeader
 from stream_service.service import Heartbeat, LazySender, camera_at, connectable
 from stream_service.settings import Settings
-from stream_service.transport import FrameReceiver, ring_directory
+from stream_service.shm_ring import ring_directory
+from stream_service.transport import FrameReceiver
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -25,12 +25,12 @@ from stream_service.messages import (
     Verdict,
     encode,
 )
+from stream_service.shm_ring import remove_stale_rings
 from stream_service.transport import (
     SHM_MARKER,
     FrameReceiver,
     FrameSender,
     open_socket,
-    remove_stale_rings,
 )
 
 pytestmark = pytest.mark.timeout(60)

@@ -29,7 +29,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stream_service.baseline import baseline, BaselineParams  # noqa: E402
+from stream_service.baseline import BaselineParams, baseline  # noqa: E402
 from stream_service.evaluation import baseline_params  # noqa: E402
 from stream_service.inspection import Detector, FeatureExtractor  # noqa: E402
 from stream_service.manifest import read_gray  # noqa: E402
@@ -68,6 +68,50 @@ def timed(fn, repeats: int) -> list[float]:  # type: ignore[no-untyped-def]
     return out
 
 
+def measure(
+    size: str,
+    ref: np.ndarray,
+    frame: np.ndarray,
+    model: InspectionModel,
+    detector: Detector,
+    params: BaselineParams,
+    repeats: int,
+) -> list[dict[str, object]]:
+    """The four paths on one frame size, each timed ``repeats`` times after a warm-up."""
+    spec = model.card.features.to_spec()
+    extractor = FeatureExtractor(ref, spec, True, device="cpu")
+    feats = extractor.extract(frame).features
+    layout = WindowLayout.cover(feats.tokens_hwc.shape[:2], model.card.window.grid, model.card.window.stride)
+    windows = layout.cut(feats.tokens_hwc)
+    ref_unit = to_unit(ref, True)
+    registrar = Registrar(ref_unit)
+    frame_unit = to_unit(frame, True)
+
+    def run_baseline() -> None:
+        aligned, _ = registrar.align(frame_unit)
+        baseline(ref_unit, aligned, params)
+
+    results = {
+        "features": timed(lambda: extractor.extract(frame), repeats),
+        "vit": timed(lambda: model.run(windows), repeats),
+        "vit+highlight": timed(lambda: detector.detect(feats), repeats),
+        "baseline": timed(run_baseline, repeats),
+    }
+    base = statistics.median(results["baseline"])
+    return [
+        {
+            "size": size,
+            "path": path,
+            "windows": len(layout.origins),
+            "median_ms": statistics.median(samples),
+            "p90_ms": float(np.percentile(samples, 90)),
+            "x_baseline": statistics.median(samples) / base,
+            "samples_ms": samples,
+        }
+        for path, samples in results.items()
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="640x640,1920x1080")
@@ -79,7 +123,6 @@ def main() -> int:
 
     model = InspectionModel.load(args.model, device="cpu", threads=args.threads)
     detector = Detector(model)
-    spec = model.card.features.to_spec()
     try:
         params = baseline_params(model)
     except Exception:  # noqa: BLE001 - a card without tuned parameters still gets a baseline row
@@ -88,39 +131,7 @@ def main() -> int:
     rows = []
     for size in args.sizes.split(","):
         w, h = (int(v) for v in size.split("x"))
-        ref, frame = tiled(ref_u8, h, w), tiled(frame_u8, h, w)
-        extractor = FeatureExtractor(ref, spec, True, device="cpu")
-        feats = extractor.extract(frame).features
-        layout = WindowLayout.cover(feats.tokens_hwc.shape[:2], model.card.window.grid, model.card.window.stride)
-        windows = layout.cut(feats.tokens_hwc)
-        ref_unit = to_unit(ref, True)
-        registrar = Registrar(ref_unit)
-        frame_unit = to_unit(frame, True)
-
-        def run_baseline() -> None:
-            aligned, _ = registrar.align(frame_unit)
-            baseline(ref_unit, aligned, params)
-
-        results = {
-            "features": timed(lambda: extractor.extract(frame), args.repeats),
-            "vit": timed(lambda: model.run(windows), args.repeats),
-            "vit+highlight": timed(lambda: detector.detect(feats), args.repeats),
-            "baseline": timed(run_baseline, args.repeats),
-        }
-        base = statistics.median(results["baseline"])
-        for path, samples in results.items():
-            med = statistics.median(samples)
-            rows.append(
-                {
-                    "size": size,
-                    "path": path,
-                    "windows": len(layout.origins),
-                    "median_ms": med,
-                    "p90_ms": float(np.percentile(samples, 90)),
-                    "x_baseline": med / base,
-                    "samples_ms": samples,
-                }
-            )
+        rows += measure(size, tiled(ref_u8, h, w), tiled(frame_u8, h, w), model, detector, params, args.repeats)
     print(f"inference per frame: model {model.card.name} {model.card.version}, {args.threads} ORT threads, {source}")
     print(f"{'size':>10}  {'path':<14} {'windows':>7} {'median ms':>10} {'p90 ms':>8} {'x baseline':>10}")
     for r in rows:
@@ -137,7 +148,11 @@ def main() -> int:
         json.dumps(
             {
                 "date": dt.datetime.now(dt.UTC).isoformat(),
-                "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+                "machine": {
+                    "platform": platform.platform(),
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                },
                 "commit": commit,
                 "model": f"{model.card.name} {model.card.version}",
                 "threads": args.threads,

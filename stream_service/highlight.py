@@ -50,6 +50,15 @@ class HighlightResult:
     regions: tuple[Region, ...]
 
 
+def _pixels(mask_hw: U8) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """(rows, cols) of a mask's nonzero pixels; cv2.findNonZero is about twice as fast as np.nonzero."""
+    points = cv2.findNonZero(mask_hw)
+    if points is None:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp)
+    xy = points.reshape(-1, 2).astype(np.intp)
+    return xy[:, 1], xy[:, 0]
+
+
 def token_relevance(layout: WindowLayout, probs_n: F32, attention_ngg: F32, threshold: float) -> F32:
     """(h, w) relative attention (1 = uniform) of each token in the windows judged fail; 0 elsewhere."""
     tokens = float(layout.size * layout.size)
@@ -75,10 +84,16 @@ class Pieces:
         radius = np.zeros(count, np.float32)
         if count > 1:
             dist = cv2.distanceTransform(open_diff_hw, cv2.DIST_L2, 3)
-            ys, xs = np.nonzero(open_diff_hw)  # ufunc.at is slow per element: visit only the mask's pixels
+            ys, xs = _pixels(open_diff_hw)  # ufunc.at is slow per element: visit only the mask's pixels
             np.maximum.at(radius, np.asarray(labels[ys, xs], np.intp), dist[ys, xs])
         long_side = np.maximum(stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]).astype(np.int32)
         return cls(labels.astype(np.int32), 2 * radius, long_side, stats[:, cv2.CC_STAT_AREA].astype(np.int32))
+
+    @classmethod
+    def none(cls, shape: tuple[int, ...]) -> Pieces:
+        """No pieces: for frames where no window failed, so nothing can be highlighted anyway."""
+        zero = np.zeros(1, np.int32)
+        return cls(np.zeros(shape[:2], np.int32), np.zeros(1, np.float32), zero, zero)
 
     def defect_like(self, max_elongation: float, min_area: int) -> npt.NDArray[np.bool_]:
         """Per piece: True when compact enough and large enough to be shown (index 0 is False)."""
@@ -134,7 +149,7 @@ def regions(mask_hw: npt.NDArray[np.bool_], token_score_hw: F32, block: int) -> 
         return []
     merged = cv2.dilate(mask_hw.astype(np.uint8), np.ones((MERGE_PX, MERGE_PX), np.uint8))
     count, labels, _, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
-    ys, xs = np.nonzero(mask_hw)
+    ys, xs = _pixels(mask_hw.view(np.uint8))
     lab = np.asarray(labels[ys, xs], np.intp)
     rows = np.clip(ys // block, 0, token_score_hw.shape[0] - 1)
     cols = np.clip(xs // block, 0, token_score_hw.shape[1] - 1)

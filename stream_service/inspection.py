@@ -110,7 +110,7 @@ class Detector:
         found = highlight(
             tokens,
             relevance,
-            Pieces.of(features.open_diff_hw),
+            Pieces.of(features.open_diff_hw) if relevance.any() else Pieces.none(features.open_diff_hw.shape),
             token_score,
             self.block,
             self.attention,

@@ -297,21 +297,15 @@ def ship(
             f"{hl_rollout['box_recall']:.3f}; shipped: {source}"
         )
         log.info("threshold %.4f (%s); highlight %s", threshold, first.get("crop_auroc"), highlight_note)
-        card = _card(
-            result,
-            name,
-            version,
-            file_sha256(onnx_path),
-            threshold,
-            threshold_note,
-            hl_params,
-            highlight_note,
-            training,
-            {},
-            experiments,
-            stride,
-        )
-        _write_card(card, out_dir)
+
+        def final_card(validation: dict[str, Any]) -> ModelCard:
+            sha = file_sha256(onnx_path)
+            return _card(
+                result, name, version, sha, threshold, threshold_note, hl_params, highlight_note, training,
+                validation, experiments, stride,
+            )  # fmt: skip
+
+        _write_card(final_card({}), out_dir)
         model = InspectionModel.load(out_dir, device="cpu")
         vit = evaluate(val_manifest, Path(tmp) / "vit", model)
         base = evaluate(val_manifest, Path(tmp) / "baseline", model, method="baseline")
@@ -336,19 +330,6 @@ def ship(
         "baseline": {k: base.get(k) for k in keys},
         "window": result.validation,
     }
-    card = _card(
-        result,
-        name,
-        version,
-        file_sha256(onnx_path),
-        threshold,
-        threshold_note,
-        hl_params,
-        highlight_note,
-        training,
-        validation,
-        experiments or [],
-        stride,
-    )
+    card = final_card(validation)
     _write_card(card, out_dir)
     return card

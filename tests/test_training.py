@@ -93,3 +93,27 @@ def test_the_same_seed_gives_the_same_calibration_and_first_loss(runs: tuple[Tra
 def test_validation_groups_must_exist(manifest: Path) -> None:
     with pytest.raises(InputError, match=r"val_groups=\['group99999'\], found 6 train and 0 validation pairs"):
         train(manifest, tiny_config(val_groups=("group99999",)))
+
+
+def test_ship_writes_a_loadable_model_with_chosen_thresholds_and_figures(
+    runs: tuple[TrainResult, TrainResult], manifest: Path, tmp_path: Path
+) -> None:
+    from stream_service.model import InspectionModel
+    from stream_service.model_card import load_card
+    from stream_service.training.ship import ship
+
+    card = ship(runs[0], manifest, tmp_path / "shipped", name="shipped", version="9", experiments=[{"what": "note"}])
+    assert load_card(tmp_path / "shipped") == card  # the card on disk is the one returned, sha256 checked
+    assert card.name == "shipped" and card.version == "9"
+    assert 0.0 <= card.threshold.value <= 1.0 and "miss rate" in card.threshold.chosen_by
+    assert card.highlight.source in ("last-layer", "rollout")
+    assert card.training["baseline"]["min_area"] >= 1  # the classical method was tuned on the training split
+    assert card.training["export_check"]["logits_max_abs_diff"] <= 1e-4
+    for method in ("vit", "baseline"):
+        figures = card.validation[method]
+        assert 0.0 <= figures["crop_auroc"] <= 1.0 and figures["n_full"] > 0
+    whats = [e["what"] for e in card.experiments]
+    assert whats[0] == "note" and any("rollout" in w for w in whats)
+    model = InspectionModel.load(tmp_path / "shipped", device="cpu")
+    probs, attention = model.run(np.zeros((2, 16, 16, len(card.features.channels)), np.float32))
+    assert probs.shape == (2,) and attention.shape == (2, 16, 16)

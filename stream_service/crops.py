@@ -16,8 +16,7 @@ import cv2
 import numpy as np
 
 from stream_service.manifest import Box, ManifestItem, read_gray
-
-MARGIN_PX = 8
+from stream_service.metrics import MARGIN_PX
 
 
 def _contains(box: Box, x0: int, y0: int, size: int) -> bool:

@@ -15,6 +15,7 @@ import numpy.typing as npt
 
 from stream_service.manifest import Box
 
+# A highlighted pixel counts as right within this distance of a box; pass crops keep this far from every box.
 MARGIN_PX = 8
 
 

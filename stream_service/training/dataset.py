@@ -24,12 +24,12 @@ import numpy.typing as npt
 
 from stream_service.features import FeatureSpec, raw_deviations, token_features
 from stream_service.manifest import Box, ManifestItem, read_gray
+from stream_service.metrics import MARGIN_PX
 from stream_service.registration import Registrar
 from stream_service.soartc import Calibration, to_unit
 
 log = logging.getLogger(__name__)
 
-MARGIN_PX = 8
 # Registration limit of the training path; the live default (settings soartc.max_shift_px) is larger.
 MAX_SHIFT_PX = 8.0
 PASS, FAIL, AMBIGUOUS = 0, 1, -1

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
 from stream_service.messages import FeaturesHeader, FrameHeader, Stamp, Verdict, encode
 from stream_service.model_card import resolve_model_dir
+from stream_service.references import build_reference, save_reference
 from stream_service.settings import load_settings
 from stream_service.shm_ring import ring_directory
 from stream_service.summary import PipelineSummary
@@ -61,8 +63,14 @@ def free_ports(n: int) -> list[int]:
 
 
 def write_config(
-    directory: Path, fps: float, defect_rate: float, shared_memory: bool = False, **supervisor: float
+    directory: Path,
+    fps: float,
+    defect_rate: float,
+    shared_memory: bool = False,
+    camera: dict[str, Any] | None = None,
+    **supervisor: float,
 ) -> tuple[Path, dict[str, str]]:
+    """A pipeline config on free loopback ports: the synthetic camera at ``fps``, or ``camera`` when given."""
     capture, features, verdicts = free_ports(3)
     endpoints = {
         "capture": f"tcp://127.0.0.1:{capture}",
@@ -71,20 +79,9 @@ def write_config(
     }
     timing = {"heartbeat_s": 0.2, "heartbeat_timeout_s": 30.0, "restart_backoff_s": 0.5, "max_restarts": 5}
     timing |= {"shutdown_deadline_s": 4.0, "startup_timeout_s": STARTUP_S} | supervisor
+    synthetic = {"kind": "synthetic", "width": 256, "height": 256, "fps": fps, "seed": 11, "defect_rate": defect_rate}
     config = {
-        "cameras": [
-            {
-                "id": "cam0",
-                "source": {
-                    "kind": "synthetic",
-                    "width": 256,
-                    "height": 256,
-                    "fps": fps,
-                    "seed": 11,
-                    "defect_rate": defect_rate,
-                },
-            }
-        ],
+        "cameras": [camera if camera is not None else {"id": "cam0", "source": synthetic}],
         "transport": {
             "capture_out": [endpoints["capture"]],
             "features_out": endpoints["features"],
@@ -167,9 +164,14 @@ class Pipeline:
 
 
 def start_pipeline(
-    directory: Path, fps: float, defect_rate: float, shared_memory: bool = False, **supervisor: float
+    directory: Path,
+    fps: float,
+    defect_rate: float,
+    shared_memory: bool = False,
+    camera: dict[str, Any] | None = None,
+    **supervisor: float,
 ) -> Pipeline:
-    config, endpoints = write_config(directory, fps, defect_rate, shared_memory, **supervisor)
+    config, endpoints = write_config(directory, fps, defect_rate, shared_memory, camera, **supervisor)
     run_dir = directory / "run"
     with (directory / "run.out").open("w") as out:  # a file, not a pipe: nobody reads it while it runs
         process = subprocess.Popen(
@@ -315,9 +317,31 @@ def test_sigterm_stops_every_process_within_5_s(pipeline: Pipeline) -> None:
 
 
 # -- an overloaded pipeline, a stage alone ---------------------------------------------------------------------
+def replay_camera(directory: Path, fps: float, frames: int = 12) -> dict[str, Any]:
+    """A folder camera replaying pre-rendered synthetic frames, with the clean render as its reference.
+
+    Reading a small PNG costs a fraction of a millisecond, far less than registering, scoring and
+    inferring it, so at a high ``fps`` the capture outruns the stages on any machine (the synthetic
+    camera renders each frame and, on two busy cores, may be no faster than the stages).
+    """
+    camera = SyntheticCamera(width=256, height=256, seed=11, defect_rate=0.5)
+    folder = directory / "frames"
+    folder.mkdir()
+    for i in range(frames):
+        assert cv2.imwrite(str(folder / f"{i:03d}.png"), camera.next_frame()[0])
+    reference = build_reference([camera.reference()], reference_id="replay", polarity="dark-object")
+    save_reference(reference, directory / "reference")
+    return {
+        "id": "cam0",
+        "source": {"kind": "folder", "path": str(folder), "fps": fps, "loop": True},
+        "reference": str(directory / "reference"),
+    }
+
+
 @pytest.mark.parametrize("shared_memory", [False, True], ids=["tcp", "shm"])
 def test_an_overloaded_pipeline_drops_the_oldest_frames_and_counts_them(tmp_path: Path, shared_memory: bool) -> None:
-    overloaded = start_pipeline(tmp_path, fps=200, defect_rate=0.5, shared_memory=shared_memory)
+    camera = replay_camera(tmp_path, fps=500)
+    overloaded = start_pipeline(tmp_path, fps=500, defect_rate=0.5, shared_memory=shared_memory, camera=camera)
     try:
         overloaded.verdicts(5)  # past the start-up backlog
         pids = overloaded.pids()

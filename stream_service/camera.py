@@ -11,7 +11,10 @@
 - ``synthetic``: the synthetic PCB camera, which also supplies its reference and the truth of each frame.
 
 ``read()`` returns a uint8 gray ``(H, W)`` frame, or None when there is none this time (a live stream
-reconnecting, a finished file or folder: see ``finished``). Pacing uses the monotonic clock and never
+reconnecting, a finished file or folder: see ``finished``). ``read(out)`` writes the frame into the
+array ``out((H, W))`` returns (the capture passes a reserved shared-memory slot, so the pixels are
+written once, by the colour conversion, and never copied again) and returns that array; when ``out``
+returns None the source allocates the frame itself. Pacing uses the monotonic clock and never
 blocks the caller longer than one frame interval, so the capture loop stays responsive.
 """
 
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 U8 = npt.NDArray[np.uint8]
 
+# Where a source writes a gray (H, W) frame: a writable uint8 array of that shape, or None (allocate).
+Allocator = Callable[[tuple[int, int]], U8 | None]
 Clock = Callable[[], float]
 Sleep = Callable[[float], None]
 # A reconnecting live stream sleeps at most this long per read() call, so that its caller keeps beating.
@@ -63,24 +68,32 @@ class FrameSource(Protocol):
     @property
     def finished(self) -> bool: ...
 
-    def read(self) -> U8 | None: ...
+    def read(self, out: Allocator | None = None) -> U8 | None: ...
 
     def close(self) -> None: ...
 
 
-def to_gray(image: Any) -> U8:
-    """A uint8 gray ``(H, W)`` copy of an OpenCV image (gray, BGR or BGRA; 16-bit scaled down)."""
+def to_gray(image: Any, out: Allocator | None = None) -> U8:
+    """A uint8 gray ``(H, W)`` copy of an OpenCV image (gray, BGR or BGRA; 16-bit scaled down).
+
+    The copy goes into ``out((H, W))`` when that returns an array (the colour conversion writes it
+    there directly), into a new array otherwise.
+    """
     frame = np.asarray(image)
     if frame.dtype == np.uint16:
         frame = (frame >> 8).astype(np.uint8)
     if frame.ndim == 3 and frame.shape[2] == 1:
         frame = frame[:, :, 0]
-    elif frame.ndim == 3:
-        code = cv2.COLOR_BGRA2GRAY if frame.shape[2] == 4 else cv2.COLOR_BGR2GRAY
-        frame = cv2.cvtColor(frame, code)
-    if frame.ndim != 2 or frame.dtype != np.uint8:
+    if frame.ndim not in (2, 3) or frame.dtype != np.uint8 or (frame.ndim == 3 and frame.shape[2] not in (3, 4)):
         raise CameraError(f"camera frame: expected a gray or colour 8-bit image, found {frame.dtype} {frame.shape}")
-    return np.ascontiguousarray(frame)
+    dst = out((frame.shape[0], frame.shape[1])) if out is not None else None
+    if frame.ndim == 3:
+        code = cv2.COLOR_BGRA2GRAY if frame.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+        return np.asarray(cv2.cvtColor(frame, code) if dst is None else cv2.cvtColor(frame, code, dst=dst))
+    if dst is None:
+        return np.ascontiguousarray(frame)
+    np.copyto(dst, frame)
+    return dst
 
 
 class Pacer:
@@ -143,7 +156,7 @@ class LiveStream(_Source):
         self._ever_opened = False
         self._delivered = False  # a frame was read since the last opening
 
-    def read(self) -> U8 | None:
+    def read(self, out: Allocator | None = None) -> U8 | None:
         if self._finished:
             return None
         if self._cap is None:
@@ -163,7 +176,7 @@ class LiveStream(_Source):
             return None
         self._failures, self._delivered = 0, True
         self.counters.frames += 1
-        return to_gray(image)
+        return to_gray(image, out)
 
     def _reopen(self) -> None:
         now = self._clock()
@@ -233,7 +246,7 @@ class VideoFile(_Source):
         self._loop = settings.loop
         self._pacer = Pacer(fps, clock, sleep)
 
-    def read(self) -> U8 | None:
+    def read(self, out: Allocator | None = None) -> U8 | None:
         if self._finished:
             return None
         ok, image = self._cap.read()
@@ -247,7 +260,7 @@ class VideoFile(_Source):
             return None
         self._pacer.wait()
         self.counters.frames += 1
-        return to_gray(image)
+        return to_gray(image, out)
 
     def close(self) -> None:
         self._cap.release()
@@ -268,7 +281,7 @@ class ImageFolder(_Source):
         self._next = 0
         self._pacer = Pacer(settings.fps, clock, sleep)
 
-    def read(self) -> U8 | None:
+    def read(self, out: Allocator | None = None) -> U8 | None:
         for _ in range(len(self.files)):
             if self._next >= len(self.files):
                 if not self._loop:
@@ -286,7 +299,7 @@ class ImageFolder(_Source):
                 continue
             self._pacer.wait()
             self.counters.frames += 1
-            return to_gray(image)
+            return to_gray(image, out)
         if self._finished:
             return None
         raise CameraError(f"camera {self.name}: expected a readable image among {len(self.files)} files, found none")
@@ -314,13 +327,13 @@ class SyntheticStream(_Source):
     def reference(self) -> U8:
         return self.camera.reference()
 
-    def read(self) -> U8 | None:
+    def read(self, out: Allocator | None = None) -> U8 | None:
         if self._finished:
             return None
         frame, self.truth = self.camera.next_frame()
         self._pacer.wait()
         self.counters.frames += 1
-        return frame
+        return to_gray(frame, out) if out is not None else frame
 
 
 def open_source(settings: Source, clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> FrameSource:

@@ -64,5 +64,9 @@ class TransportError(StreamServiceError):
     """A ZeroMQ socket operation failed."""
 
 
+class SharedMemoryError(TransportError):
+    """A shared-memory frame ring could not be created (no room in ``/dev/shm``, no permission)."""
+
+
 class CameraError(StreamServiceError):
     """A camera source cannot be opened or stopped delivering frames."""

@@ -34,12 +34,13 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
+import numpy.typing as npt
 
-from stream_service.errors import ConfigError
-from stream_service.messages import Array, Header, Part
+from stream_service.errors import ConfigError, SharedMemoryError
+from stream_service.messages import Array, ArraySpec, Header, Part
 from stream_service.runner import StageStats, run_stage
 from stream_service.settings import CameraSettings, Settings
 
@@ -156,13 +157,14 @@ class Heartbeat:
 
 class LazySender:
     """A non-blocking ``transport.FrameSender`` (``send_timeout_ms=0``: a full queue drops and counts),
-    created at the first send when ``transport.shared_memory`` is on, so that the ring's slots can be
+    created at the first send when ``transport.shared_memory`` is on for its endpoint, so that the ring's slots can be
     sized to the first message's payloads (frame sizes are not always known before the first frame)."""
 
     def __init__(self, endpoint: str, *, bind: bool, hwm: int, settings: Settings) -> None:
         self.endpoint, self.bind, self.hwm = endpoint, bind, hwm
         self.transport = settings.transport
-        self._sender: FrameSender | None = None if self.transport.shared_memory else self._open(0)
+        self.shared_memory = settings.transport.uses_shared_memory(endpoint)
+        self._sender: FrameSender | None = None if self.shared_memory else self._open(0)
 
     def _open(self, slot_bytes: int) -> FrameSender:
         from stream_service.transport import FrameSender
@@ -178,16 +180,36 @@ class LazySender:
             shm_slot_bytes=slot_bytes,
         )
 
+    def reserve_frame(self, shape: tuple[int, int]) -> npt.NDArray[np.uint8] | None:
+        """A writable uint8 frame of ``shape`` in a free slot of the ring, for the capture to fill in place.
+
+        None without a ring (shared memory off, or before the first frame sized it), when such a frame
+        does not fit a slot, or when every slot is leased (the frame is then made privately and dropped).
+        """
+        spec = ArraySpec(name="frame", shape=shape, dtype="uint8")
+        if self._sender is None or not self._sender.fits([spec]):
+            return None
+        arrays = self._sender.reserve([spec])
+        return None if arrays is None else cast("npt.NDArray[np.uint8]", arrays[0])  # the slot's own array
+
     def send(self, topic: str, header: Header, arrays: Sequence[Array | Part] = ()) -> bool:
         if self._sender is None:
             sizes = [a.nbytes if isinstance(a, np.ndarray) else memoryview(a).nbytes for a in arrays]
-            self._sender = self._open(max(1, sum(sizes) + _SLOT_MARGIN * len(sizes)))
+            try:
+                self._sender = self._open(max(1, sum(sizes) + _SLOT_MARGIN * len(sizes)))
+            except SharedMemoryError as exc:
+                if self.transport.shared_memory is True:
+                    raise
+                log.warning("%s: %s; its pixels go over ZeroMQ instead", self.endpoint, exc)
+                self.shared_memory = False
+                self._sender = self._open(0)
         return self._sender.send(topic, header, arrays)
 
     def counters(self) -> dict[str, Any]:
         if self._sender is None:
-            return {"sent": 0, "dropped": {}}
-        return {"sent": self._sender.sent, "dropped": dict(self._sender.dropped)}
+            return {"sent": 0, "sent_in_place": 0, "dropped": {}}
+        s = self._sender
+        return {"sent": s.sent, "sent_in_place": s.sent_in_place, "dropped": dict(s.dropped)}
 
     def close(self) -> None:
         if self._sender is not None:
@@ -224,6 +246,7 @@ def serve_capture(settings: Settings, camera_id: str | None, stop: threading.Eve
             retry_s=retry_delay_s(camera, settings),
             heartbeat=heartbeat,
             stats=stats,
+            slots=sender.reserve_frame if sender.shared_memory else None,
         )
     finally:
         sender.close()

@@ -42,6 +42,9 @@ class FieldError(ValueError):
         self.expected, self.found, self.key = expected, found, key
 
 
+_LOOPBACK = re.compile(r"^tcp://(127\.\d+\.\d+\.\d+|localhost|\[::1\]):")
+
+
 def _endpoint(value: str) -> str:
     if not _ENDPOINT.match(value):
         raise FieldError("a ZeroMQ endpoint like tcp://127.0.0.1:57100, ipc://path or inproc://name", value)
@@ -167,7 +170,9 @@ class TransportSettings(Section):
     capture_hwm: PositiveInt = 4
     features_hwm: PositiveInt = 4
     publish_hwm: PositiveInt = 100
-    shared_memory: bool = False
+    # auto: pixels of a PUSH hop travel through a shared-memory ring when its endpoint is on this host
+    # (ipc://, or tcp:// on a loopback address), as raw bytes over ZeroMQ otherwise.
+    shared_memory: Literal["auto"] | bool = "auto"
     shm_slots: int = Field(8, ge=2)
     linger_ms: int = Field(0, ge=0)
     recv_timeout_ms: PositiveInt = 100
@@ -182,6 +187,12 @@ class TransportSettings(Section):
             except (KeyError, IndexError, ValueError) as exc:
                 raise FieldError("an endpoint template using only {port} and {camera}", value) from exc
         return value
+
+    def uses_shared_memory(self, endpoint: str) -> bool:
+        """Whether the PUSH hop on ``endpoint`` carries its pixels through a shared-memory ring."""
+        if self.shared_memory != "auto":
+            return self.shared_memory
+        return endpoint.startswith("ipc://") or bool(_LOOPBACK.match(endpoint))
 
     def capture_endpoint(self, index: int, camera_id: str) -> str:
         """The capture endpoint of the camera at ``index`` in ``Settings.cameras``."""

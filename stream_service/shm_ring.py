@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, NonNegativeInt
 
-from stream_service.errors import ConfigError, MessageError, TransportError
+from stream_service.errors import ConfigError, MessageError, SharedMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class ShmRing:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise TransportError(f"create shm ring {path}: expected {size} bytes of RAM, found {exc}") from exc
+            raise SharedMemoryError(f"create shm ring {path}: expected {size} bytes of RAM, found {exc}") from exc
         # The file is unlinked on close, and also when the sender is garbage-collected or Python exits.
         self._unlinker = weakref.finalize(self, _unlink, path)
         np.frombuffer(mm, np.uint64, 3, len(_RING_MAGIC))[:] = (slots, slot_bytes, data_at)

@@ -175,12 +175,17 @@ class FrameSender:
         self._reservation: tuple[Reservation, list[Array]] | None = None
         self._carry: Counter[str] = Counter()
         self.sent = 0
+        self.sent_in_place = 0  # messages whose payloads were written into a reserved slot, never copied
         self.dropped: Counter[str] = Counter()
 
     @property
     def ring_reclaimed(self) -> int:
         """Slots taken back from receivers that held them past the lease timeout."""
         return self._ring.reclaimed if self._ring is not None else 0
+
+    def fits(self, specs: Sequence[ArraySpec]) -> bool:
+        """Whether payloads shaped as ``specs`` fit one slot of this sender's ring (False without a ring)."""
+        return self._ring is not None and self._ring.fits([spec.nbytes for spec in specs])
 
     def reserve(self, specs: Sequence[ArraySpec]) -> list[Array] | None:
         """Writable arrays in a free ring slot, shaped as ``specs``, for the capture to fill in place.
@@ -209,11 +214,11 @@ class FrameSender:
         camera = header.camera_id
         carry = self._carry.pop(camera, 0)
         parts = encode(topic, _with_dropped(header, carry), arrays)
-        desc = None
+        desc, in_place = None, False
         if self._reservation is not None and _same_arrays(arrays, self._reservation[1]):
             reservation, reserved = self._reservation
             self._reservation = None
-            desc = self._ring_or_fail().commit(reservation)
+            desc, in_place = self._ring_or_fail().commit(reservation), True
             for array in reserved:
                 array.flags.writeable = False
         elif self._ring is not None and len(parts) > 2:
@@ -233,6 +238,7 @@ class FrameSender:
         except zmq.ZMQError as exc:
             raise TransportError(f"send to {self.endpoint}: expected the message queued, found {exc}") from exc
         self.sent += 1
+        self.sent_in_place += in_place
         return True
 
     def _ring_or_fail(self) -> ShmRing:

@@ -227,3 +227,26 @@ def test_live_stream_that_opens_but_never_delivers_gives_up() -> None:
 def test_to_gray_handles_bgra_and_16_bit() -> None:
     assert to_gray(np.zeros((4, 5, 4), np.uint8)).shape == (4, 5)
     assert to_gray(np.full((4, 5), 65535, np.uint16)).max() == 255
+
+
+@pytest.mark.parametrize("shape", [(6, 7, 3), (6, 7, 4), (6, 7), (6, 7, 1)], ids=["bgr", "bgra", "gray", "gray1"])
+def test_to_gray_writes_into_the_array_it_is_given(shape: tuple[int, ...]) -> None:
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    slot = np.zeros(64, np.uint8)  # a frame's bytes inside a larger buffer, like a shared-memory slot
+    asked: list[tuple[int, int]] = []
+
+    def out(frame_shape: tuple[int, int]) -> np.ndarray:
+        asked.append(frame_shape)
+        return slot[:42].reshape(frame_shape)
+
+    gray = to_gray(image, out)
+    assert asked == [(6, 7)] and np.shares_memory(gray, slot)
+    np.testing.assert_array_equal(gray, to_gray(image))
+    np.testing.assert_array_equal(to_gray(image, lambda _: None), to_gray(image))  # no slot: allocated
+
+
+def test_to_gray_rejects_what_is_not_an_8_bit_image() -> None:
+    with pytest.raises(CameraError, match=r"expected a gray or colour 8-bit image, found float32 \(4, 5\)"):
+        to_gray(np.zeros((4, 5), np.float32))
+    with pytest.raises(CameraError, match=r"found uint8 \(4, 5, 2\)"):
+        to_gray(np.zeros((4, 5, 2), np.uint8), lambda shape: np.zeros(shape, np.uint8))

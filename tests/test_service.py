@@ -5,16 +5,20 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
-from stream_service.errors import ConfigError
-from stream_service.messages import FrameHeader
+from stream_service.camera import open_source
+from stream_service.errors import ConfigError, SharedMemoryError
+from stream_service.messages import FrameHeader, Message
 from stream_service.service import Heartbeat, LazySender, camera_at, connectable
-from stream_service.settings import Settings
+from stream_service.settings import CameraSettings, Settings
 from stream_service.shm_ring import ring_directory
+from stream_service.stages.capture import CaptureStage, CaptureStats, run_capture
 from stream_service.transport import FrameReceiver
 
 pytestmark = pytest.mark.timeout(60)
@@ -73,7 +77,7 @@ def test_the_lazy_sender_sizes_its_ring_to_the_first_message(tmp_path: Path) -> 
     header = FrameHeader(camera_id="left", seq=0, capture_ns=0, shape=frame.shape, dtype="uint16")
     with FrameReceiver(endpoint, bind=True, hwm=4, linger_ms=0) as receiver:
         sender = LazySender(endpoint, bind=False, hwm=4, settings=settings)
-        assert sender.counters() == {"sent": 0, "dropped": {}}
+        assert sender.counters() == {"sent": 0, "sent_in_place": 0, "dropped": {}}
         try:
             assert sender.send("frames.left", header, [frame])
             message = receiver.receive(10.0)
@@ -83,3 +87,95 @@ def test_the_lazy_sender_sizes_its_ring_to_the_first_message(tmp_path: Path) -> 
             assert list(ring_directory().glob(f"stream-service-ring-{os.getpid()}-*"))  # pixels went through shm
         finally:
             sender.close()
+
+
+@pytest.mark.parametrize("frame_size", [None, (48, 40)], ids=["as-read", "resized"])
+def test_the_capture_writes_each_frame_once_straight_into_a_shared_memory_slot(
+    tmp_path: Path, frame_size: tuple[int, int] | None
+) -> None:
+    rng = np.random.default_rng(5)
+    colour = [rng.integers(0, 256, (60, 80, 3), dtype=np.uint8) for _ in range(3)]
+    (tmp_path / "frames").mkdir()
+    for i, image in enumerate(colour):
+        assert cv2.imwrite(str(tmp_path / "frames" / f"{i}.png"), image)
+    camera = CameraSettings.model_validate(
+        {
+            "id": "left",
+            "source": {"kind": "folder", "path": str(tmp_path / "frames"), "fps": 100, "loop": False},
+            "reference": str(tmp_path),
+            "frame_size": frame_size,
+        }
+    )
+    expected = [cv2.imread(str(tmp_path / "frames" / f"{i}.png"), cv2.IMREAD_GRAYSCALE) for i in range(3)]
+    if frame_size is not None:
+        expected = [cv2.resize(e, frame_size, interpolation=cv2.INTER_AREA) for e in expected]
+    endpoint = f"ipc://{tmp_path}/frames.ipc"
+    settings = two_cameras(shared_memory=True, shm_slots=4)
+    stop, stats = threading.Event(), CaptureStats()
+    received: list[Message] = []
+    with FrameReceiver(endpoint, bind=True, hwm=8, linger_ms=0) as receiver:
+        sender = LazySender(endpoint, bind=False, hwm=8, settings=settings)
+        worker = threading.Thread(
+            target=run_capture,
+            args=(CaptureStage(camera), lambda: open_source(camera.source), sender, stop),
+            kwargs={"retry_s": 0.05, "stats": stats, "slots": sender.reserve_frame},
+        )
+        worker.start()
+        try:
+            deadline = time.monotonic() + 20
+            while len(received) < len(colour) and time.monotonic() < deadline:
+                if (message := receiver.receive(0.2)) is not None:
+                    received.append(message)
+        finally:
+            stop.set()
+            worker.join(5)
+            sender.close()
+    assert not worker.is_alive()
+    assert [m.header.seq for m in received] == [0, 1, 2]  # type: ignore[union-attr]
+    for message, gray in zip(received, expected, strict=True):
+        np.testing.assert_array_equal(message.arrays[0], gray)
+    # The first frame sizes the ring (copied in); every later one was converted straight into its slot.
+    assert sender.counters() == {"sent": 3, "sent_in_place": 2, "dropped": {}}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "on_this_host"),
+    [
+        ("tcp://127.0.0.1:57100", True),
+        ("tcp://localhost:57100", True),
+        ("tcp://[::1]:57100", True),
+        ("ipc:///tmp/frames.ipc", True),
+        ("tcp://10.0.0.20:57200", False),
+        ("tcp://*:57100", False),  # bound for peers on other hosts
+    ],
+)
+def test_shared_memory_auto_is_on_only_for_hops_within_this_host(endpoint: str, on_this_host: bool) -> None:
+    assert two_cameras().transport.uses_shared_memory(endpoint) is on_this_host
+    assert two_cameras(shared_memory=False).transport.uses_shared_memory(endpoint) is False
+    assert two_cameras(shared_memory=True).transport.uses_shared_memory(endpoint) is True
+
+
+def test_without_room_for_a_ring_auto_falls_back_to_zeromq_and_true_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_room(*args: object) -> None:
+        raise SharedMemoryError("create shm ring /dev/shm/x: expected 4096 bytes of RAM, found [Errno 28] No space")
+
+    monkeypatch.setattr("stream_service.transport.ShmRing", no_room)
+    frame = np.ones((8, 8), np.uint8)
+    header = FrameHeader(camera_id="left", seq=0, capture_ns=0, shape=frame.shape, dtype="uint8")
+    endpoint = f"ipc://{tmp_path}/frames.ipc"
+    with FrameReceiver(endpoint, bind=True, hwm=4, linger_ms=0) as receiver:
+        auto = LazySender(endpoint, bind=False, hwm=4, settings=two_cameras(shared_memory="auto"))
+        try:
+            assert auto.shared_memory and auto.send("frames.left", header, [frame])
+            message = receiver.receive(10.0)
+            assert message is not None and not auto.shared_memory
+            np.testing.assert_array_equal(message.arrays[0], frame)
+            assert "No space; its pixels go over ZeroMQ instead" in caplog.text
+        finally:
+            auto.close()
+        forced = LazySender(endpoint, bind=False, hwm=4, settings=two_cameras(shared_memory=True))
+        with pytest.raises(SharedMemoryError, match="No space"):
+            forced.send("frames.left", header, [frame])
+        forced.close()

@@ -155,7 +155,7 @@ class FlakySource:
     def finished(self) -> bool:
         return self.left <= 0
 
-    def read(self) -> np.ndarray | None:
+    def read(self, out: Any = None) -> np.ndarray | None:
         self.reads += 1
         if self.fail_after is not None and self.reads > self.fail_after:
             raise CameraError("camera flaky: expected frames, found that it stopped delivering")

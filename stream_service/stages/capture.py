@@ -6,7 +6,10 @@ header carries one stamp, ``capture`` at the capture time, from which every late
 the end-to-end latency are measured.
 
 ``run_capture`` is the loop around a camera source. The sink is a non-blocking sender: a frame it
-cannot queue is dropped, counted, and reported in the ``dropped`` field of the camera's next frame. A
+cannot queue is dropped, counted, and reported in the ``dropped`` field of the camera's next frame.
+Given ``slots`` (a sender's shared-memory ring), the frame's last step (the colour conversion, or the
+resize to ``frame_size``) writes it straight into a reserved slot, so its pixels are never copied on
+the way to the soartc stage; with no slot free the frame is made privately and the sender drops it. A
 camera that vanishes raises ``CameraError`` (after its own reconnection policy, for live streams): the
 loop logs it, closes the source, waits ``retry_s`` and opens it again, so a capture process outlives
 an unplugged camera. A finished source (a video file or a folder without ``loop``) leaves the loop
@@ -24,7 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stream_service.camera import FrameSource, SyntheticStream, open_source
+from stream_service.camera import Allocator, FrameSource, SyntheticStream, open_source
 from stream_service.errors import CameraError
 from stream_service.latency import FpsCounter
 from stream_service.messages import FrameHeader, Stamp, topic_of
@@ -71,8 +74,13 @@ class CaptureStage:
         self.attach_truth = isinstance(camera.source, SyntheticSource) and camera.source.truth
         self.seq = 0
 
-    def frame_message(self, frame_hw: U8, truth: Truth | None, capture_ns: int) -> Outgoing:
-        """The outgoing message of a uint8 gray ``(H, W)`` frame captured at wall-clock ``capture_ns``."""
+    def frame_message(
+        self, frame_hw: U8, truth: Truth | None, capture_ns: int, out: Allocator | None = None
+    ) -> Outgoing:
+        """The outgoing message of a uint8 gray ``(H, W)`` frame captured at wall-clock ``capture_ns``.
+
+        A frame resized to ``frame_size`` is written into ``out((H, W))`` when that returns an array.
+        """
         if frame_hw.ndim != 2 or frame_hw.dtype != np.uint8:
             raise CameraError(
                 f"camera {self.camera_id} frame: expected a uint8 gray (H, W) image, found {frame_hw.dtype} "
@@ -82,7 +90,12 @@ class CaptureStage:
         if self.shape is not None and frame_hw.shape != self.shape:
             height, width = self.shape
             scale = (width / frame_hw.shape[1], height / frame_hw.shape[0])
-            frame = np.asarray(cv2.resize(frame_hw, (width, height), interpolation=cv2.INTER_AREA), np.uint8)
+            dst = out(self.shape) if out is not None else None
+            frame = np.asarray(
+                cv2.resize(frame_hw, (width, height), interpolation=cv2.INTER_AREA)
+                if dst is None
+                else cv2.resize(frame_hw, (width, height), dst=dst, interpolation=cv2.INTER_AREA)
+            )
         header = FrameHeader(
             camera_id=self.camera_id,
             seq=self.seq,
@@ -147,6 +160,11 @@ def _pause(seconds: float, stop: StopEvent, heartbeat: Callable[[], None] | None
         time.sleep(min(_IDLE_S, left))
 
 
+def _unless_resized(slots: Allocator, shape: tuple[int, int] | None) -> Allocator:
+    """``slots`` for frames that go out as the source reads them (no resize to ``frame_size``)."""
+    return lambda frame_shape: slots(frame_shape) if shape in (None, frame_shape) else None
+
+
 def run_capture(
     stage: CaptureStage,
     open_camera: Callable[[], FrameSource],
@@ -157,10 +175,15 @@ def run_capture(
     heartbeat: Callable[[], None] | None = None,
     stats: CaptureStats | None = None,
     clock_ns: Callable[[], int] = time.time_ns,
+    slots: Allocator | None = None,
 ) -> CaptureStats:
-    """Read, stamp and send frames until ``stop`` is set; see the module docstring for the policy."""
+    """Read, stamp and send frames until ``stop`` is set; see the module docstring for the policy.
+
+    ``slots``: writable frame arrays in the sink's shared memory (None: none or no ring yet).
+    """
     stats = stats if stats is not None else CaptureStats()
     source: FrameSource | None = None
+    direct = _unless_resized(slots, stage.shape) if slots is not None else None
     try:
         while not stop.is_set():
             if heartbeat is not None:
@@ -176,7 +199,7 @@ def run_capture(
                 stats.opens += 1
                 stats.finished = False
             try:
-                frame = source.read()
+                frame = source.read(direct)
             except CameraError as exc:
                 stats.camera_errors += 1
                 log.error("camera %s: %s; reopening in %.1f s", stage.camera_id, exc, retry_s)
@@ -194,7 +217,7 @@ def run_capture(
             stats.frames += 1
             stats.fps.tick(time.monotonic_ns())
             truth = source.truth if isinstance(source, SyntheticStream) else None
-            topic, header, arrays = stage.frame_message(frame, truth, clock_ns())
+            topic, header, arrays = stage.frame_message(frame, truth, clock_ns(), slots)
             if sink.send(topic, header, arrays):
                 stats.sent += 1
             else:

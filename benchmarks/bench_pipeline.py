@@ -2,8 +2,9 @@
 
 Part 1, the pipeline: for 640x640 and 1920x1080 frames, with one and two synthetic cameras, start the
 real pipeline (``stream-service run``: capture, soartc, infer processes on loopback tcp, the bundled
-model, CPU) with each camera offered at a set frame rate, subscribe to its verdicts from this process,
-skip a warm-up, and measure for a fixed time:
+model, CPU; pixels through the shared-memory ring or over ZeroMQ, ``--shared-memory``) with each camera
+offered at a set frame rate, subscribe to its verdicts from this process, skip a warm-up, and measure
+for a fixed time:
 
 - end-to-end latency, from the capture stamp (``capture_ns``) to the verdict received here, p50/p99;
 - the pipeline's own figures from the verdicts: soartc, infer and end-to-end (capture to publish);
@@ -62,7 +63,9 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def pipeline_config(width: int, height: int, fps: float, cameras: int, threads: int) -> tuple[dict[str, Any], str]:
+def pipeline_config(
+    width: int, height: int, fps: float, cameras: int, threads: int, shared_memory: bool, device: str
+) -> tuple[dict[str, Any], str]:
     ports = free_ports(cameras + 2)
     verdicts = f"tcp://127.0.0.1:{ports[-1]}"
     config = {
@@ -77,8 +80,9 @@ def pipeline_config(width: int, height: int, fps: float, cameras: int, threads: 
             "capture_out": [f"tcp://127.0.0.1:{p}" for p in ports[:cameras]],
             "features_out": f"tcp://127.0.0.1:{ports[-2]}",
             "verdicts_pub": verdicts,
+            "shared_memory": shared_memory,
         },
-        "soartc": {"device": "cpu"},
+        "soartc": {"device": device},
         "inference": {"device": "cpu", "threads": threads},
         "supervisor": {"startup_timeout_s": STARTUP_S, "heartbeat_timeout_s": 30.0},
         "dashboard": {"enabled": False},
@@ -93,10 +97,21 @@ def percentiles(values: list[float]) -> dict[str, float | None]:
     return {"p50": float(p50), "p99": float(p99)}
 
 
-def run_pipeline(size: str, cameras: int, seconds: float, warmup: float, threads: int, workdir: Path) -> dict[str, Any]:
+def run_pipeline(
+    size: str,
+    cameras: int,
+    seconds: float,
+    warmup: float,
+    threads: int,
+    shared_memory: bool,
+    device: str,
+    workdir: Path,
+    offered_fps: float | None = None,
+) -> dict[str, Any]:
     width, height, fps = SIZES[size]
-    config, endpoint = pipeline_config(width, height, fps, cameras, threads)
-    folder = workdir / f"{size}-{cameras}"
+    fps = offered_fps or fps
+    config, endpoint = pipeline_config(width, height, fps, cameras, threads, shared_memory, device)
+    folder = workdir / f"{size}-{cameras}-{'shm' if shared_memory else 'tcp'}-{device}"
     folder.mkdir(parents=True)
     path = folder / "pipeline.yaml"
     path.write_text(json.dumps(config))
@@ -138,6 +153,8 @@ def run_pipeline(size: str, cameras: int, seconds: float, warmup: float, threads
     return {
         "size": size,
         "cameras": cameras,
+        "pixels": "shm" if shared_memory else "tcp",
+        "soartc_device": device,
         "offered_fps_per_camera": fps,
         "seconds": seconds,
         "verdicts": len(samples),
@@ -188,6 +205,17 @@ def main() -> None:
     parser.add_argument("--cameras", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--transport-frames", type=int, default=300)
     parser.add_argument("--transport-runs", type=int, default=3)
+    parser.add_argument(
+        "--shared-memory",
+        nargs="+",
+        default=["true"],
+        choices=["true", "false"],
+        help="pipeline hops through the shared-memory ring (true, what auto gives on one host) or over tcp",
+    )
+    parser.add_argument(
+        "--soartc-devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"], help="soartc.device of the cases"
+    )
+    parser.add_argument("--fps", type=float, default=None, help="offered frames/s per camera (default: per size)")
     parser.add_argument("--skip-transport", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_pipeline.json"))
@@ -199,18 +227,32 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         for size in [] if args.skip_pipeline else args.sizes:
             for cameras in args.cameras:
-                print(f"pipeline {size} x{cameras} ...", file=sys.stderr, flush=True)
-                rows.append(run_pipeline(size, cameras, args.seconds, args.warmup, args.threads, Path(tmp)))
+                for shm in args.shared_memory:
+                    for device in args.soartc_devices:
+                        print(f"pipeline {size} x{cameras} shm {shm} soartc {device} ...", file=sys.stderr, flush=True)
+                        rows.append(
+                            run_pipeline(
+                                size,
+                                cameras,
+                                args.seconds,
+                                args.warmup,
+                                args.threads,
+                                shm == "true",
+                                device,
+                                Path(tmp),
+                                args.fps,
+                            )
+                        )
     transport = [] if args.skip_transport else run_transport(args.transport_frames, args.transport_runs)
 
     print(
-        f"\n{'frames':<10}{'cams':>5}{'offered/s':>10}{'verdicts/s':>11}{'dropped':>9}"
+        f"\n{'frames':<10}{'cams':>5}{'pixels':>7}{'soartc':>7}{'offered/s':>10}{'verdicts/s':>11}{'dropped':>9}"
         f"{'e2e p50':>9}{'e2e p99':>9}{'soartc p50':>11}{'infer p50':>10}   (ms; e2e = capture stamp to received)"
     )
     for r in rows:
         e2e, st = r["e2e_received_ms"], r["stages_ms"]
         print(
-            f"{r['size']:<10}{r['cameras']:>5}{r['offered_fps_per_camera'] * r['cameras']:>10.1f}"
+            f"{r['size']:<10}{r['cameras']:>5}{r['pixels']:>7}{r['soartc_device']:>7}{r['offered_fps_per_camera'] * r['cameras']:>10.1f}"
             f"{r['throughput_fps']:>11.2f}{r['dropped_fraction'] or 0:>9.0%}"
             f"{e2e['p50'] or float('nan'):>9.0f}{e2e['p99'] or float('nan'):>9.0f}"
             f"{(st.get('soartc') or {}).get('p50') or float('nan'):>11.0f}"

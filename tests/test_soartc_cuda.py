@@ -232,3 +232,34 @@ def test_cuda_device_without_cuda_raises() -> None:
 def test_auto_device_resolves_to_cpu_without_cuda() -> None:
     assert resolve_device("auto") == "cpu"
     assert SoartcKernel(np.ones((16, 16), np.float32), 8, device="auto").device == "cpu"
+
+
+@needs_cuda
+def test_the_soartc_stage_judges_frames_on_the_gpu_as_on_the_cpu(cuda: ModuleType) -> None:
+    """What the pipeline runs with ``soartc.device: cuda``: registration, GPU token features, the model."""
+    from stream_service.features import FeatureSpec
+    from stream_service.inspection import Detector, FeatureExtractor
+    from stream_service.model import InspectionModel
+    from stream_service.model_card import resolve_model_dir
+    from stream_service.settings import load_settings
+    from stream_service.synthetic import SyntheticCamera
+
+    model_dir = resolve_model_dir(load_settings(None).inference.model)
+    if not (model_dir / "model.onnx").is_file():
+        pytest.skip(f"the bundled model is missing ({model_dir})")
+    model = InspectionModel.load(model_dir, "cpu", threads=1)
+    spec: FeatureSpec = model.card.features.to_spec()
+    camera = SyntheticCamera(640, 640, seed=5, defect_rate=0.7)
+    on_gpu = FeatureExtractor(camera.reference(), spec, True, device="cuda")
+    on_cpu = FeatureExtractor(camera.reference(), spec, True, device="cpu")
+    assert all(k.device == "cuda" for k in on_gpu.kernels) and all(k.device == "cpu" for k in on_cpu.kernels)
+    detector = Detector(model)
+    for _ in range(6):
+        frame, truth = camera.next_frame()
+        gpu, cpu = on_gpu.extract(frame), on_cpu.extract(frame)
+        np.testing.assert_array_equal(gpu.aligned_hw, cpu.aligned_hw)
+        np.testing.assert_allclose(gpu.features.tokens_hwc, cpu.features.tokens_hwc, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(gpu.features.open_diff_hw, cpu.features.open_diff_hw)
+        judged_gpu, judged_cpu = detector.detect(gpu.features), detector.detect(cpu.features)
+        assert judged_gpu.verdict == judged_cpu.verdict, truth
+        assert judged_gpu.score == pytest.approx(judged_cpu.score, abs=1e-4)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA SOARTC kernel: tests, then the benchmark. Run from the repository root on a CUDA
-# machine with python3, numpy, cupy, numba, opencv-python-headless, pytest and hypothesis (no pydantic,
-# pyzmq or typer needed; no network used). Everything it writes goes under $OUT (default ./gpu_out):
-#   env.txt              GPU, driver and package versions
-#   gpu_tests.log        pytest tests/test_soartc_cuda.py tests/test_soartc.py
-#   bench_soartc_gpu.*   benchmark table (.log) and numbers (.json); DeepPCB is absent there, so the
-#                        benchmark falls back to its synthetic PCB pattern and says so
-#   exit_codes.txt       one "step rc" line per step
+# GPU check of the CUDA SOARTC path: tests, the kernel benchmark, the pipeline with soartc on the GPU.
+# Run from the repository root on a CUDA machine with python3, numpy, cupy, numba, opencv-python-headless,
+# onnxruntime, pytest and hypothesis, plus the package's own dependencies (pydantic, pyzmq, typer...; on
+# the lent GPU machine they travel as wheels, see BENCHMARKS.md). No network used. Steps (STEPS, default
+# "tests bench pipeline"); everything goes under $OUT (default ./gpu_out):
+#   env.txt               GPU, driver and package versions
+#   gpu_tests.log         pytest of the SOARTC kernels and the soartc stage (CUDA vs CPU)
+#   bench_soartc_gpu.*    kernel benchmark table (.log) and numbers (.json); DeepPCB is absent there, so the
+#                         benchmark falls back to its synthetic PCB pattern and says so
+#   bench_pipeline_gpu.*  the whole pipeline at 1920x1080, soartc on the CPU then on the GPU, same run
+#   exit_codes.txt        one "step rc" line per step
 # A failing step does not stop the next one; the script exits with the first non-zero code.
 set -u
 
@@ -37,13 +40,23 @@ EOF
 } > "$OUT/env.txt" 2>&1
 record env $?
 
-timeout 240 python3 -m pytest tests/test_soartc_cuda.py tests/test_soartc.py -q -p no:cacheprovider 2>&1 \
-    | tee "$OUT/gpu_tests.log"
-record tests "${PIPESTATUS[0]}"
-
-timeout 240 python3 benchmarks/bench_soartc.py --out "$OUT/bench_soartc_gpu.json" --repeats 50 --threads 16 2>&1 \
-    | tee "$OUT/bench_soartc_gpu.log"
-record bench "${PIPESTATUS[0]}"
+STEPS="${STEPS:-tests bench pipeline}"
+if [[ " $STEPS " == *" tests "* ]]; then
+    timeout 240 python3 -m pytest tests/test_soartc_cuda.py tests/test_soartc.py tests/test_features.py -q \
+        -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    record tests "${PIPESTATUS[0]}"
+fi
+if [[ " $STEPS " == *" bench "* ]]; then
+    timeout 240 python3 benchmarks/bench_soartc.py --out "$OUT/bench_soartc_gpu.json" --repeats 50 --threads 16 \
+        2>&1 | tee "$OUT/bench_soartc_gpu.log"
+    record bench "${PIPESTATUS[0]}"
+fi
+if [[ " $STEPS " == *" pipeline "* ]]; then
+    timeout 300 python3 benchmarks/bench_pipeline.py --sizes 1920x1080 --cameras 1 --soartc-devices cpu cuda \
+        --fps 30 --seconds 20 --warmup 5 --skip-transport --out "$OUT/bench_pipeline_gpu.json" 2>&1 \
+        | tee "$OUT/bench_pipeline_gpu.log"
+    record pipeline "${PIPESTATUS[0]}"
+fi
 
 rm -rf "$SCRATCH"
 exit "$first_rc"

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
+import cv2
 import numpy as np
 import numpy.typing as npt
 
@@ -70,8 +71,10 @@ class FeatureExtractor:
         if reg.method == "none" and self.registrar.method != "none":
             self.unregistered += 1
         feats = token_features(self.reference, aligned, self.spec, self.kernels)
-        back = 1.0 - aligned if self.dark_object else aligned
-        aligned_u8 = np.clip(np.rint(back * 255.0), 0, 255).astype(np.uint8)
+        # Back to the camera's polarity as uint8, rounded: 255 - 255 a, or 255 a (a is in [0, 1]: to_unit,
+        # then a linear warp with replicated borders).
+        alpha, beta = (-255.0, 255.0) if self.dark_object else (255.0, 0.0)
+        aligned_u8 = np.asarray(cv2.convertScaleAbs(aligned, alpha=alpha, beta=beta), np.uint8)
         return Extracted(aligned_u8, feats, reg)
 
 

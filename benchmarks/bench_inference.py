@@ -14,17 +14,16 @@ Prints a table of medians and p90s, with the ratio of the ViT to the baseline, a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import onnxruntime
+from _machine import machine, now
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -139,21 +138,12 @@ def main() -> int:
             f"{r['size']:>10}  {r['path']:<14} {r['windows']:>7} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
             f"{r['x_baseline']:>10.2f}"
         )
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
             {
-                "date": dt.datetime.now(dt.UTC).isoformat(),
-                "machine": {
-                    "platform": platform.platform(),
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                },
-                "commit": commit,
+                "date": now(),
+                "machine": machine(onnxruntime=onnxruntime.__version__),
                 "model": f"{model.card.name} {model.card.version}",
                 "threads": args.threads,
                 "data": source,

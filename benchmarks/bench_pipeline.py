@@ -24,11 +24,8 @@ Prints tables and writes JSON with the machine, versions and parameters.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import os
-import platform
 import signal
 import socket
 import statistics
@@ -41,6 +38,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+from _machine import machine, now
 
 from stream_service.messages import Verdict
 from stream_service.transport import FrameReceiver
@@ -252,7 +250,8 @@ def main() -> None:
     for r in rows:
         e2e, st = r["e2e_received_ms"], r["stages_ms"]
         print(
-            f"{r['size']:<10}{r['cameras']:>5}{r['pixels']:>7}{r['soartc_device']:>7}{r['offered_fps_per_camera'] * r['cameras']:>10.1f}"
+            f"{r['size']:<10}{r['cameras']:>5}{r['pixels']:>7}{r['soartc_device']:>7}"
+            f"{r['offered_fps_per_camera'] * r['cameras']:>10.1f}"
             f"{r['throughput_fps']:>11.2f}{r['dropped_fraction'] or 0:>9.0%}"
             f"{e2e['p50'] or float('nan'):>9.0f}{e2e['p99'] or float('nan'):>9.0f}"
             f"{(st.get('soartc') or {}).get('p50') or float('nan'):>11.0f}"
@@ -269,16 +268,8 @@ def main() -> None:
     card = json.loads((HERE.parent / "models" / "soartc-vit" / "card.json").read_text())
     report = {
         "benchmark": "bench_pipeline",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(),
-        },
+        "date": now(),
+        "machine": machine(pyzmq=zmq.__version__, libzmq=zmq.zmq_version()),
         "model": {"name": card["name"], "version": card["version"], "created": card["created"]},
         "params": vars(args) | {"out": str(args.out)},
         "pipeline": rows,

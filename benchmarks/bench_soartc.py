@@ -23,12 +23,9 @@ Run: ``python benchmarks/bench_soartc.py [--sizes 640x640,1920x1080] [--repeats 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -38,6 +35,7 @@ from typing import Any
 import cv2
 import numba
 import numpy as np
+from _machine import machine
 
 from stream_service.soartc import (
     VARIANTS,
@@ -153,22 +151,7 @@ def agreement(gpu: tuple[np.ndarray, ...], cpu: tuple[np.ndarray, ...]) -> dict[
 
 
 def machine_info(threads: int) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "numba_threads": threads,
-        "numpy": np.__version__,
-        "numba": numba.__version__,
-        "opencv": cv2.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "gpu": None,
-        "cupy": None,
-    }
-    info["git_commit"] = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    info["git_dirty"] = None if status is None else bool(status)
+    info = machine(numba_threads=threads, numba=numba.__version__, gpu=None, cupy=None)
     if cuda_available():
         import cupy
 
@@ -177,15 +160,6 @@ def machine_info(threads: int) -> dict[str, Any]:
         info["cupy"] = cupy.__version__
         info["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
     return info
-
-
-def git(*args: str) -> str | None:
-    """The output of a git command in the repository, or None without git or a repository."""
-    try:
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip()
 
 
 def row(size: str, path: str, samples: list[float] | None, pixels: int, base_ms: float | None) -> dict[str, Any]:

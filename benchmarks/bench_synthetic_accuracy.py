@@ -16,15 +16,14 @@ Writes bench_out/bench_synthetic_accuracy.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _machine import machine, now
 
 from stream_service.inspection import Detector, FeatureExtractor
 from stream_service.model import InspectionModel
@@ -168,8 +167,8 @@ def main() -> None:
 
     report = {
         "benchmark": "bench_synthetic_accuracy",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "date": now(),
+        "machine": machine(),
         "model": {"name": card.name, "version": card.version, "threshold": detector.threshold, "dir": str(model_dir)},
         "camera": board.model_dump() | {"seeds": args.seeds, "frames_per_seed": args.frames},
         "defective_frames": defective,

@@ -23,11 +23,8 @@ Prints a table and writes JSON with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing as mp
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _machine import machine, now
 
 SIZES: dict[str, tuple[int, int, int]] = {"1920x1080": (1080, 1920, 3), "640x640": (640, 640, 3)}
 TRANSPORTS = ("tcp", "ipc", "shm", "shm-inplace", "imagezmq")
@@ -224,17 +222,8 @@ def main() -> None:
 
     report = {
         "benchmark": "bench_transport",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "pyzmq": zmq.__version__,
-            "libzmq": zmq.zmq_version(),
-            "imagezmq": imagezmq_version,
-        },
+        "date": now(),
+        "machine": machine(pyzmq=zmq.__version__, libzmq=zmq.zmq_version(), imagezmq=imagezmq_version),
         "params": {
             "frames_per_run": args.frames,
             "runs": args.runs,

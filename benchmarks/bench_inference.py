@@ -35,7 +35,7 @@ from stream_service.manifest import read_gray  # noqa: E402
 from stream_service.model import InspectionModel  # noqa: E402
 from stream_service.model_card import default_model_dir  # noqa: E402
 from stream_service.registration import Registrar  # noqa: E402
-from stream_service.soartc import to_unit  # noqa: E402
+from stream_service.soartc import cuda_available, to_unit  # noqa: E402
 from stream_service.windows import WindowLayout  # noqa: E402
 
 
@@ -90,8 +90,11 @@ def measure(
         aligned, _ = registrar.align(frame_unit)
         baseline(ref_unit, aligned, params)
 
-    results = {
-        "features": timed(lambda: extractor.extract(frame), repeats),
+    results = {"features": timed(lambda: extractor.extract(frame), repeats)}
+    if cuda_available():  # the same work with the SOARTC kernels on the GPU (soartc.device: cuda)
+        on_gpu = FeatureExtractor(ref, spec, True, device="cuda")
+        results["features-cuda"] = timed(lambda: on_gpu.extract(frame), repeats)
+    results |= {
         "vit": timed(lambda: model.run(windows), repeats),
         "vit+highlight": timed(lambda: detector.detect(feats), repeats),
         "baseline": timed(run_baseline, repeats),

@@ -3,11 +3,12 @@
 # Run from the repository root on a CUDA machine with python3, numpy, cupy, numba, opencv-python-headless,
 # onnxruntime, pytest and hypothesis, plus the package's own dependencies (pydantic, pyzmq, typer...; on
 # the lent GPU machine they travel as wheels, see BENCHMARKS.md). No network used. Steps (STEPS, default
-# "tests bench pipeline"); everything goes under $OUT (default ./gpu_out):
+# "tests bench inference pipeline"); everything goes under $OUT (default ./gpu_out):
 #   env.txt               GPU, driver and package versions
 #   gpu_tests.log         pytest of the SOARTC kernels and the soartc stage (CUDA vs CPU)
 #   bench_soartc_gpu.*    kernel benchmark table (.log) and numbers (.json); DeepPCB is absent there, so the
 #                         benchmark falls back to its synthetic PCB pattern and says so
+#   bench_inference_gpu.* one frame's soartc work (SOARTC on the CPU and on the GPU) and the model (CPU ORT)
 #   bench_pipeline_gpu.*  the whole pipeline at 1920x1080, soartc on the CPU then on the GPU, same run
 #   exit_codes.txt        one "step rc" line per step
 # A failing step does not stop the next one; the script exits with the first non-zero code.
@@ -40,7 +41,7 @@ EOF
 } > "$OUT/env.txt" 2>&1
 record env $?
 
-STEPS="${STEPS:-tests bench pipeline}"
+STEPS="${STEPS:-tests bench inference pipeline}"
 if [[ " $STEPS " == *" tests "* ]]; then
     timeout 240 python3 -m pytest tests/test_soartc_cuda.py tests/test_soartc.py tests/test_features.py -q \
         -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
@@ -51,9 +52,15 @@ if [[ " $STEPS " == *" bench "* ]]; then
         2>&1 | tee "$OUT/bench_soartc_gpu.log"
     record bench "${PIPESTATUS[0]}"
 fi
+if [[ " $STEPS " == *" inference "* ]]; then
+    timeout 240 python3 benchmarks/bench_inference.py --repeats 30 --threads 4 --out "$OUT/bench_inference_gpu.json" \
+        2>&1 | tee "$OUT/bench_inference_gpu.log"
+    record inference "${PIPESTATUS[0]}"
+fi
 if [[ " $STEPS " == *" pipeline "* ]]; then
+    # ONNX Runtime on 4 threads: its default (every core, spinning) starves the soartc process.
     timeout 300 python3 benchmarks/bench_pipeline.py --sizes 1920x1080 --cameras 1 --soartc-devices cpu cuda \
-        --fps 30 --seconds 20 --warmup 5 --skip-transport --out "$OUT/bench_pipeline_gpu.json" 2>&1 \
+        --threads 4 --fps 30 --seconds 20 --warmup 5 --skip-transport --out "$OUT/bench_pipeline_gpu.json" 2>&1 \
         | tee "$OUT/bench_pipeline_gpu.log"
     record pipeline "${PIPESTATUS[0]}"
 fi

@@ -108,7 +108,7 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     val_groups: Annotated[str, typer.Option(help="Comma-separated validation board groups.")] = "group13000,group50600",
     windows_per_image: Annotated[int, typer.Option(help="Training windows sampled per image per round.")] = 12,
-    rounds: Annotated[int, typer.Option(help="Rounds of freshly augmented windows.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Rounds of freshly augmented windows.")] = 3,
     threads: Annotated[int, typer.Option(help="torch threads (0 = all cores).")] = 0,
     version: Annotated[str, typer.Option(help="Model version written to the card.")] = "1",
     from_checkpoint: Annotated[

@@ -66,15 +66,26 @@ class InspectionModel:
 
     @classmethod
     def load(
-        cls, model_dir: Path, device: Literal["auto", "cpu", "cuda"] | str = "auto", threads: int = 0
+        cls,
+        model_dir: Path,
+        device: Literal["auto", "cpu", "cuda"] | str = "auto",
+        threads: int = 0,
+        spin: bool = False,
     ) -> InspectionModel:
-        """Open ``model_dir`` (card.json + model.onnx); threads = 0 lets ONNX Runtime choose."""
+        """Open ``model_dir`` (card.json + model.onnx); threads = 0 lets ONNX Runtime choose.
+
+        ``spin``: let ONNX Runtime's idle threads busy-wait for the next run. Off by default: on a host
+        shared with the other stages, spinning threads (one per core by default) took the cores the soartc
+        stage needed (its latency went from 52 to 170 ms on a 16-core machine), and on 2 cores a run
+        was no slower without it.
+        """
         card = load_card(model_dir)
         ort = _import_ort()
         providers = choose_providers(device, list(ort.get_available_providers()))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             session = ort.InferenceSession(str(model_dir / card.onnx), sess_options=options, providers=providers)

@@ -301,8 +301,9 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
     t = settings.transport
     check_topology(settings)
     heartbeat.write()
+    inference = settings.inference
     model = InspectionModel.load(
-        resolve_model_dir(settings.inference.model), settings.inference.device, settings.inference.threads
+        resolve_model_dir(inference.model), inference.device, inference.threads, spin=inference.spin_threads
     )
     stage = InferenceStage(model, settings.inference, settings.highlight)
     stats = StageStats()

@@ -215,6 +215,7 @@ class InferenceSettings(Section):
     device: Device = "auto"
     threshold: float | None = Field(None, ge=0, le=1)  # None: the model card's threshold
     threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default
+    spin_threads: bool = False  # idle ONNX Runtime threads busy-wait: only on a host the infer stage has alone
     workers: PositiveInt = 1
 
 

@@ -87,6 +87,14 @@ def test_auto_without_cuda_runs_on_the_cpu(tiny_model: Any, monkeypatch: pytest.
     assert InspectionModel.load(tiny_model.directory, device="auto", threads=1).providers == [CPU]
 
 
+@pytest.mark.parametrize("spin", [False, True])
+def test_idle_threads_busy_wait_only_when_asked(tiny_model: Any, spin: bool) -> None:
+    model = InspectionModel.load(tiny_model.directory, device="cpu", threads=2, spin=spin)
+    options = model._session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+
+
 @pytest.mark.parametrize(
     ("device", "available", "expected"),
     [

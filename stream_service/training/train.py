@@ -54,7 +54,7 @@ class TrainConfig:
     grid: int = 16
     train_windows_per_image: int = 12
     val_windows_per_image: int = 6
-    rounds: int = 2
+    rounds: int = 3
     minutes: float = 26.0
     batch_size: int = 64
     lr: float = 2e-3

@@ -286,8 +286,8 @@ def run_command(
     import tempfile
     import time
 
-    from stream_service.errors import MessageError, StreamServiceError
-    from stream_service.messages import Verdict
+    from stream_service.dashboard import Dashboard, take
+    from stream_service.errors import ConfigError, MessageError, StreamServiceError
     from stream_service.model_card import load_card, resolve_model_dir
     from stream_service.service import connectable, install_stop_signals
     from stream_service.stages.features import camera_reference
@@ -303,11 +303,16 @@ def run_command(
         for camera in settings.cameras:
             camera_reference(camera)
         endpoint = connectable(settings.transport.verdicts_pub)
-        subscriber = FrameReceiver(
-            endpoint, kind="sub", topics=["verdicts."], hwm=settings.transport.publish_hwm, linger_ms=0
-        )
+        topics = ["verdicts.", "highlights."] if settings.dashboard.enabled else ["verdicts."]
+        subscriber = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=settings.transport.publish_hwm, linger_ms=0)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
+    dashboard: Dashboard | None = None
+    if settings.dashboard.enabled:
+        try:
+            dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port)
+        except ConfigError as exc:  # the pipeline matters more than its dashboard: run on without it
+            typer.echo(f"error: {exc}; running without the dashboard", err=True)
     folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="stream-service-run-"))
     stop = threading.Event()
     install_stop_signals(stop)
@@ -316,7 +321,7 @@ def run_command(
     tty = sys.stdout.isatty()
     typer.echo(
         f"stream-service run: {len(specs)} processes ({', '.join(s.name for s in specs)}); verdicts on {endpoint}; "
-        f"logs and heartbeats in {folder}",
+        f"logs and heartbeats in {folder}" + (f"; dashboard on {dashboard.url}" if dashboard else ""),
         err=True,
     )
     started = time.monotonic()
@@ -337,12 +342,13 @@ def run_command(
                     continue  # counted and logged by the receiver
                 if message is None:
                     break
-                if isinstance(message.header, Verdict):
-                    summary.add(message.header, time.monotonic_ns())
+                take(message, summary, dashboard, time.monotonic_ns())
                 timeout = 0.0
             now = time.monotonic()
             if now >= next_report:
                 next_report += 1.0
+                if dashboard is not None:
+                    dashboard.publish(summary.snapshot(supervisor.stages, time.monotonic_ns(), now - started))
                 if tty:
                     block = summary.render(supervisor.stages, time.monotonic_ns(), now - started)
                     sys.stdout.write((f"\x1b[{shown}F\x1b[J" if shown else "") + block + "\n")
@@ -355,10 +361,64 @@ def run_command(
     finally:
         supervisor.stop()
         subscriber.close()
+        if dashboard is not None:
+            dashboard.close()
         terminate_context()
     final = summary.render(supervisor.stages, time.monotonic_ns(), time.monotonic() - started)
     typer.echo((f"\x1b[{shown}F\x1b[J" if tty and shown else "") + final)
     raise typer.Exit(code)
+
+
+@app.command("dashboard")
+def dashboard_command(
+    config: ConfigOption = None,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Verdict PUB endpoint (default: transport.verdicts_pub).")
+    ] = None,
+) -> None:
+    """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
+    import time
+
+    from stream_service.dashboard import Dashboard, take
+    from stream_service.errors import MessageError, StreamServiceError
+    from stream_service.service import connectable, install_stop_signals
+    from stream_service.summary import PipelineSummary
+    from stream_service.transport import FrameReceiver, terminate_context
+
+    settings = _load(config)
+    endpoint = endpoint or connectable(settings.transport.verdicts_pub)
+    try:
+        dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    try:
+        receiver = FrameReceiver(
+            endpoint, kind="sub", topics=["verdicts.", "highlights."], hwm=settings.transport.publish_hwm, linger_ms=0
+        )
+    except StreamServiceError as exc:
+        dashboard.close()
+        raise _fail(exc) from exc
+    stop = threading.Event()
+    install_stop_signals(stop)
+    typer.echo(f"stream-service dashboard: verdicts from {endpoint}; dashboard on {dashboard.url}", err=True)
+    summary = PipelineSummary()
+    started = time.monotonic()
+    next_report = started
+    try:
+        while not stop.is_set():
+            try:
+                message = receiver.receive(0.2)
+            except MessageError:
+                message = None  # counted and logged by the receiver
+            if message is not None:
+                take(message, summary, dashboard, time.monotonic_ns())
+            if (now := time.monotonic()) >= next_report:
+                next_report = now + 1.0
+                dashboard.publish(summary.snapshot([], time.monotonic_ns(), now - started))
+    finally:
+        receiver.close()
+        dashboard.close()
+        terminate_context()
 
 
 @app.command("subscribe")

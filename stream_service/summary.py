@@ -79,6 +79,7 @@ class PipelineSummary:
     fps_window_s: float = 5.0
     cameras: dict[str, CameraTally] = field(default_factory=dict)
     latency: LatencyTracker = field(init=False)
+    model: str | None = None  # "<id> <version>" of the latest verdict
 
     def __post_init__(self) -> None:
         self.latency = LatencyTracker(self.latency_window)
@@ -106,7 +107,36 @@ class PipelineSummary:
             tally.truth_total += 1
             tally.truth_agree += int(label == verdict.verdict)
         self.latency.add(verdict.latency_ms)
+        self.model = f"{verdict.model_id} {verdict.model_version}"
         return missed
+
+    def snapshot(self, stages: Sequence[StageRow], now_ns: int, elapsed_s: float) -> dict[str, Any]:
+        """What ``render`` shows, as JSON-ready data (the dashboard's ``/api/status``)."""
+        cameras = {
+            cid: {
+                "fps": round(t.fps.fps(now_ns), 2),
+                "passed": t.passed,
+                "failed": t.failed,
+                "dropped": t.dropped,
+                "missed": t.missed,
+                "truth_total": t.truth_total,
+                "truth_agree": t.truth_agree,
+                "last_seq": t.last_seq,
+            }
+            for cid, t in sorted(self.cameras.items())
+        }
+        latency = {
+            stage: {"p50": round(p.p50, 2), "p99": round(p.p99, 2), "count": p.count}
+            for stage, p in sorted(self.latency.percentiles().items(), key=lambda kv: (kv[0] == END_TO_END, kv[0]))
+        }
+        return {
+            "elapsed_s": round(elapsed_s, 1),
+            "verdicts": self.total,
+            "model": self.model,
+            "cameras": cameras,
+            "latency_ms": latency,
+            "processes": [stage_counts(st) for st in stages],
+        }
 
     def line(self, now_ns: int) -> str:
         """One line: per camera fps, pass/fail, dropped; end-to-end p50/p99."""
@@ -147,7 +177,9 @@ def _count(value: Any) -> int:
     return int(value or 0)
 
 
-def _stage_line(st: StageRow) -> str:
+def stage_counts(st: StageRow) -> dict[str, Any]:
+    """A stage process as the summary and the dashboard show it: state, restarts, rate in, and its counters
+    of dropped (received and sent), rejected and failed messages (for a capture: frames and camera errors)."""
     stats: Mapping[str, Any] = (st.heartbeat or {}).get("stats") or {}
     core = stats.get("stage") or {}
     rate = float(core.get("fps", 0.0))
@@ -158,5 +190,22 @@ def _stage_line(st: StageRow) -> str:
         capture = stats["capture"]
         dropped, errors = _count(capture.get("dropped")), _count(capture.get("camera_errors"))
         rate = float(capture.get("fps", 0.0))
-    pid = str(st.pid) if st.pid is not None else "-"
-    return f"  {st.name:<16}{st.state:<11}{pid:>7}{st.restarts:>9}{rate:>7.1f}{dropped:>9}{rejected:>9}{errors:>7}"
+    return {
+        "name": st.name,
+        "state": st.state,
+        "pid": st.pid,
+        "restarts": st.restarts,
+        "in_per_s": rate,
+        "dropped": dropped,
+        "rejected": rejected,
+        "errors": errors,
+    }
+
+
+def _stage_line(st: StageRow) -> str:
+    c = stage_counts(st)
+    pid = str(c["pid"]) if c["pid"] is not None else "-"
+    return (
+        f"  {c['name']:<16}{c['state']:<11}{pid:>7}{c['restarts']:>9}{c['in_per_s']:>7.1f}{c['dropped']:>9}"
+        f"{c['rejected']:>9}{c['errors']:>7}"
+    )

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +71,17 @@ def write_config(
     defect_rate: float,
     shared_memory: bool = False,
     camera: dict[str, Any] | None = None,
+    dashboard: bool = False,
     **supervisor: float,
 ) -> tuple[Path, dict[str, str]]:
-    """A pipeline config on free loopback ports: the synthetic camera at ``fps``, or ``camera`` when given."""
-    capture, features, verdicts = free_ports(3)
+    """A pipeline config on free loopback ports: the synthetic camera at ``fps``, or ``camera`` when given;
+    with ``dashboard``, the dashboard on a free port too (``endpoints["dashboard"]``: its URL)."""
+    capture, features, verdicts, http = free_ports(4)
     endpoints = {
         "capture": f"tcp://127.0.0.1:{capture}",
         "features": f"tcp://127.0.0.1:{features}",
         "verdicts": f"tcp://127.0.0.1:{verdicts}",
+        "dashboard": f"http://127.0.0.1:{http}/",
     }
     timing = {"heartbeat_s": 0.2, "heartbeat_timeout_s": 30.0, "restart_backoff_s": 0.5, "max_restarts": 5}
     timing |= {"shutdown_deadline_s": 4.0, "startup_timeout_s": STARTUP_S} | supervisor
@@ -91,7 +97,7 @@ def write_config(
         "soartc": {"device": "cpu"},
         "inference": {"device": "cpu", "threads": 1},
         "supervisor": timing,
-        "dashboard": {"enabled": False},
+        "dashboard": {"enabled": dashboard, "host": "127.0.0.1", "port": http},
     }
     path = directory / "pipeline.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
@@ -169,9 +175,10 @@ def start_pipeline(
     defect_rate: float,
     shared_memory: bool = False,
     camera: dict[str, Any] | None = None,
+    dashboard: bool = False,
     **supervisor: float,
 ) -> Pipeline:
-    config, endpoints = write_config(directory, fps, defect_rate, shared_memory, camera, **supervisor)
+    config, endpoints = write_config(directory, fps, defect_rate, shared_memory, camera, dashboard, **supervisor)
     run_dir = directory / "run"
     with (directory / "run.out").open("w") as out:  # a file, not a pipe: nobody reads it while it runs
         process = subprocess.Popen(
@@ -192,7 +199,7 @@ def start_pipeline(
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    started = start_pipeline(tmp_path_factory.mktemp("pipeline"), fps=6, defect_rate=0.6)
+    started = start_pipeline(tmp_path_factory.mktemp("pipeline"), fps=6, defect_rate=0.6, dashboard=True)
     yield started
     started.stop()
 
@@ -229,6 +236,56 @@ def test_verdicts_of_known_frames_agree_with_the_synthetic_truth(pipeline: Pipel
     assert len(caught) >= 0.85 * len(defective), f"{len(caught)} of {len(defective)} defective frames judged fail"
     assert len(located) >= 0.8 * len(caught), f"{len(located)} of {len(caught)} fails have a region on a truth box"
     assert len(false_alarms) <= 0.15 * len(clean), f"{len(false_alarms)} of {len(clean)} clean frames judged fail"
+
+
+def browser() -> str:
+    """A headless Chromium for the dashboard test: skipped without one, unless CI requires it."""
+    found = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if found is None:
+        if os.environ.get("STREAM_SERVICE_REQUIRE_BROWSER") == "1":
+            pytest.fail("STREAM_SERVICE_REQUIRE_BROWSER=1 but no chromium on PATH (apt-get install chromium)")
+        pytest.skip("no chromium on PATH: the dashboard's browser test needs one (apt-get install chromium)")
+    return found
+
+
+def rendered_page(url: str, profile: Path) -> str:
+    """The dashboard's DOM after its script has fetched and rendered the status, in headless Chromium."""
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+    ]
+    done = subprocess.run([browser(), *flags, url], capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_dashboard_shows_live_verdicts_latency_and_processes_in_a_browser(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    pipeline.verdicts(6)  # verdicts and highlights have flowed for a while
+    time.sleep(2.5)  # the run loop publishes to the dashboard once a second
+    dom = rendered_page(pipeline.endpoints["dashboard"], tmp_path / "profile")
+    assert 'data-ready="1"' in dom, dom[-3000:]  # the script fetched /api/status and rendered it
+    assert f"model {MODEL_NAME}" in dom
+    e2e = re.search(r'<tr data-stage="end_to_end"><td>end to end</td><td>([0-9.]+)</td><td>([0-9.]+)</td>', dom)
+    assert e2e is not None and 0 < float(e2e.group(1)) <= float(e2e.group(2)), dom[-3000:]
+    for name in ("infer", "soartc-0", "capture-cam0"):
+        assert re.search(rf'data-process="{name}"><td>{name}</td><td class="state-running">running</td>', dom), name
+    fps = re.search(r'id="camera-cam0".*?data-field="fps">([0-9.]+)<', dom, re.S)
+    assert fps is not None and float(fps.group(1)) > 0
+    assert re.search(r'id="camera-cam0".*?<img [^>]*src="/api/highlight/cam0\.jpg\?seq=\d+"', dom, re.S)
+    with urllib.request.urlopen(pipeline.endpoints["dashboard"] + "api/highlight/cam0.jpg", timeout=10) as answer:
+        picture = answer.read()
+    assert answer.headers["Content-Type"] == "image/jpeg" and picture[:2] == b"\xff\xd8"  # a JPEG
 
 
 def test_a_malformed_message_is_rejected_counted_and_the_stage_keeps_serving(pipeline: Pipeline) -> None:

@@ -1,0 +1,195 @@
+"""The dashboard's HTTP server: real sockets on loopback, what each endpoint answers; and
+`stream-service dashboard` as a process fed by a real verdict PUB socket.
+
+The page itself is checked in a real browser against a real pipeline in tests/test_pipeline_e2e.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_service.dashboard import Dashboard
+from stream_service.errors import ConfigError
+from stream_service.messages import Verdict, highlight_header, topic_of
+from stream_service.transport import FrameSender
+
+pytestmark = pytest.mark.timeout(60)
+
+SNAPSHOT: dict[str, Any] = {
+    "elapsed_s": 12.0,
+    "verdicts": 40,
+    "model": "soartc-vit 3",
+    "cameras": {"cam0": {"fps": 9.5, "passed": 25, "failed": 15, "dropped": 2, "missed": 0, "last_seq": 41}},
+    "latency_ms": {
+        "infer": {"p50": 22.0, "p99": 40.5, "count": 40},
+        "end_to_end": {"p50": 41.0, "p99": 80.25, "count": 40},
+    },
+    "processes": [
+        {
+            "name": "infer",
+            "state": "running",
+            "pid": 10,
+            "restarts": 1,
+            "in_per_s": 9.5,
+            "dropped": 0,
+            "rejected": 0,
+            "errors": 0,
+        },
+    ],
+}
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers["Content-Type"], exc.read()
+
+
+@pytest.fixture
+def dashboard() -> Iterator[Dashboard]:
+    served = Dashboard("127.0.0.1", 0)
+    yield served
+    served.close()
+
+
+def test_status_is_the_latest_snapshot_with_its_history(dashboard: Dashboard) -> None:
+    code, kind, body = get(dashboard.url + "api/status")
+    assert (code, kind, json.loads(body)["verdicts"]) == (200, "application/json", 0)  # before the first publish
+    dashboard.publish(SNAPSHOT, now=1000.0)
+    dashboard.publish(SNAPSHOT | {"verdicts": 50}, now=1001.0)
+    status = json.loads(get(dashboard.url + "api/status")[2])
+    assert status["verdicts"] == 50 and status["cameras"]["cam0"]["failed"] == 15
+    assert status["history"] == [
+        {"t": 1000.0, "fps": 9.5, "e2e_p50": 41.0, "e2e_p99": 80.25},
+        {"t": 1001.0, "fps": 9.5, "e2e_p50": 41.0, "e2e_p99": 80.25},
+    ]
+
+
+def test_history_is_bounded() -> None:
+    served = Dashboard("127.0.0.1", 0, history_s=3)
+    try:
+        for t in range(10):
+            served.publish(SNAPSHOT, now=float(t))
+        assert [p["t"] for p in served.status()["history"]] == [7.0, 8.0, 9.0]
+    finally:
+        served.close()
+
+
+def test_highlights_are_served_per_camera(dashboard: Dashboard) -> None:
+    code, _, body = get(dashboard.url + "api/highlight/cam0.jpg")
+    assert code == 404 and "no highlight yet for camera 'cam0'" in json.loads(body)["error"]
+    dashboard.highlight("cam0", b"\xff\xd8jpeg bytes\xff\xd9")
+    assert get(dashboard.url + "api/highlight/cam0.jpg") == (200, "image/jpeg", b"\xff\xd8jpeg bytes\xff\xd9")
+    assert json.loads(get(dashboard.url + "api/status")[2])["highlights"] == ["cam0"]
+    assert get(dashboard.url + "api/highlight/../../etc/passwd.jpg")[0] == 404
+
+
+def test_page_metrics_health_and_unknown_paths(dashboard: Dashboard) -> None:
+    code, kind, page = get(dashboard.url)
+    assert (code, kind) == (200, "text/html; charset=utf-8") and b"/api/status" in page
+    dashboard.publish(SNAPSHOT)
+    code, kind, text = get(dashboard.url + "metrics")
+    assert code == 200 and kind.startswith("text/plain")
+    lines = text.decode().splitlines()
+    assert "stream_service_verdicts_total 40" in lines
+    assert 'stream_service_camera_failed_total{camera="cam0"} 15' in lines
+    assert 'stream_service_latency_ms{stage="end_to_end",quantile="0.99"} 80.25' in lines
+    assert 'stream_service_process_restarts_total{process="infer",state="running"} 1' in lines
+    assert get(dashboard.url + "healthz")[:1] == (200,)
+    dashboard._published = time.monotonic() - 60  # the run loop stopped publishing
+    assert get(dashboard.url + "healthz")[0] == 503
+    code, _, body = get(dashboard.url + "nothing-here")
+    assert code == 404 and json.loads(body) == {"error": "no such page: /nothing-here"}
+
+
+def test_a_taken_port_is_a_config_error_naming_the_key() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(
+            ConfigError, match=rf"dashboard.port: expected a free port on 127.0.0.1, found {port} taken"
+        ):
+            Dashboard("127.0.0.1", port)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_dashboard_command_serves_verdicts_published_by_a_pipeline_elsewhere(tmp_path: Path) -> None:
+    pub, http = free_port(), free_port()
+    config = tmp_path / "line.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "cameras": [{"id": "left", "source": {"kind": "synthetic"}}],
+                "transport": {"verdicts_pub": f"tcp://127.0.0.1:{pub}"},
+                "dashboard": {"enabled": True, "host": "127.0.0.1", "port": http},
+            }
+        )
+    )
+    url = f"http://127.0.0.1:{http}/"
+    publisher = FrameSender(f"tcp://127.0.0.1:{pub}", kind="pub", bind=True, hwm=100, linger_ms=0)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream_service.cli", "dashboard", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline, seq, status = time.monotonic() + 30, 0, {}
+        while time.monotonic() < deadline:
+            verdict = Verdict(
+                camera_id="left",
+                seq=seq,
+                capture_ns=time.time_ns(),
+                verdict="fail" if seq % 2 else "pass",
+                score=0.9 if seq % 2 else 0.1,
+                threshold=0.5,
+                model_id="soartc-vit",
+                model_version="3",
+                reference_id="r",
+                reference_version="1",
+                latency_ms={"end_to_end": 20.0 + seq % 5},
+            )
+            jpeg = b"\xff\xd8" + bytes([seq % 256]) + b"\xff\xd9"
+            publisher.send(topic_of(verdict), verdict)
+            header = highlight_header(verdict, jpeg)
+            publisher.send(topic_of(header), header, [jpeg])
+            seq += 1
+            time.sleep(0.05)
+            try:
+                status = json.loads(get(url + "api/status")[2])
+            except OSError:
+                continue  # not listening yet
+            if status.get("verdicts", 0) >= 10 and status.get("highlights") == ["left"]:
+                break
+        assert status.get("verdicts", 0) >= 10, status
+        left = status["cameras"]["left"]
+        assert left["passed"] + left["failed"] == status["verdicts"] and status["model"] == "soartc-vit 3"
+        assert 20.0 <= status["latency_ms"]["end_to_end"]["p50"] <= 24.0 and status["processes"] == []
+        code, kind, picture = get(url + "api/highlight/left.jpg")
+        assert (code, kind, picture[:2]) == (200, "image/jpeg", b"\xff\xd8")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=15)[0]
+        publisher.close()
+    assert process.returncode == 0, output
+    assert f"dashboard on {url}" in output

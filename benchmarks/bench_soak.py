@@ -1,0 +1,188 @@
+"""Soak: the embedded default pipeline left running, its memory, file descriptors and latency watched.
+
+Starts `stream-service run` on the embedded default (synthetic 640x640 camera at 10 fps, the bundled
+model, CPU, shared memory, the dashboard), on free loopback ports, subscribes to its verdicts, skips a
+warm-up, then every ``--every`` seconds samples each process (the run loop and its stage processes): resident
+memory (VmRSS), open file descriptors, and the shared-memory rings in /dev/shm; and, per interval, the
+verdicts received, the frames the pipeline reported dropped, and the end-to-end latency (capture stamp
+to verdict received here). At the end it fits a line to each process's memory (MiB per hour) and
+compares the latency of the first and the last interval: a service meant to run for months must show
+flat memory, no descriptor or ring leak, and no latency drift.
+
+    python benchmarks/bench_soak.py [--minutes 10] [--every 10] [--out bench_out/bench_soak.json]
+
+Prints a table and writes JSON with the samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from _machine import machine, now
+from bench_pipeline import free_ports
+
+from stream_service.messages import Verdict
+from stream_service.shm_ring import ring_directory
+from stream_service.transport import FrameReceiver
+
+CLI = [sys.executable, "-m", "stream_service.cli"]
+STARTUP_S = 240.0
+
+
+def proc_sample(pid: int) -> dict[str, float] | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        fds = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return {"rss_mib": rss / 1024, "fds": fds}
+
+
+def slope_per_hour(times_s: list[float], values: list[float]) -> float:
+    if len(times_s) < 2:
+        return 0.0
+    return float(np.polyfit(np.asarray(times_s) / 3600.0, np.asarray(values), 1)[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="measured time after the warm-up")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
+    parser.add_argument("--warmup", type=float, default=30.0, help="seconds skipped after the first verdict")
+    parser.add_argument("--out", type=Path, default=Path("bench_out/bench_soak.json"))
+    args = parser.parse_args()
+
+    capture, features, verdicts, http = free_ports(4)
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
+    config["transport"] |= {
+        "capture_out": [f"tcp://127.0.0.1:{capture}"],
+        "features_out": f"tcp://127.0.0.1:{features}",
+        "verdicts_pub": f"tcp://127.0.0.1:{verdicts}",
+    }
+    config["dashboard"] |= {"port": http}
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
+        folder = Path(tmp)
+        path = folder / "pipeline.yaml"
+        path.write_text(json.dumps(config))  # the embedded default with its ports moved: JSON is YAML
+        subscriber = FrameReceiver(
+            f"tcp://127.0.0.1:{verdicts}", kind="sub", topics=["verdicts."], hwm=100_000, linger_ms=0
+        )
+        with (folder / "run.out").open("w") as out:
+            process = subprocess.Popen(
+                [*CLI, "run", "--config", str(path), "--run-dir", str(folder / "run")],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        samples: list[dict[str, Any]] = []
+        try:
+            deadline = time.monotonic() + STARTUP_S
+            while subscriber.receive(0.5) is None:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit(f"the pipeline gave no verdict; see {folder / 'run.out'}")
+            warm_until = time.monotonic() + args.warmup
+            while time.monotonic() < warm_until:
+                subscriber.receive(0.1)
+            pids = {p.stem: int(json.loads(p.read_text())["pid"]) for p in (folder / "run").glob("*.json")}
+            pids["run"] = process.pid
+            started = time.monotonic()
+            end = started + args.minutes * 60
+            while time.monotonic() < end:
+                interval_end = min(end, time.monotonic() + args.every)
+                e2e: list[float] = []
+                dropped = 0
+                while (left := interval_end - time.monotonic()) > 0:
+                    message = subscriber.receive(left)
+                    if message is not None and isinstance(message.header, Verdict):
+                        e2e.append((time.time_ns() - message.header.capture_ns) / 1e6)
+                        dropped += message.header.dropped
+                sample: dict[str, Any] = {
+                    "t_s": round(time.monotonic() - started, 1),
+                    "verdicts": len(e2e),
+                    "dropped": dropped,
+                    "e2e_p50_ms": float(np.percentile(e2e, 50)) if e2e else None,
+                    "e2e_p99_ms": float(np.percentile(e2e, 99)) if e2e else None,
+                    "rings": len(list(ring_directory().glob("stream-service-ring-*"))),
+                    "processes": {name: proc_sample(pid) for name, pid in pids.items()},
+                }
+                samples.append(sample)
+                print(
+                    f"[{sample['t_s']:6.0f} s] {len(e2e) / args.every:5.1f} verdicts/s  e2e p50 "
+                    f"{sample['e2e_p50_ms'] or float('nan'):5.0f} ms  "
+                    + "  ".join(f"{n} {p['rss_mib']:.0f} MiB" for n, p in sample["processes"].items() if p is not None),
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            subscriber.close()
+        output = (folder / "run.out").read_text()
+
+    names = sorted(samples[0]["processes"]) if samples else []
+    rows = []
+    for name in names:
+        points = [(s["t_s"], s["processes"][name]) for s in samples if s["processes"].get(name)]
+        times, rss = [t for t, _ in points], [p["rss_mib"] for _, p in points]
+        fds = [p["fds"] for _, p in points]
+        rows.append(
+            {
+                "process": name,
+                "rss_first_mib": rss[0] if rss else None,
+                "rss_last_mib": rss[-1] if rss else None,
+                "rss_max_mib": max(rss) if rss else None,
+                "rss_slope_mib_per_hour": slope_per_hour(times, rss),
+                "fds_first": fds[0] if fds else None,
+                "fds_last": fds[-1] if fds else None,
+                "alive_to_the_end": len(points) == len(samples),
+            }
+        )
+    first, last = samples[0], samples[-1]
+    summary = {
+        "minutes": args.minutes,
+        "verdicts": sum(s["verdicts"] for s in samples),
+        "verdicts_per_s": statistics.mean(s["verdicts"] for s in samples) / args.every,
+        "dropped": sum(s["dropped"] for s in samples),
+        "e2e_p50_first_last_ms": [first["e2e_p50_ms"], last["e2e_p50_ms"]],
+        "e2e_p99_first_last_ms": [first["e2e_p99_ms"], last["e2e_p99_ms"]],
+        "rings_first_last": [first["rings"], last["rings"]],
+        "restarts": output.count("; restarting in"),
+    }
+    print(f"\n{'process':<14}{'RSS first':>10}{'last':>8}{'max':>8}{'MiB/h':>8}{'fds':>9}  (after {args.warmup:.0f} s)")
+    for r in rows:
+        print(
+            f"{r['process']:<14}{r['rss_first_mib']:>10.1f}{r['rss_last_mib']:>8.1f}{r['rss_max_mib']:>8.1f}"
+            f"{r['rss_slope_mib_per_hour']:>8.1f}{r['fds_first']:>5}->{r['fds_last']:<3}"
+            + ("" if r["alive_to_the_end"] else "  (died)")
+        )
+    print(json.dumps(summary))
+    report = {
+        "benchmark": "bench_soak",
+        "date": now(),
+        "machine": machine(),
+        "params": vars(args) | {"out": str(args.out)},
+        "summary": summary,
+        "processes": rows,
+        "samples": samples,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,12 +1,13 @@
 """What every benchmark report records about its run: the machine, the versions, the commit, the date.
 
 ``machine(**extra)`` is the ``machine`` object of a benchmark's JSON; each benchmark adds the versions
-that matter to it (``numba=...``, ``pyzmq=...``).
+that matter to it (``numba=...``, ``pyzmq=...``). ``write_report`` writes the JSON.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -48,3 +49,10 @@ def machine(**extra: Any) -> dict[str, Any]:
         "git_dirty": None if status is None else bool(status),
         "date": now(),
     } | extra
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a benchmark's JSON report to ``path`` (its folder made as needed) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {path}")

@@ -14,7 +14,6 @@ Prints a table of medians and p90s, with the ratio of the ViT to the baseline, a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
-from _machine import machine, now
+from _machine import machine, now, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -141,21 +140,16 @@ def main() -> int:
             f"{r['size']:>10}  {r['path']:<14} {r['windows']:>7} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
             f"{r['x_baseline']:>10.2f}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": now(),
-                "machine": machine(onnxruntime=onnxruntime.__version__),
-                "model": f"{model.card.name} {model.card.version}",
-                "threads": args.threads,
-                "data": source,
-                "rows": rows,
-            },
-            indent=1,
-        )
-    )
-    print(f"wrote {args.out}")
+    report = {
+        "benchmark": "bench_inference",
+        "date": now(),
+        "machine": machine(onnxruntime=onnxruntime.__version__),
+        "model": f"{model.card.name} {model.card.version}",
+        "threads": args.threads,
+        "data": source,
+        "rows": rows,
+    }
+    write_report(args.out, report)
     return 0
 
 

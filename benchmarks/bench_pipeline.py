@@ -38,7 +38,7 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-from _machine import machine, now
+from _machine import machine, now, write_report
 
 from stream_service.messages import Verdict
 from stream_service.transport import FrameReceiver
@@ -275,9 +275,7 @@ def main() -> None:
         "pipeline": rows,
         "transport": transport,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from _machine import machine, now
+from _machine import machine, now, write_report
 from bench_pipeline import free_ports
 
 from stream_service.messages import Verdict
@@ -179,9 +179,7 @@ def main() -> None:
         "processes": rows,
         "samples": samples,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 import cv2
 import numba
 import numpy as np
-from _machine import machine
+from _machine import machine, write_report
 
 from stream_service.soartc import (
     VARIANTS,
@@ -313,8 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     if not use_gpu:
         print("gpu vs cpu: not checked (no CUDA)")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "machine": info,
         "config": dict(vars(args)),
@@ -323,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": rows,
         "gpu_cpu_agreement": checks or NO_CUDA,
     }
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_report(Path(args.out), {"benchmark": "bench_soartc", **result})
     return 0 if all(c["allclose"] for c in checks) else 1
 
 

@@ -16,14 +16,13 @@ Writes bench_out/bench_synthetic_accuracy.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import machine, now
+from _machine import machine, now, write_report
 
 from stream_service.inspection import Detector, FeatureExtractor
 from stream_service.model import InspectionModel
@@ -185,9 +184,7 @@ def main() -> None:
         "false_alarms": false_alarms,
         "seconds": seconds,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Prints a table and writes JSON with the machine, versions and date.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _machine import machine, now
+from _machine import machine, now, write_report
 
 SIZES: dict[str, tuple[int, int, int]] = {"1920x1080": (1080, 1920, 3), "640x640": (640, 640, 3)}
 TRANSPORTS = ("tcp", "ipc", "shm", "shm-inplace", "imagezmq")
@@ -235,9 +234,7 @@ def main() -> None:
         },
         "results": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
 
 
 if __name__ == "__main__":

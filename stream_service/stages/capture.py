@@ -228,6 +228,46 @@ def run_capture(
     return stats
 
 
+def grab(
+    camera: CameraSettings,
+    count: int,
+    every_s: float,
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[U8]:
+    """``count`` frames of ``camera`` as the capture stage sends them (resized to ``frame_size``), at least
+    ``every_s`` apart: the good frames a golden reference is averaged from (``reference grab``).
+
+    Raises ``CameraError`` when the camera cannot be opened or has not delivered ``count`` frames within
+    ``timeout_s`` (a live stream that is reconnecting delivers none for a while).
+    """
+    stage = CaptureStage(camera)
+    source = open_source(camera.source)
+    frames: list[U8] = []
+    deadline = clock() + timeout_s
+    try:
+        while len(frames) < count:
+            if clock() > deadline:
+                raise CameraError(
+                    f"camera {camera.id}: expected {count} frames within {timeout_s:g} s, found {len(frames)}"
+                )
+            frame = source.read()
+            if frame is None:
+                if source.finished:
+                    raise CameraError(
+                        f"camera {camera.id}: expected {count} frames, found {len(frames)} before the source ended"
+                    )
+                sleep(_IDLE_S)
+                continue
+            frames.append(np.asarray(stage.frame_message(frame, None, 0)[2][0], np.uint8).copy())
+            if len(frames) < count:
+                sleep(every_s)
+    finally:
+        source.close()
+    return frames
+
+
 def open_camera(camera: CameraSettings) -> Callable[[], FrameSource]:
     """The opener ``run_capture`` calls (again after a ``CameraError``) for ``camera``."""
     return lambda: open_source(camera.source)

@@ -337,6 +337,14 @@ def run_command(
     run_dir: Annotated[
         Path | None, typer.Option("--run-dir", help="Folder for the stages' logs and heartbeats (default: a temp dir).")
     ] = None,
+    summary_every: Annotated[
+        float | None,
+        typer.Option(
+            "--summary-every",
+            min=0.1,
+            help="Seconds between summaries (default: 1 on a terminal, 60 into a log such as journald's).",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline under a supervisor, with a live summary; Ctrl-C or SIGTERM stops it cleanly."""
     import sys
@@ -382,7 +390,8 @@ def run_command(
         err=True,
     )
     started = time.monotonic()
-    next_report, shown, code = started + 1.0, 0, 0
+    every = summary_every if summary_every is not None else (1.0 if tty else 60.0)
+    next_report, next_summary, shown, code = started + 1.0, started + every, 0, 0
     try:
         supervisor.start()
         while not stop.is_set():
@@ -406,6 +415,8 @@ def run_command(
                 next_report += 1.0
                 if dashboard is not None:
                     dashboard.publish(summary.snapshot(supervisor.stages, time.monotonic_ns(), now - started))
+            if now >= next_summary:
+                next_summary += every
                 if tty:
                     block = summary.render(supervisor.stages, time.monotonic_ns(), now - started)
                     sys.stdout.write((f"\x1b[{shown}F\x1b[J" if shown else "") + block + "\n")

@@ -182,7 +182,7 @@ def start_pipeline(
     run_dir = directory / "run"
     with (directory / "run.out").open("w") as out:  # a file, not a pipe: nobody reads it while it runs
         process = subprocess.Popen(
-            [*CLI, "run", "--config", str(config), "--run-dir", str(run_dir)],
+            [*CLI, "run", "--config", str(config), "--run-dir", str(run_dir), "--summary-every", "1"],
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
@@ -371,6 +371,8 @@ def test_sigterm_stops_every_process_within_5_s(pipeline: Pipeline) -> None:
     assert pipeline.process.returncode == 0, output[-3000:]
     assert not [name for name, pid in pids.items() if alive(pid)]
     assert "verdicts" in output and "restarts" in output  # the final summary
+    # and, into a file (not a terminal), a one-line summary every --summary-every second
+    assert len(re.findall(r"^\[\s*\d+ s\] cam0 [0-9.]+ fps \d+ pass \d+ fail", output, re.M)) >= 5
 
 
 # -- an overloaded pipeline, a stage alone ---------------------------------------------------------------------

@@ -503,12 +503,18 @@ def subscribe_command(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="Exit 1 when no verdict arrives for this many seconds.")
     ] = 60.0,
+    save_highlights: Annotated[
+        Path | None,
+        typer.Option("--save-highlights", help="Also save each verdict's highlight JPEG under this directory."),
+    ] = None,
+    fails_only: Annotated[bool, typer.Option("--fails-only", help="With --save-highlights: fails only.")] = False,
 ) -> None:
     """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
     import time
 
+    from stream_service.archive import HighlightArchive
     from stream_service.errors import MessageError, StreamServiceError
-    from stream_service.messages import Verdict
+    from stream_service.messages import Highlight, Verdict
     from stream_service.service import connectable
     from stream_service.summary import PipelineSummary, verdict_line
     from stream_service.transport import FrameReceiver, terminate_context
@@ -518,15 +524,23 @@ def subscribe_command(
         settings = _load(config)
         endpoint, hwm = connectable(settings.transport.verdicts_pub), settings.transport.publish_hwm
     topics = [f"verdicts.{camera}"] if camera else ["verdicts."]
+    if save_highlights is not None:
+        topics.append(f"highlights.{camera}" if camera else "highlights.")
     try:
+        archive = HighlightArchive(save_highlights, fails_only) if save_highlights is not None else None
         receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     summary = PipelineSummary()
     last = time.monotonic()
     code = 0
+    finishing: float | None = None  # after the last verdict: a moment for the highlights on their way
     try:
-        while count is None or summary.total < count:
+        while True:
+            if count is not None and summary.total >= count:
+                finishing = finishing or time.monotonic() + 2.0
+                if archive is None or not archive.pending or time.monotonic() > finishing:
+                    break
             try:
                 message = receiver.receive(0.2)
             except MessageError:
@@ -544,16 +558,25 @@ def subscribe_command(
                     break
                 continue
             verdict = message.header
+            if isinstance(verdict, Highlight) and archive is not None:
+                archive.highlight(message)
+                continue
             if not isinstance(verdict, Verdict) or (camera is not None and verdict.camera_id != camera):
                 continue
+            if finishing is not None:
+                continue  # past --count: only highlights now
             last = now
             summary.add(verdict, time.monotonic_ns())
+            if archive is not None:
+                archive.verdict(verdict)
             typer.echo(verdict.model_dump_json() if as_json else verdict_line(verdict))
     except KeyboardInterrupt:
         pass
     finally:
         receiver.close()
         terminate_context()
+    if archive is not None:
+        typer.echo(f"saved {archive.saved} highlight(s) under {archive.directory}", err=True)
     missed = sum(t.missed for t in summary.cameras.values())
     if missed:
         typer.echo(

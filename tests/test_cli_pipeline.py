@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stream_service.cli import app
-from stream_service.messages import Region, Verdict
+from stream_service.messages import Region, Verdict, highlight_header
 from stream_service.summary import PipelineSummary
 from stream_service.transport import FrameReceiver, FrameSender
 
@@ -52,9 +52,15 @@ def verdict(camera: str, seq: int, regions: int = 1) -> Verdict:
     )
 
 
+def jpeg(camera: str, seq: int) -> bytes:
+    """The (stand-in) highlight picture of a verdict: JPEG markers around its camera and sequence number."""
+    return b"\xff\xd8" + f"{camera}-{seq}".encode() + b"\xff\xd9"
+
+
 @pytest.fixture
 def publisher() -> Iterator[str]:
-    """A PUB socket publishing verdicts of cam0 and cam1 every 20 ms (and a highlight); yields its endpoint."""
+    """A PUB socket publishing verdicts of cam0 and cam1, each followed by its highlight, every 20 ms; yields
+    its endpoint."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     stop = threading.Event()
     ready = threading.Event()
@@ -65,7 +71,9 @@ def publisher() -> Iterator[str]:
             seq = 0
             while not stop.is_set():
                 for camera in ("cam0", "cam1"):
-                    pub.send(f"verdicts.{camera}", verdict(camera, seq))
+                    v = verdict(camera, seq)
+                    pub.send(f"verdicts.{camera}", v)
+                    pub.send(f"highlights.{camera}", highlight_header(v, jpeg(camera, seq)), [jpeg(camera, seq)])
                 seq += 1
                 time.sleep(0.02)
 
@@ -109,6 +117,19 @@ def test_subscribe_reads_the_endpoint_from_the_config(publisher: str, tmp_path: 
     done = subscribe("--config", str(config), "--count", "2", "--json", "--timeout", "30")
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 2
+
+
+def test_subscribe_saves_the_highlight_pictures_of_the_fails(publisher: str, tmp_path: Path) -> None:
+    out = tmp_path / "pictures"
+    args = ["--endpoint", publisher, "--camera", "cam0", "--count", "9", "--json", "--timeout", "30"]
+    done = subscribe(*args, "--save-highlights", str(out), "--fails-only")
+    assert done.returncode == 0, done.stderr
+    fails = [v for v in map(Verdict.model_validate_json, done.stdout.splitlines()) if v.verdict == "fail"]
+    assert len(fails) >= 2  # every third verdict of the publisher is a fail
+    pictures = sorted((out / "cam0").iterdir())
+    assert [p.name for p in pictures] == [f"cam0-{v.seq:08d}-fail.jpg" for v in fails]  # the last one too
+    assert all(p.read_bytes() == jpeg("cam0", v.seq) for p, v in zip(pictures, fails, strict=True))
+    assert f"saved {len(fails)} highlight(s) under {out}" in done.stderr
 
 
 def test_subscribe_exits_1_with_a_clear_message_when_nothing_arrives() -> None:

@@ -1,0 +1,60 @@
+"""HighlightArchive: which highlight pictures are kept, under which names, and what is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_service.archive import HighlightArchive
+from stream_service.errors import InputError
+from stream_service.messages import Message, Verdict, highlight_header
+
+
+def verdict(seq: int, judged: str) -> Verdict:
+    return Verdict(
+        camera_id="cam0",
+        seq=seq,
+        capture_ns=0,
+        verdict=judged,  # type: ignore[arg-type]
+        score=0.9 if judged == "fail" else 0.1,
+        threshold=0.5,
+        model_id="m",
+        model_version="1",
+        reference_id="r",
+        reference_version="1",
+    )
+
+
+def highlight(v: Verdict, picture: bytes) -> Message:
+    return Message("highlights.cam0", highlight_header(v, picture), [np.frombuffer(picture, np.uint8)])
+
+
+def test_every_highlight_with_its_verdict_in_the_name(tmp_path: Path) -> None:
+    archive = HighlightArchive(tmp_path / "pictures")
+    passed, failed = verdict(7, "pass"), verdict(8, "fail")
+    for v in (passed, failed):
+        archive.verdict(v)
+    assert archive.pending == 2
+    assert archive.highlight(highlight(failed, b"\xff\xd8fail")) == tmp_path / "pictures/cam0/cam0-00000008-fail.jpg"
+    assert archive.highlight(highlight(passed, b"\xff\xd8pass")) == tmp_path / "pictures/cam0/cam0-00000007-pass.jpg"
+    assert (tmp_path / "pictures/cam0/cam0-00000008-fail.jpg").read_bytes() == b"\xff\xd8fail"
+    assert (archive.saved, archive.pending) == (2, 0)
+    assert not list((tmp_path / "pictures/cam0").glob("*.tmp"))
+
+
+def test_passes_are_skipped_with_fails_only_and_unknown_verdicts_are_not_guessed(tmp_path: Path) -> None:
+    archive = HighlightArchive(tmp_path, fails_only=True)
+    archive.verdict(verdict(1, "pass"))
+    assert archive.pending == 0
+    assert archive.highlight(highlight(verdict(1, "pass"), b"x")) is None
+    assert archive.highlight(highlight(verdict(2, "fail"), b"y")) is None  # its verdict never arrived here
+    assert archive.saved == 0 and not (tmp_path / "cam0").exists()
+
+
+def test_a_directory_that_cannot_be_made_is_an_input_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(InputError, match="--save-highlights: expected a writable directory"):
+        HighlightArchive(blocker / "pictures")

@@ -1,9 +1,11 @@
 """End to end: real stage processes on loopback under `stream-service run`, with the bundled model.
 
-One pipeline (a 256x256 synthetic camera at 6 fps) serves the tests in order: verdicts against the
-synthetic ground truth, a malformed message at the infer stage, a slow subscriber, a killed stage, and
-SIGTERM last. A second, overloaded pipeline checks drop-oldest, and a soartc stage runs alone. Ports
-are picked free; every process started here is stopped in teardown, by pid, even when a test fails.
+One pipeline (a 256x256 synthetic camera at 6 fps, pixels through shared memory as the default config
+sends them on one host, the dashboard on) serves the tests in order: verdicts against the synthetic
+ground truth, the dashboard in a browser, a malformed message at the infer stage, a slow subscriber, a
+killed stage, and SIGTERM last. Overloaded pipelines (pixels over tcp and through shared memory) check
+drop-oldest, and a soartc stage runs alone. Ports are picked free; every process started here is
+stopped in teardown, by pid, even when a test fails.
 Skipped only when the bundled model (models/soartc-vit) is missing.
 """
 
@@ -199,7 +201,9 @@ def start_pipeline(
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pipeline]:
-    started = start_pipeline(tmp_path_factory.mktemp("pipeline"), fps=6, defect_rate=0.6, dashboard=True)
+    started = start_pipeline(
+        tmp_path_factory.mktemp("pipeline"), fps=6, defect_rate=0.6, shared_memory=True, dashboard=True
+    )
     yield started
     started.stop()
 

@@ -1,0 +1,21 @@
+"""The ``stream-service`` command line, one module per group of commands:
+
+- ``app``: the Typer application, the options and helpers the commands share;
+- ``reference``: golden references (build from files, grab from a camera, show);
+- ``model``: train and evaluate the inspection model;
+- ``pipeline``: run the pipeline, its stages one by one, the dashboard, subscribe to verdicts.
+
+Only this package prints and chooses exit codes.
+"""
+
+from __future__ import annotations
+
+from stream_service.cli import model, pipeline, reference  # noqa: F401 - importing registers the commands
+from stream_service.cli.app import app
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

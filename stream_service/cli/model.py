@@ -1,0 +1,93 @@
+"""``stream-service train|evaluate``: the inspection model, trained and measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from stream_service.cli.app import DEFAULT_MODEL, _fail, app
+
+
+@app.command("train")
+def train_command(
+    manifest: Annotated[Path, typer.Argument(help="Inspection manifest (JSON Lines) with groups for the split.")],
+    out: Annotated[Path, typer.Option("--out", help="Model folder to write (model.onnx + card.json).")],
+    minutes: Annotated[
+        float, typer.Option(help="Training time budget in minutes (data preparation not counted).")
+    ] = 26.0,
+    seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
+    val_groups: Annotated[str, typer.Option(help="Comma-separated validation board groups.")] = "group13000,group50600",
+    windows_per_image: Annotated[int, typer.Option(help="Training windows sampled per image per round.")] = 12,
+    rounds: Annotated[int, typer.Option(help="Rounds of freshly augmented windows.")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads (0 = all cores).")] = 0,
+    version: Annotated[str, typer.Option(help="Model version written to the card.")] = "1",
+    from_checkpoint: Annotated[
+        Path | None, typer.Option(help="Skip training: export and validate a checkpoint saved by an earlier run.")
+    ] = None,
+    notes: Annotated[
+        Path | None, typer.Option(help="JSON list of earlier experiments to record in the model card.")
+    ] = None,
+) -> None:
+    """Train the SOARTC ViT on CPU, export it to ONNX, choose its thresholds on validation, write its card."""
+    import json
+
+    try:
+        from stream_service.training.ship import ship
+        from stream_service.training.train import TrainConfig, load_checkpoint, save_checkpoint, set_threads, train
+    except ImportError as exc:
+        typer.echo(f"error: training needs torch and onnx: pip install 'stream-service[train]' ({exc})", err=True)
+        raise typer.Exit(1) from exc
+    from stream_service.errors import StreamServiceError
+
+    set_threads(threads)
+    cfg = TrainConfig(
+        seed=seed,
+        val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()),
+        minutes=minutes,
+        train_windows_per_image=windows_per_image,
+        rounds=rounds,
+    )
+    checkpoint = Path("runs") / f"{out.name}-checkpoint.pt"
+    try:
+        if from_checkpoint is not None:
+            result = load_checkpoint(from_checkpoint)
+        else:
+            result = train(manifest, cfg)
+            save_checkpoint(result, checkpoint)
+            typer.echo(f"trained in {result.seconds / 60:.1f} min; checkpoint {checkpoint}")
+        experiments = json.loads(notes.read_text()) if notes is not None else []
+        card = ship(result, manifest, out, name=out.name, version=version, experiments=experiments)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    vit = card.validation["vit"]
+    typer.echo(
+        f"model {card.name} {card.version} -> {out}: threshold {card.threshold.value:.4f}, validation crop AUROC "
+        f"{vit['crop_auroc']:.4f}, miss {vit['crop_miss_rate']:.4f}, false alarms {vit['crop_false_alarm_rate']:.4f}, "
+        f"highlight precision {vit['full_highlight_precision']:.3f}, box recall {vit['full_box_recall']:.3f}"
+    )
+
+
+@app.command("evaluate")
+def evaluate_command(
+    manifest: Annotated[Path, typer.Argument(help="Inspection manifest (JSON Lines).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for predictions.jsonl, masks/ and metrics.json.")],
+    method: Annotated[Literal["vit", "baseline"], typer.Option(help="The ViT, or the classical baseline.")] = "vit",
+    model: Annotated[Path, typer.Option(help="Model folder (card.json + model.onnx).")] = DEFAULT_MODEL,
+    device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="Compute device.")] = "cpu",
+) -> None:
+    """Run every pair of a manifest through the live pipeline's code path and write predictions and metrics."""
+    import json
+
+    from stream_service.errors import StreamServiceError
+    from stream_service.evaluation import evaluate
+    from stream_service.model import InspectionModel
+    from stream_service.model_card import resolve_model_dir
+
+    try:
+        loaded = InspectionModel.load(resolve_model_dir(model), device=device)
+        figures = evaluate(manifest, out, loaded, method=method, device=device)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    typer.echo(json.dumps(figures, indent=1))

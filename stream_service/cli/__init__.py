@@ -10,7 +10,13 @@ Only this package prints and chooses exit codes.
 
 from __future__ import annotations
 
-from stream_service.cli import model, pipeline, reference  # noqa: F401 - importing registers the commands
+# Importing a module registers its commands, in this order in --help: the pipeline first.
+# isort: off
+from stream_service.cli import pipeline  # noqa: F401
+from stream_service.cli import reference  # noqa: F401
+from stream_service.cli import model  # noqa: F401
+
+# isort: on
 from stream_service.cli.app import app
 
 __all__ = ["app", "main"]

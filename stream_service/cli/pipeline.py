@@ -16,68 +16,6 @@ if TYPE_CHECKING:
     from stream_service.settings import Settings
 
 
-def _serve(
-    kind: StageKind,
-    config: Path | None,
-    stats: Path | None,
-    exit_with_parent: bool,
-    body: Callable[[Settings, threading.Event, Heartbeat], None],
-) -> None:
-    """Run one stage process until SIGTERM/SIGINT; exit 1 with the error when it cannot start."""
-    from stream_service.errors import StreamServiceError
-    from stream_service.service import Heartbeat, install_stop_signals
-
-    settings = _load(config)
-    stop = threading.Event()
-    install_stop_signals(stop)
-    name = stats.stem if stats is not None else kind
-    heartbeat = Heartbeat(stats, name, kind, settings.supervisor.heartbeat_s, stop, exit_with_parent)
-    try:
-        body(settings, stop, heartbeat)
-    except StreamServiceError as exc:
-        raise _fail(exc) from exc
-
-
-@app.command("capture")
-def capture_command(
-    config: ConfigOption = None,
-    camera: Annotated[str | None, typer.Option("--camera", help="Camera id (default: the only camera).")] = None,
-    stats: StatsOption = None,
-    exit_with_parent: ExitWithParentOption = False,
-) -> None:
-    """Capture one camera: read, stamp and push its frames (never blocks; drops are counted)."""
-    from stream_service.service import serve_capture
-
-    _serve("capture", config, stats, exit_with_parent, lambda s, stop, hb: serve_capture(s, camera, stop, hb))
-
-
-@app.command("soartc")
-def soartc_command(
-    config: ConfigOption = None,
-    camera: Annotated[
-        list[str] | None, typer.Option("--camera", help="Only these cameras (repeatable; default: all).")
-    ] = None,
-    stats: StatsOption = None,
-    exit_with_parent: ExitWithParentOption = False,
-) -> None:
-    """A soartc worker: registration and SOARTC features of the frames of every (or the given) camera."""
-    from stream_service.service import serve_soartc
-
-    _serve("soartc", config, stats, exit_with_parent, lambda s, stop, hb: serve_soartc(s, camera, stop, hb))
-
-
-@app.command("infer")
-def infer_command(
-    config: ConfigOption = None,
-    stats: StatsOption = None,
-    exit_with_parent: ExitWithParentOption = False,
-) -> None:
-    """The infer stage: the ViT, verdicts and highlights, published on transport.verdicts_pub."""
-    from stream_service.service import serve_infer
-
-    _serve("infer", config, stats, exit_with_parent, serve_infer)
-
-
 @app.command("run")
 def run_command(
     config: ConfigOption = None,
@@ -188,58 +126,6 @@ def run_command(
     raise typer.Exit(code)
 
 
-@app.command("dashboard")
-def dashboard_command(
-    config: ConfigOption = None,
-    endpoint: Annotated[
-        str | None, typer.Option("--endpoint", help="Verdict PUB endpoint (default: transport.verdicts_pub).")
-    ] = None,
-) -> None:
-    """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
-    import time
-
-    from stream_service.dashboard import Dashboard, take
-    from stream_service.errors import MessageError, StreamServiceError
-    from stream_service.service import connectable, install_stop_signals
-    from stream_service.summary import PipelineSummary
-    from stream_service.transport import FrameReceiver, terminate_context
-
-    settings = _load(config)
-    endpoint = endpoint or connectable(settings.transport.verdicts_pub)
-    try:
-        dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port)
-    except StreamServiceError as exc:
-        raise _fail(exc) from exc
-    try:
-        receiver = FrameReceiver(
-            endpoint, kind="sub", topics=["verdicts.", "highlights."], hwm=settings.transport.publish_hwm, linger_ms=0
-        )
-    except StreamServiceError as exc:
-        dashboard.close()
-        raise _fail(exc) from exc
-    stop = threading.Event()
-    install_stop_signals(stop)
-    typer.echo(f"stream-service dashboard: verdicts from {endpoint}; dashboard on {dashboard.url}", err=True)
-    summary = PipelineSummary()
-    started = time.monotonic()
-    next_report = started
-    try:
-        while not stop.is_set():
-            try:
-                message = receiver.receive(0.2)
-            except MessageError:
-                message = None  # counted and logged by the receiver
-            if message is not None:
-                take(message, summary, dashboard, time.monotonic_ns())
-            if (now := time.monotonic()) >= next_report:
-                next_report = now + 1.0
-                dashboard.publish(summary.snapshot([], time.monotonic_ns(), now - started))
-    finally:
-        receiver.close()
-        dashboard.close()
-        terminate_context()
-
-
 @app.command("subscribe")
 def subscribe_command(
     endpoint: Annotated[
@@ -334,3 +220,117 @@ def subscribe_command(
             f"note: this subscriber missed {missed} verdict(s) (sequence gaps not reported as dropped)", err=True
         )
     raise typer.Exit(code)
+
+
+@app.command("dashboard")
+def dashboard_command(
+    config: ConfigOption = None,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Verdict PUB endpoint (default: transport.verdicts_pub).")
+    ] = None,
+) -> None:
+    """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
+    import time
+
+    from stream_service.dashboard import Dashboard, take
+    from stream_service.errors import MessageError, StreamServiceError
+    from stream_service.service import connectable, install_stop_signals
+    from stream_service.summary import PipelineSummary
+    from stream_service.transport import FrameReceiver, terminate_context
+
+    settings = _load(config)
+    endpoint = endpoint or connectable(settings.transport.verdicts_pub)
+    try:
+        dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    try:
+        receiver = FrameReceiver(
+            endpoint, kind="sub", topics=["verdicts.", "highlights."], hwm=settings.transport.publish_hwm, linger_ms=0
+        )
+    except StreamServiceError as exc:
+        dashboard.close()
+        raise _fail(exc) from exc
+    stop = threading.Event()
+    install_stop_signals(stop)
+    typer.echo(f"stream-service dashboard: verdicts from {endpoint}; dashboard on {dashboard.url}", err=True)
+    summary = PipelineSummary()
+    started = time.monotonic()
+    next_report = started
+    try:
+        while not stop.is_set():
+            try:
+                message = receiver.receive(0.2)
+            except MessageError:
+                message = None  # counted and logged by the receiver
+            if message is not None:
+                take(message, summary, dashboard, time.monotonic_ns())
+            if (now := time.monotonic()) >= next_report:
+                next_report = now + 1.0
+                dashboard.publish(summary.snapshot([], time.monotonic_ns(), now - started))
+    finally:
+        receiver.close()
+        dashboard.close()
+        terminate_context()
+
+
+def _serve(
+    kind: StageKind,
+    config: Path | None,
+    stats: Path | None,
+    exit_with_parent: bool,
+    body: Callable[[Settings, threading.Event, Heartbeat], None],
+) -> None:
+    """Run one stage process until SIGTERM/SIGINT; exit 1 with the error when it cannot start."""
+    from stream_service.errors import StreamServiceError
+    from stream_service.service import Heartbeat, install_stop_signals
+
+    settings = _load(config)
+    stop = threading.Event()
+    install_stop_signals(stop)
+    name = stats.stem if stats is not None else kind
+    heartbeat = Heartbeat(stats, name, kind, settings.supervisor.heartbeat_s, stop, exit_with_parent)
+    try:
+        body(settings, stop, heartbeat)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command("capture")
+def capture_command(
+    config: ConfigOption = None,
+    camera: Annotated[str | None, typer.Option("--camera", help="Camera id (default: the only camera).")] = None,
+    stats: StatsOption = None,
+    exit_with_parent: ExitWithParentOption = False,
+) -> None:
+    """Capture one camera: read, stamp and push its frames (never blocks; drops are counted)."""
+    from stream_service.service import serve_capture
+
+    _serve("capture", config, stats, exit_with_parent, lambda s, stop, hb: serve_capture(s, camera, stop, hb))
+
+
+@app.command("soartc")
+def soartc_command(
+    config: ConfigOption = None,
+    camera: Annotated[
+        list[str] | None, typer.Option("--camera", help="Only these cameras (repeatable; default: all).")
+    ] = None,
+    stats: StatsOption = None,
+    exit_with_parent: ExitWithParentOption = False,
+) -> None:
+    """A soartc worker: registration and SOARTC features of the frames of every (or the given) camera."""
+    from stream_service.service import serve_soartc
+
+    _serve("soartc", config, stats, exit_with_parent, lambda s, stop, hb: serve_soartc(s, camera, stop, hb))
+
+
+@app.command("infer")
+def infer_command(
+    config: ConfigOption = None,
+    stats: StatsOption = None,
+    exit_with_parent: ExitWithParentOption = False,
+) -> None:
+    """The infer stage: the ViT, verdicts and highlights, published on transport.verdicts_pub."""
+    from stream_service.service import serve_infer
+
+    _serve("infer", config, stats, exit_with_parent, serve_infer)

@@ -8,7 +8,8 @@ the newest highlight JPEG of each camera as it arrives. The server only reads wh
 
 - ``/``: the page (``static/dashboard.html``: plain HTML and JavaScript, no external assets), which polls
   ``/api/status`` every second and draws the end-to-end latency of the last minutes;
-- ``/api/status``: the latest snapshot plus ``history`` (one point a second: time, verdicts/s, e2e p50/p99);
+- ``/api/status``: the latest snapshot plus ``history`` (one point a second: time, verdicts/s, and the
+  end-to-end p50/p99 of that second's verdicts, so the chart shows a spike when it happens);
 - ``/api/highlight/<camera>.jpg``: the camera's newest highlight picture (404 before the first one);
 - ``/metrics``: the same figures in Prometheus' text format, for an existing monitoring stack;
 - ``/healthz``: ``ok`` while the run loop keeps publishing (503 when its last snapshot is over 5 s old).
@@ -30,7 +31,10 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
+
 from stream_service.errors import ConfigError
+from stream_service.latency import END_TO_END
 from stream_service.messages import Highlight, Message, Verdict
 from stream_service.summary import PipelineSummary
 
@@ -55,6 +59,7 @@ class Dashboard:
         self._published = time.monotonic()
         self._history: deque[dict[str, Any]] = deque(maxlen=history_s)
         self._highlights: dict[str, bytes] = {}
+        self._interval: list[float] = []  # end-to-end latencies since the last history point (run loop only)
         self._page = page()
         try:
             self._server = ThreadingHTTPServer((host, port), _handler(self))
@@ -65,15 +70,24 @@ class Dashboard:
         self._thread = threading.Thread(target=self._server.serve_forever, name="dashboard", daemon=True)
         self._thread.start()
 
+    def verdict(self, verdict: Verdict) -> None:
+        """Count ``verdict``'s end-to-end latency in the current history point (called from the run loop)."""
+        e2e = verdict.latency_ms.get(END_TO_END)
+        if e2e is not None:
+            self._interval.append(e2e)
+
     def publish(self, snapshot: dict[str, Any], now: float | None = None) -> None:
-        """Show ``snapshot`` (``PipelineSummary.snapshot``) and add a point to the history."""
+        """Show ``snapshot`` (``PipelineSummary.snapshot``) and close a history point: the verdicts since the
+        previous one, their end-to-end p50/p99 (None without verdicts), and the cameras' verdict rate."""
         now = time.time() if now is None else now
-        e2e = snapshot.get("latency_ms", {}).get("end_to_end") or {}
+        latencies, self._interval = self._interval, []
+        p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (None, None)
         point = {
             "t": round(now, 3),
             "fps": round(sum(c.get("fps", 0.0) for c in snapshot.get("cameras", {}).values()), 2),
-            "e2e_p50": e2e.get("p50"),
-            "e2e_p99": e2e.get("p99"),
+            "verdicts": len(latencies),
+            "e2e_p50": None if p50 is None else round(float(p50), 2),
+            "e2e_p99": None if p99 is None else round(float(p99), 2),
         }
         with self._lock:
             self._snapshot = snapshot
@@ -109,6 +123,8 @@ def take(message: Message, summary: PipelineSummary, dashboard: Dashboard | None
     header = message.header
     if isinstance(header, Verdict):
         summary.add(header, now_ns)
+        if dashboard is not None:
+            dashboard.verdict(header)
     elif isinstance(header, Highlight) and dashboard is not None:
         names = [spec.name for spec in header.arrays]
         if "jpeg" in names:

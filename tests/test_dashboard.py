@@ -66,17 +66,35 @@ def dashboard() -> Iterator[Dashboard]:
     served.close()
 
 
-def test_status_is_the_latest_snapshot_with_its_history(dashboard: Dashboard) -> None:
+def verdict_with(e2e_ms: float, seq: int = 0) -> Verdict:
+    return Verdict(
+        camera_id="cam0",
+        seq=seq,
+        capture_ns=0,
+        verdict="pass",
+        score=0.1,
+        threshold=0.5,
+        model_id="m",
+        model_version="1",
+        reference_id="r",
+        reference_version="1",
+        latency_ms={"end_to_end": e2e_ms},
+    )
+
+
+def test_status_is_the_latest_snapshot_with_one_history_point_a_publish(dashboard: Dashboard) -> None:
     code, kind, body = get(dashboard.url + "api/status")
     assert (code, kind, json.loads(body)["verdicts"]) == (200, "application/json", 0)  # before the first publish
+    for i, e2e in enumerate([30.0, 40.0, 50.0, 400.0]):  # one slow frame in this second
+        dashboard.verdict(verdict_with(e2e, i))
     dashboard.publish(SNAPSHOT, now=1000.0)
-    dashboard.publish(SNAPSHOT | {"verdicts": 50}, now=1001.0)
+    dashboard.publish(SNAPSHOT | {"verdicts": 50}, now=1001.0)  # no verdict in that second
     status = json.loads(get(dashboard.url + "api/status")[2])
     assert status["verdicts"] == 50 and status["cameras"]["cam0"]["failed"] == 15
-    assert status["history"] == [
-        {"t": 1000.0, "fps": 9.5, "e2e_p50": 41.0, "e2e_p99": 80.25},
-        {"t": 1001.0, "fps": 9.5, "e2e_p50": 41.0, "e2e_p99": 80.25},
-    ]
+    first, second = status["history"]
+    assert (first["t"], first["fps"], first["verdicts"], first["e2e_p50"]) == (1000.0, 9.5, 4, 45.0)
+    assert 300.0 < first["e2e_p99"] < 400.0  # the spike shows in its own second, not smoothed over minutes
+    assert second == {"t": 1001.0, "fps": 9.5, "verdicts": 0, "e2e_p50": None, "e2e_p99": None}
 
 
 def test_history_is_bounded() -> None:

@@ -19,11 +19,13 @@ from stream_service.manifest import Box, ManifestItem, read_gray
 from stream_service.metrics import MARGIN_PX
 
 
-def _contains(box: Box, x0: int, y0: int, size: int) -> bool:
+def box_inside(box: Box, x0: int, y0: int, size: int) -> bool:
+    """Whether ``box`` (inclusive corners) lies wholly inside the ``size`` square at (x0, y0)."""
     return box[0] >= x0 and box[1] >= y0 and box[2] <= x0 + size - 1 and box[3] <= y0 + size - 1
 
 
-def _near(box: Box, x0: int, y0: int, size: int, margin: int) -> bool:
+def box_near(box: Box, x0: int, y0: int, size: int, margin: int = MARGIN_PX) -> bool:
+    """Whether ``box`` comes within ``margin`` px of the ``size`` square at (x0, y0) (overlap included)."""
     return (
         box[2] + margin >= x0
         and box[0] - margin <= x0 + size - 1
@@ -59,7 +61,7 @@ def crop_origins(
         if found == n_pass:
             break
         x0, y0 = int(rng.integers(0, w - size + 1)), int(rng.integers(0, h - size + 1))
-        if any(_near(b, x0, y0, size, MARGIN_PX) for b in boxes):
+        if any(box_near(b, x0, y0, size) for b in boxes):
             continue
         if (reference_u8[y0 : y0 + size, x0 : x0 + size] < 128).mean() < min_copper:
             continue
@@ -103,7 +105,7 @@ def make_crop_manifest(
             cv2.imwrite(str(crops_dir / f"{cid}_ref.png"), ref[y0 : y0 + size, x0 : x0 + size])
             cv2.imwrite(str(crops_dir / f"{cid}_frame.png"), frame[y0 : y0 + size, x0 : x0 + size])
             inside = [
-                [b[0] - x0, b[1] - y0, b[2] - x0, b[3] - y0, b[4]] for b in item.boxes if _contains(b, x0, y0, size)
+                [b[0] - x0, b[1] - y0, b[2] - x0, b[3] - y0, b[4]] for b in item.boxes if box_inside(b, x0, y0, size)
             ]
             lines.append(
                 json.dumps(

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from stream_service.crops import box_inside, box_near
 from stream_service.features import FeatureSpec, raw_deviations, token_features
 from stream_service.manifest import Box, ManifestItem, read_gray
 from stream_service.metrics import MARGIN_PX
@@ -59,15 +60,11 @@ def split_by_group(items: Sequence[ManifestItem], val_groups: Sequence[str]) -> 
 
 
 def window_label(boxes: Sequence[Box], x0: int, y0: int, size: int, margin: int = MARGIN_PX) -> int:
-    """FAIL if a box lies wholly inside the window at (x0, y0), PASS if none comes within margin, else AMBIGUOUS."""
-    x1w, y1w = x0 + size - 1, y0 + size - 1
-    near = False
-    for bx1, by1, bx2, by2, *_ in boxes:
-        if bx1 >= x0 and by1 >= y0 and bx2 <= x1w and by2 <= y1w:
-            return FAIL
-        if bx2 + margin >= x0 and bx1 - margin <= x1w and by2 + margin >= y0 and by1 - margin <= y1w:
-            near = True
-    return AMBIGUOUS if near else PASS
+    """FAIL if a box lies wholly inside the window at (x0, y0), PASS if none comes within margin, else AMBIGUOUS:
+    the rule of the evaluation crops (``crops``), applied to training windows."""
+    if any(box_inside(b, x0, y0, size) for b in boxes):
+        return FAIL
+    return AMBIGUOUS if any(box_near(b, x0, y0, size, margin) for b in boxes) else PASS
 
 
 def token_targets(boxes: Sequence[Box], x0: int, y0: int, grid: int, block: int) -> npt.NDArray[np.uint8]:

@@ -24,13 +24,14 @@ from typing import Any
 import numpy as np
 from _machine import machine, now, write_report
 
+from stream_service.camera import synthetic_camera
 from stream_service.inspection import Detector, FeatureExtractor
 from stream_service.model import InspectionModel
 from stream_service.model_card import resolve_model_dir
 from stream_service.settings import SyntheticSource, load_settings
 from stream_service.stages.features import synthetic_reference
 from stream_service.stages.inference import to_frame_regions
-from stream_service.synthetic import DEFECT_KINDS, SyntheticCamera
+from stream_service.synthetic import DEFECT_KINDS
 
 KIND_NAMES = {1: "open", 2: "short", 3: "mousebite", 4: "spur", 5: "spurious copper", 6: "pin-hole"}
 MARGIN_PX = 8
@@ -74,17 +75,7 @@ def main() -> None:
     started = time.perf_counter()
     for seed in args.seeds:
         board = source.model_copy(update={"seed": seed})
-        camera = SyntheticCamera(
-            width=board.width,
-            height=board.height,
-            seed=seed,
-            defect_rate=board.defect_rate,
-            max_defects=board.max_defects,
-            shift_px=board.shift_px,
-            jitter=board.jitter,
-            lighting_drift=board.lighting_drift,
-            noise=board.noise,
-        )
+        camera = synthetic_camera(board)
         extractor = FeatureExtractor(
             synthetic_reference(board),
             card.features.to_spec(),

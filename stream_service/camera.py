@@ -305,22 +305,27 @@ class ImageFolder(_Source):
         raise CameraError(f"camera {self.name}: expected a readable image among {len(self.files)} files, found none")
 
 
+def synthetic_camera(settings: SyntheticSource) -> SyntheticCamera:
+    """The synthetic PCB camera a ``synthetic`` source section describes (its board, defects, drift)."""
+    return SyntheticCamera(
+        width=settings.width,
+        height=settings.height,
+        seed=settings.seed,
+        defect_rate=settings.defect_rate,
+        max_defects=settings.max_defects,
+        shift_px=settings.shift_px,
+        jitter=settings.jitter,
+        lighting_drift=settings.lighting_drift,
+        noise=settings.noise,
+    )
+
+
 class SyntheticStream(_Source):
     """The synthetic PCB camera at ``fps``; ``truth`` is the ground truth of the last frame read."""
 
     def __init__(self, settings: SyntheticSource, clock: Clock = time.monotonic, sleep: Sleep = time.sleep) -> None:
         super().__init__(f"synthetic:{settings.seed}")
-        self.camera = SyntheticCamera(
-            width=settings.width,
-            height=settings.height,
-            seed=settings.seed,
-            defect_rate=settings.defect_rate,
-            max_defects=settings.max_defects,
-            shift_px=settings.shift_px,
-            jitter=settings.jitter,
-            lighting_drift=settings.lighting_drift,
-            noise=settings.noise,
-        )
+        self.camera = synthetic_camera(settings)
         self._pacer = Pacer(settings.fps, clock, sleep)
         self.truth: Truth | None = None
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from stream_service.camera import synthetic_camera
 from stream_service.errors import FrameShapeError, GoldenReferenceError, MessageError, StreamServiceError
 from stream_service.features import FeatureSpec
 from stream_service.inspection import FeatureExtractor
@@ -43,7 +44,6 @@ from stream_service.runner import Outgoing
 from stream_service.settings import CameraSettings, Settings, SyntheticSource
 from stream_service.soartc import U8, Device
 from stream_service.stages.capture import frame_shape
-from stream_service.synthetic import SyntheticCamera
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +63,7 @@ class CameraReference:
 
 def synthetic_reference(source: SyntheticSource) -> U8:
     """The synthetic camera's clean render ``(H, W)`` uint8: pure, the same settings give the same board."""
-    camera = SyntheticCamera(
-        width=source.width,
-        height=source.height,
-        seed=source.seed,
-        defect_rate=source.defect_rate,
-        max_defects=source.max_defects,
-        shift_px=source.shift_px,
-        jitter=source.jitter,
-        lighting_drift=source.lighting_drift,
-        noise=source.noise,
-    )
-    return camera.reference()
+    return synthetic_camera(source).reference()
 
 
 def camera_reference(camera: CameraSettings) -> CameraReference:

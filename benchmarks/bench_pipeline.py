@@ -24,6 +24,7 @@ Prints tables and writes JSON with the machine, versions and parameters.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import signal
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -59,6 +61,39 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+@contextlib.contextmanager
+def running_pipeline(
+    config: dict[str, Any], folder: Path, verdicts: str, warmup_s: float
+) -> Iterator[tuple[subprocess.Popen[bytes], FrameReceiver]]:
+    """``stream-service run`` on ``config`` (written to folder/pipeline.yaml, its output to folder/run.out)
+    and a subscriber to its ``verdicts`` endpoint; enters once the first verdict has arrived and ``warmup_s``
+    more seconds have passed; on exit stops the run (SIGTERM, killed after 30 s) and the subscriber."""
+    path = folder / "pipeline.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    subscriber = FrameReceiver(verdicts, kind="sub", topics=["verdicts."], hwm=100_000, linger_ms=0)
+    with (folder / "run.out").open("w") as out:
+        process = subprocess.Popen(
+            [*CLI, "run", "--config", str(path), "--run-dir", str(folder / "run")], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while subscriber.receive(0.5) is None:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise SystemExit(f"the pipeline gave no verdict; see {folder / 'run.out'}")
+        warm_until = time.monotonic() + warmup_s
+        while time.monotonic() < warm_until:
+            subscriber.receive(0.1)
+        yield process, subscriber
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        subscriber.close()
 
 
 def pipeline_config(
@@ -111,36 +146,14 @@ def run_pipeline(
     config, endpoint = pipeline_config(width, height, fps, cameras, threads, shared_memory, device)
     folder = workdir / f"{size}-{cameras}-{'shm' if shared_memory else 'tcp'}-{device}"
     folder.mkdir(parents=True)
-    path = folder / "pipeline.yaml"
-    path.write_text(json.dumps(config))
-    subscriber = FrameReceiver(endpoint, kind="sub", topics=["verdicts."], hwm=100_000, linger_ms=0)
-    with (folder / "run.out").open("w") as out:
-        process = subprocess.Popen(
-            [*CLI, "run", "--config", str(path), "--run-dir", str(folder / "run")], stdout=out, stderr=subprocess.STDOUT
-        )
     samples: list[tuple[Verdict, int]] = []
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while subscriber.receive(0.5) is None:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise SystemExit(f"pipeline {size} x{cameras} gave no verdict; see {folder}")
-        measure_from = time.monotonic() + warmup
-        while time.monotonic() < measure_from:
-            subscriber.receive(0.1)
+    with running_pipeline(config, folder, endpoint, warmup) as (_, subscriber):
         end = time.monotonic() + seconds
         while (now := time.monotonic()) < end:
             message = subscriber.receive(end - now)
             if message is not None and isinstance(message.header, Verdict):
                 samples.append((message.header, time.time_ns()))
         heartbeats = {p.stem: json.loads(p.read_text()) for p in (folder / "run").glob("*.json")}
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        subscriber.close()
     received = [(received_ns - v.capture_ns) / 1e6 for v, received_ns in samples]
     stages: dict[str, list[float]] = {}
     for v, _ in samples:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,14 +28,10 @@ from typing import Any
 import numpy as np
 import yaml
 from _machine import machine, now, write_report
-from bench_pipeline import free_ports
+from bench_pipeline import free_ports, running_pipeline
 
 from stream_service.messages import Verdict
 from stream_service.shm_ring import ring_directory
-from stream_service.transport import FrameReceiver
-
-CLI = [sys.executable, "-m", "stream_service.cli"]
-STARTUP_S = 240.0
 
 
 def proc_sample(pid: int) -> dict[str, float] | None:
@@ -73,26 +68,9 @@ def main() -> None:
     config["dashboard"] |= {"port": http}
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         folder = Path(tmp)
-        path = folder / "pipeline.yaml"
-        path.write_text(json.dumps(config))  # the embedded default with its ports moved: JSON is YAML
-        subscriber = FrameReceiver(
-            f"tcp://127.0.0.1:{verdicts}", kind="sub", topics=["verdicts."], hwm=100_000, linger_ms=0
-        )
-        with (folder / "run.out").open("w") as out:
-            process = subprocess.Popen(
-                [*CLI, "run", "--config", str(path), "--run-dir", str(folder / "run")],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
         samples: list[dict[str, Any]] = []
-        try:
-            deadline = time.monotonic() + STARTUP_S
-            while subscriber.receive(0.5) is None:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise SystemExit(f"the pipeline gave no verdict; see {folder / 'run.out'}")
-            warm_until = time.monotonic() + args.warmup
-            while time.monotonic() < warm_until:
-                subscriber.receive(0.1)
+        endpoint = f"tcp://127.0.0.1:{verdicts}"  # the embedded default with its ports moved
+        with running_pipeline(config, folder, endpoint, args.warmup) as (process, subscriber):
             pids = {p.stem: int(json.loads(p.read_text())["pid"]) for p in (folder / "run").glob("*.json")}
             pids["run"] = process.pid
             started = time.monotonic()
@@ -123,14 +101,6 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            subscriber.close()
         output = (folder / "run.out").read_text()
 
     names = sorted(samples[0]["processes"]) if samples else []

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stream_service.messages import Verdict
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A few DeepPCB pairs from two boards (groups); enough for every test that needs real data.
@@ -160,3 +162,24 @@ def build_tiny_model(directory: Path, seed: int, threshold: float = 0.5) -> Tiny
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> TinyModel:
     """A tiny untrained model folder shared by the model, model card and evaluation tests."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def make_verdict() -> Callable[..., Verdict]:
+    """Verdicts for tests: ``make_verdict(camera="cam0", seq=0, **fields)``, a pass of model m 1 against
+    reference r 1 unless ``fields`` say otherwise."""
+
+    def make(camera: str = "cam0", seq: int = 0, **fields: Any) -> Verdict:
+        neutral: dict[str, Any] = {
+            "capture_ns": 0,
+            "verdict": "pass",
+            "score": 0.1,
+            "threshold": 0.5,
+            "model_id": "m",
+            "model_version": "1",
+            "reference_id": "r",
+            "reference_version": "1",
+        }
+        return Verdict(camera_id=camera, seq=seq, **(neutral | fields))
+
+    return make

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,26 +13,16 @@ from stream_service.errors import InputError
 from stream_service.messages import Message, Verdict, highlight_header
 
 
-def verdict(seq: int, judged: str) -> Verdict:
-    return Verdict(
-        camera_id="cam0",
-        seq=seq,
-        capture_ns=0,
-        verdict=judged,  # type: ignore[arg-type]
-        score=0.9 if judged == "fail" else 0.1,
-        threshold=0.5,
-        model_id="m",
-        model_version="1",
-        reference_id="r",
-        reference_version="1",
-    )
+@pytest.fixture
+def verdict(make_verdict: Callable[..., Verdict]) -> Callable[[int, str], Verdict]:
+    return lambda seq, judged: make_verdict(seq=seq, verdict=judged, score=0.9 if judged == "fail" else 0.1)
 
 
 def highlight(v: Verdict, picture: bytes) -> Message:
     return Message("highlights.cam0", highlight_header(v, picture), [np.frombuffer(picture, np.uint8)])
 
 
-def test_every_highlight_with_its_verdict_in_the_name(tmp_path: Path) -> None:
+def test_every_highlight_with_its_verdict_in_the_name(tmp_path: Path, verdict: Callable[[int, str], Verdict]) -> None:
     archive = HighlightArchive(tmp_path / "pictures")
     passed, failed = verdict(7, "pass"), verdict(8, "fail")
     for v in (passed, failed):
@@ -44,7 +35,9 @@ def test_every_highlight_with_its_verdict_in_the_name(tmp_path: Path) -> None:
     assert not list((tmp_path / "pictures/cam0").glob("*.tmp"))
 
 
-def test_passes_are_skipped_with_fails_only_and_unknown_verdicts_are_not_guessed(tmp_path: Path) -> None:
+def test_passes_are_skipped_with_fails_only_and_unknown_verdicts_are_not_guessed(
+    tmp_path: Path, verdict: Callable[[int, str], Verdict]
+) -> None:
     archive = HighlightArchive(tmp_path, fails_only=True)
     archive.verdict(verdict(1, "pass"))
     assert archive.pending == 0

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,23 +33,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def verdict(camera: str, seq: int, regions: int = 1) -> Verdict:
-    boxes = tuple(Region(x1=i, y1=i, x2=i + 9, y2=i + 9, score=0.9, area=50) for i in range(regions))
-    return Verdict(
-        camera_id=camera,
-        seq=seq,
-        capture_ns=time.time_ns(),
-        verdict="fail" if seq % 3 == 0 else "pass",
-        score=0.7 if seq % 3 == 0 else 0.2,
-        threshold=0.5,
-        model_id="m",
-        model_version="1",
-        reference_id="r",
-        reference_version="1",
-        regions=boxes,
-        latency_ms={"soartc": 5.0, "infer": 7.0, "end_to_end": 12.0},
-        truth={"label": "pass", "boxes": []},
-    )
+LineVerdict = Callable[..., Verdict]
+
+
+@pytest.fixture(scope="session")
+def verdict(make_verdict: Callable[..., Verdict]) -> LineVerdict:
+    """``verdict(camera, seq, regions=1)``: every third one a fail, with regions, stage latencies and truth."""
+
+    def make(camera: str, seq: int, regions: int = 1) -> Verdict:
+        boxes = tuple(Region(x1=i, y1=i, x2=i + 9, y2=i + 9, score=0.9, area=50) for i in range(regions))
+        return make_verdict(
+            camera,
+            seq,
+            capture_ns=time.time_ns(),
+            verdict="fail" if seq % 3 == 0 else "pass",
+            score=0.7 if seq % 3 == 0 else 0.2,
+            regions=boxes,
+            latency_ms={"soartc": 5.0, "infer": 7.0, "end_to_end": 12.0},
+            truth={"label": "pass", "boxes": []},
+        )
+
+    return make
 
 
 def jpeg(camera: str, seq: int) -> bytes:
@@ -58,7 +62,7 @@ def jpeg(camera: str, seq: int) -> bytes:
 
 
 @pytest.fixture
-def publisher() -> Iterator[str]:
+def publisher(verdict: LineVerdict) -> Iterator[str]:
     """A PUB socket publishing verdicts of cam0 and cam1, each followed by its highlight, every 20 ms; yields
     its endpoint."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -185,7 +189,7 @@ def rss_kib() -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_a_slow_subscriber_never_blocks_the_publisher_and_its_misses_are_counted() -> None:
+def test_a_slow_subscriber_never_blocks_the_publisher_and_its_misses_are_counted(verdict: LineVerdict) -> None:
     """20 000 verdicts of 40 regions (about 100 MB) at a subscriber that reads nothing meanwhile."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     count, message = 20_000, verdict("cam0", 0, regions=40)

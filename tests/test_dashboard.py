@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,27 +66,13 @@ def dashboard() -> Iterator[Dashboard]:
     served.close()
 
 
-def verdict_with(e2e_ms: float, seq: int = 0) -> Verdict:
-    return Verdict(
-        camera_id="cam0",
-        seq=seq,
-        capture_ns=0,
-        verdict="pass",
-        score=0.1,
-        threshold=0.5,
-        model_id="m",
-        model_version="1",
-        reference_id="r",
-        reference_version="1",
-        latency_ms={"end_to_end": e2e_ms},
-    )
-
-
-def test_status_is_the_latest_snapshot_with_one_history_point_a_publish(dashboard: Dashboard) -> None:
+def test_status_is_the_latest_snapshot_with_one_history_point_a_publish(
+    dashboard: Dashboard, make_verdict: Callable[..., Verdict]
+) -> None:
     code, kind, body = get(dashboard.url + "api/status")
     assert (code, kind, json.loads(body)["verdicts"]) == (200, "application/json", 0)  # before the first publish
     for i, e2e in enumerate([30.0, 40.0, 50.0, 400.0]):  # one slow frame in this second
-        dashboard.verdict(verdict_with(e2e, i))
+        dashboard.verdict(make_verdict(seq=i, latency_ms={"end_to_end": e2e}))
     dashboard.publish(SNAPSHOT, now=1000.0)
     dashboard.publish(SNAPSHOT | {"verdicts": 50}, now=1001.0)  # no verdict in that second
     status = json.loads(get(dashboard.url + "api/status")[2])
@@ -151,7 +137,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_the_dashboard_command_serves_verdicts_published_by_a_pipeline_elsewhere(tmp_path: Path) -> None:
+def test_the_dashboard_command_serves_verdicts_published_by_a_pipeline_elsewhere(
+    tmp_path: Path, make_verdict: Callable[..., Verdict]
+) -> None:
     pub, http = free_port(), free_port()
     config = tmp_path / "line.yaml"
     config.write_text(
@@ -174,17 +162,14 @@ def test_the_dashboard_command_serves_verdicts_published_by_a_pipeline_elsewhere
     try:
         deadline, seq, status = time.monotonic() + 30, 0, {}
         while time.monotonic() < deadline:
-            verdict = Verdict(
-                camera_id="left",
-                seq=seq,
+            verdict = make_verdict(
+                "left",
+                seq,
                 capture_ns=time.time_ns(),
                 verdict="fail" if seq % 2 else "pass",
                 score=0.9 if seq % 2 else 0.1,
-                threshold=0.5,
                 model_id="soartc-vit",
                 model_version="3",
-                reference_id="r",
-                reference_version="1",
                 latency_ms={"end_to_end": 20.0 + seq % 5},
             )
             jpeg = b"\xff\xd8" + bytes([seq % 256]) + b"\xff\xd9"

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,7 @@ def test_malformed_multipart_is_rejected_counted_and_the_receiver_goes_on(endpoi
             raw.close(linger=0)
 
 
-def test_sub_receives_only_its_topics() -> None:
+def test_sub_receives_only_its_topics(make_verdict: Callable[..., Verdict]) -> None:
     pub = FrameSender("tcp://127.0.0.1:*", kind="pub", hwm=16, linger_ms=0)
     with pub, FrameReceiver(pub.endpoint, kind="sub", topics=["verdicts.cam1"], hwm=16, linger_ms=0) as sub:
         got: list[Verdict] = []
@@ -205,28 +205,13 @@ def test_sub_receives_only_its_topics() -> None:
         seq = 0
         while not got and time.monotonic() < deadline:  # PUB drops until the subscription has arrived
             for camera in ("cam0", "cam1"):
-                pub.send(f"verdicts.{camera}", verdict_for(camera, seq))
+                pub.send(f"verdicts.{camera}", make_verdict(camera, seq))
             seq += 1
             message = sub.receive(0.05)
             if message is not None:
                 assert isinstance(message.header, Verdict)
                 got.append(message.header)
         assert got and all(v.camera_id == "cam1" for v in got)
-
-
-def verdict_for(camera: str, seq: int) -> Verdict:
-    return Verdict(
-        camera_id=camera,
-        seq=seq,
-        capture_ns=0,
-        verdict="pass",
-        score=0.1,
-        threshold=0.5,
-        model_id="m",
-        model_version="1",
-        reference_id="r",
-        reference_version="1",
-    )
 
 
 def test_one_receiver_connects_to_several_senders() -> None:

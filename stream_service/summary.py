@@ -111,10 +111,11 @@ class PipelineSummary:
         return missed
 
     def snapshot(self, stages: Sequence[StageRow], now_ns: int, elapsed_s: float) -> dict[str, Any]:
-        """What ``render`` shows, as JSON-ready data (the dashboard's ``/api/status``)."""
+        """Everything the summary shows, as JSON-ready data (``format_status`` renders it; the dashboard's
+        ``/api/status`` serves it)."""
         cameras = {
             cid: {
-                "fps": round(t.fps.fps(now_ns), 2),
+                "fps": t.fps.fps(now_ns),
                 "passed": t.passed,
                 "failed": t.failed,
                 "dropped": t.dropped,
@@ -126,11 +127,11 @@ class PipelineSummary:
             for cid, t in sorted(self.cameras.items())
         }
         latency = {
-            stage: {"p50": round(p.p50, 2), "p99": round(p.p99, 2), "count": p.count}
+            stage: {"p50": p.p50, "p99": p.p99, "count": p.count}
             for stage, p in sorted(self.latency.percentiles().items(), key=lambda kv: (kv[0] == END_TO_END, kv[0]))
         }
         return {
-            "elapsed_s": round(elapsed_s, 1),
+            "elapsed_s": elapsed_s,
             "verdicts": self.total,
             "model": self.model,
             "cameras": cameras,
@@ -150,25 +151,30 @@ class PipelineSummary:
 
     def render(self, stages: Sequence[StageRow], now_ns: int, elapsed_s: float) -> str:
         """The full summary block (several lines, no trailing newline)."""
-        out = [f"stream-service: {elapsed_s:.0f} s, {self.total} verdicts  (Ctrl-C stops)"]
-        out.append(f"  {'camera':<12}{'fps':>7}{'pass':>8}{'fail':>8}{'dropped':>9}{'missed':>8}{'truth agrees':>15}")
-        for cid, t in sorted(self.cameras.items()):
-            truth = f"{t.truth_agree}/{t.truth_total}" if t.truth_total else "-"
-            out.append(
-                f"  {cid:<12}{t.fps.fps(now_ns):>7.1f}{t.passed:>8}{t.failed:>8}{t.dropped:>9}{t.missed:>8}{truth:>15}"
-            )
-        if not self.cameras:
-            out.append("  (no verdicts yet)")
-        out.append(f"  {'latency ms':<12}{'p50':>9}{'p99':>9}{'n':>7}")
-        for stage, p in sorted(self.latency.percentiles().items(), key=lambda kv: (kv[0] == END_TO_END, kv[0])):
-            out.append(f"  {stage:<12}{p.p50:>9.1f}{p.p99:>9.1f}{p.count:>7}")
-        if stages:
-            out.append(
-                f"  {'process':<16}{'state':<11}{'pid':>7}{'restarts':>9}{'in/s':>7}{'dropped':>9}{'rejected':>9}"
-                f"{'errors':>7}"
-            )
-            out.extend(_stage_line(st) for st in stages)
-        return "\n".join(out)
+        return format_status(self.snapshot(stages, now_ns, elapsed_s))
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """A ``PipelineSummary.snapshot`` as the terminal's summary block (several lines, no trailing newline)."""
+    out = [f"stream-service: {status['elapsed_s']:.0f} s, {status['verdicts']} verdicts  (Ctrl-C stops)"]
+    out.append(f"  {'camera':<12}{'fps':>7}{'pass':>8}{'fail':>8}{'dropped':>9}{'missed':>8}{'truth agrees':>15}")
+    for cid, c in status["cameras"].items():
+        truth = f"{c['truth_agree']}/{c['truth_total']}" if c["truth_total"] else "-"
+        out.append(
+            f"  {cid:<12}{c['fps']:>7.1f}{c['passed']:>8}{c['failed']:>8}{c['dropped']:>9}{c['missed']:>8}{truth:>15}"
+        )
+    if not status["cameras"]:
+        out.append("  (no verdicts yet)")
+    out.append(f"  {'latency ms':<12}{'p50':>9}{'p99':>9}{'n':>7}")
+    for stage, p in status["latency_ms"].items():
+        out.append(f"  {stage:<12}{p['p50']:>9.1f}{p['p99']:>9.1f}{p['count']:>7}")
+    if status["processes"]:
+        out.append(
+            f"  {'process':<16}{'state':<11}{'pid':>7}{'restarts':>9}{'in/s':>7}{'dropped':>9}{'rejected':>9}"
+            f"{'errors':>7}"
+        )
+        out.extend(_process_line(c) for c in status["processes"])
+    return "\n".join(out)
 
 
 def _count(value: Any) -> int:
@@ -202,8 +208,7 @@ def stage_counts(st: StageRow) -> dict[str, Any]:
     }
 
 
-def _stage_line(st: StageRow) -> str:
-    c = stage_counts(st)
+def _process_line(c: Mapping[str, Any]) -> str:
     pid = str(c["pid"]) if c["pid"] is not None else "-"
     return (
         f"  {c['name']:<16}{c['state']:<11}{pid:>7}{c['restarts']:>9}{c['in_per_s']:>7.1f}{c['dropped']:>9}"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from stream_service.messages import Region, Verdict
-from stream_service.summary import PipelineSummary, missed_between, verdict_line
+from stream_service.summary import PipelineSummary, format_status, missed_between, verdict_line
 
 
 def verdict(seq: int, camera: str = "cam0", result: str = "pass", dropped: int = 0, **extra: Any) -> Verdict:
@@ -73,6 +73,23 @@ def test_summary_counts_and_renders_cameras_latency_and_stages() -> None:
     assert any(line.split()[0] == "end_to_end" for line in lines)
     assert any(line.split() == ["infer", "running", "11", "0", "9.5", "0", "2", "0"] for line in lines), text
     assert any(line.split() == ["capture-cam0", "restarting", "-", "3", "0.0", "4", "0", "1"] for line in lines), text
+    # The dashboard's data is the same snapshot the terminal block is rendered from.
+    status = summary.snapshot(rows, 400_000_000, 12.0)
+    assert format_status(status) == text
+    assert status["verdicts"] == 6 and status["model"] == "m 1" and list(status["cameras"]) == ["cam0", "cam1"]
+    assert status["cameras"]["cam0"] | {"fps": 0} == {
+        "fps": 0,
+        "passed": 3,
+        "failed": 2,
+        "dropped": 1,
+        "missed": 1,
+        "truth_total": 5,
+        "truth_agree": 2,
+        "last_seq": 6,
+    }
+    assert list(status["latency_ms"]) == ["infer", "soartc", "end_to_end"]  # end to end last
+    assert status["latency_ms"]["end_to_end"]["count"] == 6
+    assert [p["name"] for p in status["processes"]] == ["infer", "capture-cam0"]
     assert "cam0" in summary.line(400_000_000) and "e2e p50" in summary.line(400_000_000)
 
 

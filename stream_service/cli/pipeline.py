@@ -45,7 +45,7 @@ def run_command(
     from stream_service.model_card import load_card, resolve_model_dir
     from stream_service.service import connectable, install_stop_signals
     from stream_service.stages.features import camera_reference
-    from stream_service.summary import PipelineSummary
+    from stream_service.summary import PipelineSummary, format_status
     from stream_service.supervisor import Supervisor, plan
     from stream_service.transport import FrameReceiver, terminate_context
 
@@ -100,14 +100,17 @@ def run_command(
                 take(message, summary, dashboard, time.monotonic_ns())
                 timeout = 0.0
             now = time.monotonic()
+            status = None  # this tick's snapshot, computed once for the dashboard and the terminal
             if now >= next_report:
                 next_report += 1.0
                 if dashboard is not None:
-                    dashboard.publish(summary.snapshot(supervisor.stages, time.monotonic_ns(), now - started))
+                    status = summary.snapshot(supervisor.stages, time.monotonic_ns(), now - started)
+                    dashboard.publish(status)
             if now >= next_summary:
                 next_summary += every
                 if tty:
-                    block = summary.render(supervisor.stages, time.monotonic_ns(), now - started)
+                    status = status or summary.snapshot(supervisor.stages, time.monotonic_ns(), now - started)
+                    block = format_status(status)
                     sys.stdout.write((f"\x1b[{shown}F\x1b[J" if shown else "") + block + "\n")
                     sys.stdout.flush()
                     shown = block.count("\n") + 1

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from stream_service.errors import InputError
-from stream_service.messages import Highlight, Message, Verdict
+from stream_service.messages import Highlight, Message, Verdict, highlight_jpeg
 
 _REMEMBERED = 1000  # verdicts kept while their highlights are on their way
 
@@ -45,14 +45,14 @@ class HighlightArchive:
         if not isinstance(header, Highlight):
             return None
         verdict = self._waiting.pop((header.camera_id, header.seq), None)
-        names = [spec.name for spec in header.arrays]
-        if verdict is None or "jpeg" not in names:
+        jpeg = highlight_jpeg(message)
+        if verdict is None or jpeg is None:
             return None
         folder = self.directory / header.camera_id
         folder.mkdir(exist_ok=True)
         path = folder / f"{header.camera_id}-{header.seq:08d}-{verdict}.jpg"
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(bytes(message.arrays[names.index("jpeg")]))
+        tmp.write_bytes(jpeg)
         os.replace(tmp, path)
         self.saved += 1
         return path

@@ -35,7 +35,7 @@ import numpy as np
 
 from stream_service.errors import ConfigError
 from stream_service.latency import END_TO_END
-from stream_service.messages import Highlight, Message, Verdict
+from stream_service.messages import Message, Verdict, highlight_jpeg
 from stream_service.summary import PipelineSummary
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,8 @@ def take(message: Message, summary: PipelineSummary, dashboard: Dashboard | None
         summary.add(header, now_ns)
         if dashboard is not None:
             dashboard.verdict(header)
-    elif isinstance(header, Highlight) and dashboard is not None:
-        names = [spec.name for spec in header.arrays]
-        if "jpeg" in names:
-            dashboard.highlight(header.camera_id, bytes(message.arrays[names.index("jpeg")]))
+    elif dashboard is not None and (jpeg := highlight_jpeg(message)) is not None:
+        dashboard.highlight(header.camera_id, jpeg)
 
 
 def metrics(status: dict[str, Any]) -> str:

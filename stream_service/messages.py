@@ -217,6 +217,15 @@ def highlight_header(verdict: Verdict, jpeg: Part, mask: Array | None = None) ->
     return Highlight(camera_id=verdict.camera_id, seq=verdict.seq, capture_ns=verdict.capture_ns, arrays=tuple(arrays))
 
 
+def highlight_jpeg(message: Message) -> bytes | None:
+    """The JPEG bytes of a highlight message (its ``jpeg`` payload); None for any other message."""
+    header = message.header
+    if not isinstance(header, Highlight):
+        return None
+    names = [spec.name for spec in header.arrays]
+    return bytes(message.arrays[names.index("jpeg")]) if "jpeg" in names else None
+
+
 def add_stamp(header: Header, stage: str, t_ns: int) -> Header:
     """``header`` with ``Stamp(stage, t_ns)`` appended, for the kinds that carry stamps."""
     if isinstance(header, FrameHeader | FeaturesHeader):

@@ -26,6 +26,7 @@ from stream_service.messages import (
     decode,
     encode,
     highlight_header,
+    highlight_jpeg,
     rejection_reason,
     topic_of,
     verdict_json_schema,
@@ -252,3 +253,11 @@ def test_a_verdict_validates_against_the_committed_schema() -> None:
     incomplete = {k: v for k, v in instance.items() if k != "score"}
     with pytest.raises(Exception, match="score"):
         _validate(incomplete, schema)
+
+
+def test_the_jpeg_of_a_highlight_message_and_of_nothing_else() -> None:
+    picture = b"\xff\xd8picture\xff\xd9"
+    v = verdict()
+    message = decode(encode(topic_of(highlight_header(v, picture)), highlight_header(v, picture), [picture]))
+    assert highlight_jpeg(message) == picture
+    assert highlight_jpeg(decode(encode(topic_of(v), v))) is None

@@ -27,15 +27,15 @@ from _machine import machine, now, write_report
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stream_service.baseline import BaselineParams, baseline  # noqa: E402
-from stream_service.evaluation import baseline_params  # noqa: E402
-from stream_service.inspection import Detector, FeatureExtractor  # noqa: E402
-from stream_service.manifest import read_gray  # noqa: E402
-from stream_service.model import InspectionModel  # noqa: E402
-from stream_service.model_card import default_model_dir  # noqa: E402
-from stream_service.registration import Registrar  # noqa: E402
-from stream_service.soartc import cuda_available, to_unit  # noqa: E402
-from stream_service.windows import WindowLayout  # noqa: E402
+from stream_service.model.card import default_model_dir  # noqa: E402
+from stream_service.model.session import InspectionModel  # noqa: E402
+from stream_service.quality.evaluation import baseline_params  # noqa: E402
+from stream_service.quality.manifest import read_gray  # noqa: E402
+from stream_service.vision.baseline import BaselineParams, baseline  # noqa: E402
+from stream_service.vision.inspection import Detector, FeatureExtractor  # noqa: E402
+from stream_service.vision.registration import Registrar  # noqa: E402
+from stream_service.vision.soartc import cuda_available, to_unit  # noqa: E402
+from stream_service.vision.windows import WindowLayout  # noqa: E402
 
 
 def dataset_pair() -> tuple[np.ndarray, np.ndarray, str]:
@@ -44,7 +44,7 @@ def dataset_pair() -> tuple[np.ndarray, np.ndarray, str]:
     ref, frame = group / "20085000_temp.jpg", group / "20085000_test.jpg"
     if ref.is_file():
         return read_gray(ref), read_gray(frame), "DeepPCB 20085000"
-    from stream_service.synthetic import SyntheticCamera
+    from stream_service.sources.synthetic import SyntheticCamera
 
     cam = SyntheticCamera(seed=3, defect_rate=1.0)
     return cam.reference(), cam.next_frame()[0], "synthetic camera (DeepPCB not found)"

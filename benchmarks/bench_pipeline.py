@@ -42,8 +42,8 @@ from typing import Any
 import numpy as np
 from _machine import machine, now, write_report
 
-from stream_service.messages import Verdict
-from stream_service.transport import FrameReceiver
+from stream_service.wire.messages import Verdict
+from stream_service.wire.transport import FrameReceiver
 
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "stream_service.cli"]

@@ -30,8 +30,8 @@ import yaml
 from _machine import machine, now, write_report
 from bench_pipeline import free_ports, running_pipeline
 
-from stream_service.messages import Verdict
-from stream_service.shm_ring import ring_directory
+from stream_service.wire.messages import Verdict
+from stream_service.wire.shm_ring import ring_directory
 
 
 def proc_sample(pid: int) -> dict[str, float] | None:

@@ -37,7 +37,7 @@ import numba
 import numpy as np
 from _machine import machine, write_report
 
-from stream_service.soartc import (
+from stream_service.vision.soartc import (
     VARIANTS,
     Calibration,
     calibrate,
@@ -222,7 +222,7 @@ def bench_size(
 
     import cupy
 
-    from stream_service.soartc_cuda import CudaSoartc
+    from stream_service.vision.soartc_cuda import CudaSoartc
 
     kernel = CudaSoartc(ref, b, variant)
 

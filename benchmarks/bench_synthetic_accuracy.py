@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 from _machine import machine, now, write_report
 
-from stream_service.camera import synthetic_camera
-from stream_service.inspection import Detector, FeatureExtractor
-from stream_service.model import InspectionModel
-from stream_service.model_card import resolve_model_dir
+from stream_service.model.card import resolve_model_dir
+from stream_service.model.session import InspectionModel
 from stream_service.settings import SyntheticSource, load_settings
+from stream_service.sources.camera import synthetic_camera
+from stream_service.sources.synthetic import DEFECT_KINDS
 from stream_service.stages.features import synthetic_reference
 from stream_service.stages.inference import to_frame_regions
-from stream_service.synthetic import DEFECT_KINDS
+from stream_service.vision.inspection import Detector, FeatureExtractor
 
 KIND_NAMES = {1: "open", 2: "short", 3: "mousebite", 4: "spur", 5: "spurious copper", 6: "pin-hole"}
 MARGIN_PX = 8

@@ -69,7 +69,7 @@ def _receiver(transport: str, endpoint: str, n: int, shape: tuple[int, int, int]
         hub.close()
     else:
         from stream_service.errors import MessageError
-        from stream_service.transport import FrameReceiver
+        from stream_service.wire.transport import FrameReceiver
 
         with FrameReceiver(endpoint, bind=True, hwm=HWM, linger_ms=0) as receiver:
             ready.put(receiver.endpoint)
@@ -105,8 +105,8 @@ def _sender(transport: str, endpoint: str, n: int, shape: tuple[int, int, int]) 
             sender.send_image(str(i), frames[i % len(frames)])
         sender.close()
         return
-    from stream_service.messages import FrameHeader
-    from stream_service.transport import FrameSender, terminate_context
+    from stream_service.wire.messages import FrameHeader
+    from stream_service.wire.transport import FrameSender, terminate_context
 
     nbytes = int(np.prod(shape))
     shm = {"shm_slots": SHM_SLOTS, "shm_slot_bytes": nbytes} if transport.startswith("shm") else {}

@@ -62,7 +62,7 @@ class Section(BaseModel):
 
 # -- cameras --------------------------------------------------------------------------------------------
 class SyntheticSource(Section):
-    """The synthetic PCB camera (``stream_service.synthetic``); it supplies its own reference."""
+    """The synthetic PCB camera (``stream_service.sources.synthetic``); it supplies its own reference."""
 
     kind: Literal["synthetic"]
     width: int = Field(640, ge=72)

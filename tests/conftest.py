@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_service.messages import Verdict
+from stream_service.wire.messages import Verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def deeppcb_rows(deeppcb: Path) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="session")
 def deeppcb_items(deeppcb: Path, deeppcb_rows: dict[str, dict[str, Any]]) -> list[Any]:
     """The ManifestItems of PAIR_IDS (absolute paths), in that order."""
-    from stream_service.manifest import ManifestItem
+    from stream_service.quality.manifest import ManifestItem
 
     out = []
     for pair_id in PAIR_IDS:
@@ -96,8 +96,8 @@ def manifest_writer(deeppcb: Path) -> Callable[[list[dict[str, Any]], Path], Pat
 @pytest.fixture(scope="session")
 def real_pair(deeppcb: Path, deeppcb_rows: dict[str, dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, list[Any]]:
     """(reference, frame, boxes) of the first pair: (640, 640) float32 in [0, 1], copper = 1 (dark object)."""
-    from stream_service.manifest import read_gray
-    from stream_service.soartc import to_unit
+    from stream_service.quality.manifest import read_gray
+    from stream_service.vision.soartc import to_unit
 
     row = deeppcb_rows[PAIR_IDS[0]]
     reference = to_unit(read_gray(deeppcb / row["reference"]), dark_object=True)
@@ -121,14 +121,14 @@ def build_tiny_model(directory: Path, seed: int, threshold: float = 0.5) -> Tiny
     """Export an untrained SoartcViT(dim=16, depth=1, heads=2) and write a valid card next to it."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
-    from stream_service.baseline import BaselineParams
-    from stream_service.features import N_CHANNELS, FeatureSpec
-    from stream_service.model_card import CARD_NAME, ONNX_NAME, file_sha256
-    from stream_service.soartc import Calibration
+    from stream_service.model.card import CARD_NAME, ONNX_NAME, file_sha256
     from stream_service.training.export import export_onnx
     from stream_service.training.ship import _card
     from stream_service.training.train import TrainConfig, TrainResult
     from stream_service.training.vit import SoartcViT, VitConfig
+    from stream_service.vision.baseline import BaselineParams
+    from stream_service.vision.soartc import Calibration
+    from stream_service.vision.tokens import N_CHANNELS, FeatureSpec
 
     torch.manual_seed(seed)
     vit = VitConfig(channels=N_CHANNELS, dim=16, depth=1, heads=2)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream_service.archive import HighlightArchive
 from stream_service.errors import InputError
-from stream_service.messages import Message, Verdict, highlight_header
+from stream_service.web.archive import HighlightArchive
+from stream_service.wire.messages import Message, Verdict, highlight_header
 
 
 @pytest.fixture

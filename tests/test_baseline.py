@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_service.baseline import BaselineParams, baseline, tune_baseline
 from stream_service.training.dataset import align
+from stream_service.vision.baseline import BaselineParams, baseline, tune_baseline
 
 
 def background_spot(reference: np.ndarray, side: int, start: tuple[int, int] = (0, 0)) -> tuple[int, int]:
@@ -72,8 +72,8 @@ def test_a_real_defective_frame_fails_with_highlights_on_its_boxes(
 @pytest.fixture(scope="module")
 def tuning_pairs(deeppcb_items: list) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """256 px crops of real references: fails with pasted blobs of 5 to 14 px, passes with 1-px jitter."""
-    from stream_service.manifest import read_gray
-    from stream_service.soartc import to_unit
+    from stream_service.quality.manifest import read_gray
+    from stream_service.vision.soartc import to_unit
 
     pairs = []
     for n, chosen in enumerate(deeppcb_items[:4]):

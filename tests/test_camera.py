@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.camera import ImageFolder, LiveStream, Pacer, SyntheticStream, open_source, to_gray
 from stream_service.errors import CameraError
 from stream_service.settings import DeviceSource, FileSource, FolderSource, SyntheticSource, UrlSource
+from stream_service.sources.camera import ImageFolder, LiveStream, Pacer, SyntheticStream, open_source, to_gray
 
 
 class FakeClock:

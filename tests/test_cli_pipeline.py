@@ -16,9 +16,9 @@ import pytest
 from typer.testing import CliRunner
 
 from stream_service.cli import app
-from stream_service.messages import Region, Verdict, highlight_header
-from stream_service.summary import PipelineSummary
-from stream_service.transport import FrameReceiver, FrameSender
+from stream_service.runtime.summary import PipelineSummary
+from stream_service.wire.messages import Region, Verdict, highlight_header
+from stream_service.wire.transport import FrameReceiver, FrameSender
 
 pytestmark = pytest.mark.timeout(120)
 

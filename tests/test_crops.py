@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.crops import MARGIN_PX, crop_origins, make_crop_manifest
-from stream_service.manifest import ManifestItem, load_manifest, read_gray
+from stream_service.quality.crops import MARGIN_PX, crop_origins, make_crop_manifest
+from stream_service.quality.manifest import ManifestItem, load_manifest, read_gray
 from stream_service.training.dataset import FAIL, PASS, window_label
 
 SIZE = 256

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from stream_service.dashboard import Dashboard
 from stream_service.errors import ConfigError
-from stream_service.messages import Verdict, highlight_header, topic_of
-from stream_service.transport import FrameSender
+from stream_service.web.dashboard import Dashboard
+from stream_service.wire.messages import Verdict, highlight_header, topic_of
+from stream_service.wire.transport import FrameSender
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -17,12 +17,12 @@ pytest.importorskip("onnxruntime")
 from typer.testing import CliRunner
 
 from stream_service.cli import app
-from stream_service.crops import make_crop_manifest
 from stream_service.errors import InputError
-from stream_service.evaluation import evaluate
-from stream_service.manifest import load_manifest, read_gray
-from stream_service.model import InspectionModel
-from stream_service.model_card import CARD_NAME
+from stream_service.model.card import CARD_NAME
+from stream_service.model.session import InspectionModel
+from stream_service.quality.crops import make_crop_manifest
+from stream_service.quality.evaluation import evaluate
+from stream_service.quality.manifest import load_manifest, read_gray
 
 PREDICTION_KEYS = {"id", "verdict", "score", "highlight"}
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from stream_service.errors import FrameShapeError, InputError
-from stream_service.features import (
+from stream_service.vision.tokens import (
     CHANNEL_NAMES,
     N_CHANNELS,
     FeatureSpec,

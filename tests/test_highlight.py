@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_service.features import N_CHANNELS
-from stream_service.highlight import Pieces, highlight, overlay, regions, token_relevance
-from stream_service.windows import WindowLayout
+from stream_service.vision.highlight import Pieces, highlight, overlay, regions, token_relevance
+from stream_service.vision.tokens import N_CHANNELS
+from stream_service.vision.windows import WindowLayout
 
 BLOCK = 16
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stream_service.errors import ConfigError
-from stream_service.latency import (
+from stream_service.runtime.latency import (
     END_TO_END,
     FpsCounter,
     LatencyTracker,
@@ -14,7 +14,7 @@ from stream_service.latency import (
     latency_breakdown,
     stage_durations_ms,
 )
-from stream_service.messages import Stamp
+from stream_service.wire.messages import Stamp
 
 MS = 1_000_000
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_service.errors import MessageError
-from stream_service.messages import (
+from stream_service.wire.messages import (
     SCHEMA_VERSION,
     ArraySpec,
     DType,
@@ -223,7 +223,7 @@ def test_non_contiguous_array_is_sent_contiguous() -> None:
 
 def test_committed_verdict_schema_is_up_to_date() -> None:
     regenerate = (
-        'python -c "from pathlib import Path; from stream_service.messages import export_verdict_schema; '
+        'python -c "from pathlib import Path; from stream_service.wire.messages import export_verdict_schema; '
         "export_verdict_schema(Path('schemas/verdict.v1.json'))\""
     )
     assert SCHEMA_FILE.is_file(), f"{SCHEMA_FILE} is missing; create it with: {regenerate}"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from stream_service.metrics import Scoreboard, auroc, near_boxes
+from stream_service.quality.metrics import Scoreboard, auroc, near_boxes
 
 # Few distinct values, so that ties are common.
 scores_and_labels = st.integers(2, 40).flatmap(

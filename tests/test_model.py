@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from stream_service.errors import DeviceError, ModelError
-from stream_service.features import N_CHANNELS
-from stream_service.model import InspectionModel, choose_providers
+from stream_service.model.session import InspectionModel, choose_providers
+from stream_service.vision.tokens import N_CHANNELS
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 pytest.importorskip("onnxruntime")
@@ -130,7 +130,7 @@ def test_an_unloadable_onnx_file_raises_model_error(tiny_model: Any, tmp_path: P
     import json
     import shutil
 
-    from stream_service.model_card import CARD_NAME, ONNX_NAME, file_sha256
+    from stream_service.model.card import CARD_NAME, ONNX_NAME, file_sha256
 
     directory = tmp_path / "model"
     shutil.copytree(tiny_model.directory, directory)
@@ -146,7 +146,7 @@ def test_a_card_with_another_grid_than_the_graph_raises(tiny_model: Any, tmp_pat
     import json
     import shutil
 
-    from stream_service.model_card import CARD_NAME
+    from stream_service.model.card import CARD_NAME
 
     directory = tmp_path / "model"
     shutil.copytree(tiny_model.directory, directory)
@@ -159,7 +159,7 @@ def test_a_card_with_another_grid_than_the_graph_raises(tiny_model: Any, tmp_pat
 
 
 def test_check_export_passes_for_the_exported_model(tiny_model: Any) -> None:
-    from stream_service.model_card import ONNX_NAME
+    from stream_service.model.card import ONNX_NAME
     from stream_service.training.export import TOLERANCE, check_export
 
     diffs = check_export(tiny_model.torch_model, tiny_model.directory / ONNX_NAME, windows(4, seed=3))
@@ -169,7 +169,7 @@ def test_check_export_passes_for_the_exported_model(tiny_model: Any) -> None:
 
 def test_check_export_raises_for_another_models_file(tiny_model: Any) -> None:
     torch = pytest.importorskip("torch")
-    from stream_service.model_card import ONNX_NAME
+    from stream_service.model.card import ONNX_NAME
     from stream_service.training.export import check_export
     from stream_service.training.vit import SoartcViT
 

@@ -11,8 +11,7 @@ from typing import Any
 import pytest
 
 from stream_service.errors import ModelError
-from stream_service.features import CHANNEL_NAMES
-from stream_service.model_card import (
+from stream_service.model.card import (
     CARD_NAME,
     ONNX_NAME,
     ModelCard,
@@ -20,6 +19,7 @@ from stream_service.model_card import (
     load_card,
     resolve_model_dir,
 )
+from stream_service.vision.tokens import CHANNEL_NAMES
 
 
 def test_a_valid_card_loads(tiny_model: Any) -> None:

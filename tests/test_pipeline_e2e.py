@@ -30,14 +30,14 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.messages import FeaturesHeader, FrameHeader, Stamp, Verdict, encode
-from stream_service.model_card import resolve_model_dir
-from stream_service.references import build_reference, save_reference
+from stream_service.model.card import resolve_model_dir
+from stream_service.model.references import build_reference, save_reference
+from stream_service.runtime.summary import PipelineSummary
 from stream_service.settings import load_settings
-from stream_service.shm_ring import ring_directory
-from stream_service.summary import PipelineSummary
-from stream_service.synthetic import SyntheticCamera
-from stream_service.transport import FrameReceiver, open_socket
+from stream_service.sources.synthetic import SyntheticCamera
+from stream_service.wire.messages import FeaturesHeader, FrameHeader, Stamp, Verdict, encode
+from stream_service.wire.shm_ring import ring_directory
+from stream_service.wire.transport import FrameReceiver, open_socket
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "stream_service.cli"]

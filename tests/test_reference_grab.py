@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.references import load_reference
+from stream_service.model.references import load_reference
 from stream_service.settings import CameraSettings
+from stream_service.sources.synthetic import SyntheticCamera
 from stream_service.stages.features import camera_reference
-from stream_service.synthetic import SyntheticCamera
 
 pytestmark = pytest.mark.timeout(120)
 CLI = [sys.executable, "-m", "stream_service.cli"]

@@ -23,7 +23,7 @@ from stream_service.errors import (
     InputError,
     RegistrationError,
 )
-from stream_service.references import (
+from stream_service.model.references import (
     IMAGE_FILE,
     META_FILE,
     Reference,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_service.errors import FrameShapeError, InputError, RegistrationError
-from stream_service.registration import (
+from stream_service.vision.registration import (
     Registrar,
     Registration,
     apply_registration,

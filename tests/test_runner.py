@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from stream_service.errors import InputError, TransportError
-from stream_service.messages import Array, FrameHeader, Header, Message, Stamp, encode
-from stream_service.runner import MemorySink, MemorySource, Outgoing, StageStats, run_stage
+from stream_service.runtime.runner import MemorySink, MemorySource, Outgoing, StageStats, run_stage
+from stream_service.wire.messages import Array, FrameHeader, Header, Message, Stamp, encode
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,14 +12,14 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.camera import open_source
 from stream_service.errors import ConfigError, SharedMemoryError
-from stream_service.messages import FrameHeader, Message
-from stream_service.service import Heartbeat, LazySender, camera_at, connectable
+from stream_service.runtime.service import Heartbeat, LazySender, camera_at, connectable
 from stream_service.settings import CameraSettings, Settings
-from stream_service.shm_ring import ring_directory
+from stream_service.sources.camera import open_source
 from stream_service.stages.capture import CaptureStage, CaptureStats, run_capture
-from stream_service.transport import FrameReceiver
+from stream_service.wire.messages import FrameHeader, Message
+from stream_service.wire.shm_ring import ring_directory
+from stream_service.wire.transport import FrameReceiver
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -161,7 +161,7 @@ def test_without_room_for_a_ring_auto_falls_back_to_zeromq_and_true_fails(
     def no_room(*args: object) -> None:
         raise SharedMemoryError("create shm ring /dev/shm/x: expected 4096 bytes of RAM, found [Errno 28] No space")
 
-    monkeypatch.setattr("stream_service.transport.ShmRing", no_room)
+    monkeypatch.setattr("stream_service.wire.transport.ShmRing", no_room)
     frame = np.ones((8, 8), np.uint8)
     header = FrameHeader(camera_id="left", seq=0, capture_ns=0, shape=frame.shape, dtype="uint8")
     endpoint = f"ipc://{tmp_path}/frames.ipc"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_service.errors import DeviceError, FrameShapeError, InputError
-from stream_service.soartc import (
+from stream_service.vision.soartc import (
     Calibration,
     SoartcKernel,
     calibrate,

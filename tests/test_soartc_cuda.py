@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_service.errors import DeviceError, FrameShapeError, InputError
-from stream_service.soartc import (
+from stream_service.vision.soartc import (
     BLOCK_SIZES,
     EPS_DARK,
     RHO_MAX,
@@ -34,7 +34,7 @@ F32 = np.ndarray
 @pytest.fixture(scope="module")
 def cuda() -> ModuleType:
     pytest.importorskip("cupy")
-    return pytest.importorskip("stream_service.soartc_cuda")
+    return pytest.importorskip("stream_service.vision.soartc_cuda")
 
 
 def make_pair(rng: np.random.Generator, shape: tuple[int, int], block: int) -> tuple[F32, F32]:
@@ -237,12 +237,12 @@ def test_auto_device_resolves_to_cpu_without_cuda() -> None:
 @needs_cuda
 def test_the_soartc_stage_judges_frames_on_the_gpu_as_on_the_cpu(cuda: ModuleType) -> None:
     """What the pipeline runs with ``soartc.device: cuda``: registration, GPU token features, the model."""
-    from stream_service.features import FeatureSpec
-    from stream_service.inspection import Detector, FeatureExtractor
-    from stream_service.model import InspectionModel
-    from stream_service.model_card import resolve_model_dir
+    from stream_service.model.card import resolve_model_dir
+    from stream_service.model.session import InspectionModel
     from stream_service.settings import load_settings
-    from stream_service.synthetic import SyntheticCamera
+    from stream_service.sources.synthetic import SyntheticCamera
+    from stream_service.vision.inspection import Detector, FeatureExtractor
+    from stream_service.vision.tokens import FeatureSpec
 
     model_dir = resolve_model_dir(load_settings(None).inference.model)
     if not (model_dir / "model.onnx").is_file():

@@ -18,18 +18,18 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.camera import SourceCounters
 from stream_service.errors import CameraError, FrameShapeError, MessageError
-from stream_service.features import CHANNEL_NAMES, FeatureSpec
-from stream_service.inspection import FeatureExtractor
-from stream_service.messages import FeaturesHeader, FrameHeader, Highlight, Message, Stamp, Verdict, encode
-from stream_service.references import build_reference, save_reference
-from stream_service.runner import MemorySink, MemorySource, StageStats, run_stage
+from stream_service.model.references import build_reference, save_reference
+from stream_service.runtime.runner import MemorySink, MemorySource, StageStats, run_stage
 from stream_service.settings import CameraSettings, HighlightSettings, InferenceSettings, Settings
+from stream_service.sources.camera import SourceCounters
+from stream_service.sources.synthetic import SyntheticCamera
 from stream_service.stages.capture import CaptureStage, CaptureStats, run_capture
 from stream_service.stages.features import ARRAY_NAMES, FeaturesStage, camera_reference, synthetic_reference
 from stream_service.stages.inference import InferenceStage, to_frame_regions
-from stream_service.synthetic import SyntheticCamera
+from stream_service.vision.inspection import FeatureExtractor
+from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
+from stream_service.wire.messages import FeaturesHeader, FrameHeader, Highlight, Message, Stamp, Verdict, encode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -321,7 +321,7 @@ def test_features_stage_errors_name_the_frame_and_the_reference() -> None:
 def test_regions_move_by_the_registration_into_captured_frame_pixels(
     dx: float, dy: float, box: tuple[int, int, int, int], expected: tuple[int, int, int, int]
 ) -> None:
-    from stream_service.highlight import Region as Found
+    from stream_service.vision.highlight import Region as Found
 
     (region,) = to_frame_regions([Found(*box, score=0.5, area=9)], dx, dy, (SIZE, SIZE))
     assert (region.x1, region.y1, region.x2, region.y2, region.area) == (*expected, 9)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from stream_service.messages import Region, Verdict
-from stream_service.summary import PipelineSummary, format_status, missed_between, verdict_line
+from stream_service.runtime.summary import PipelineSummary, format_status, missed_between, verdict_line
+from stream_service.wire.messages import Region, Verdict
 
 
 def verdict(seq: int, camera: str = "cam0", result: str = "pass", dropped: int = 0, **extra: Any) -> Verdict:

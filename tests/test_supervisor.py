@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from stream_service.errors import ConfigError
+from stream_service.runtime.supervisor import StageSpec, Supervisor, plan
 from stream_service.settings import Settings, SupervisorSettings, load_settings
-from stream_service.supervisor import StageSpec, Supervisor, plan
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from stream_service.errors import ConfigError
-from stream_service.synthetic import DEFECT_KINDS, SyntheticBoard, SyntheticCamera
+from stream_service.sources.synthetic import DEFECT_KINDS, SyntheticBoard, SyntheticCamera
 
 
 def aligned_diff(camera: SyntheticCamera, frame: np.ndarray) -> np.ndarray:

@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from stream_service.errors import InputError  # noqa: E402
-from stream_service.features import N_CHANNELS  # noqa: E402
 from stream_service.training.train import TrainConfig, TrainResult, train  # noqa: E402
 from stream_service.training.vit import SoartcViT, VitConfig  # noqa: E402
+from stream_service.vision.tokens import N_CHANNELS  # noqa: E402
 
 TRAIN_GROUP, VAL_GROUP = "group00041", "group50600"
 
@@ -98,8 +98,8 @@ def test_validation_groups_must_exist(manifest: Path) -> None:
 def test_ship_writes_a_loadable_model_with_chosen_thresholds_and_figures(
     runs: tuple[TrainResult, TrainResult], manifest: Path, tmp_path: Path
 ) -> None:
-    from stream_service.model import InspectionModel
-    from stream_service.model_card import load_card
+    from stream_service.model.card import load_card
+    from stream_service.model.session import InspectionModel
     from stream_service.training.ship import ship
 
     card = ship(runs[0], manifest, tmp_path / "shipped", name="shipped", version="9", experiments=[{"what": "note"}])

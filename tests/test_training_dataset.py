@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_service.features import CHANNEL_NAMES, N_CHANNELS, FeatureSpec
-from stream_service.manifest import ManifestItem
+from stream_service.quality.manifest import ManifestItem
 from stream_service.training.dataset import (
     AMBIGUOUS,
     FAIL,
@@ -29,6 +28,7 @@ from stream_service.training.dataset import (
     token_targets,
     window_label,
 )
+from stream_service.vision.tokens import CHANNEL_NAMES, N_CHANNELS, FeatureSpec
 
 # The window at (100, 100) of side 256 covers pixels 100..355 in both directions.
 X0, Y0, SIZE = 100, 100, 256
@@ -197,7 +197,7 @@ def test_good_block_mask(boxes: list[tuple[int, int, int, int, int]], good: list
 
 @pytest.fixture(scope="module")
 def first_pair(deeppcb_items: list[ManifestItem]) -> tuple[np.ndarray, np.ndarray, ManifestItem]:
-    from stream_service.manifest import read_gray
+    from stream_service.quality.manifest import read_gray
 
     chosen = deeppcb_items[0]
     return read_gray(chosen.reference), read_gray(chosen.frame), chosen

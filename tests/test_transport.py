@@ -16,7 +16,7 @@ import pytest
 import zmq
 
 from stream_service.errors import ConfigError, MessageError, TransportError
-from stream_service.messages import (
+from stream_service.wire.messages import (
     ArraySpec,
     FeaturesHeader,
     FrameHeader,
@@ -25,8 +25,8 @@ from stream_service.messages import (
     Verdict,
     encode,
 )
-from stream_service.shm_ring import remove_stale_rings
-from stream_service.transport import (
+from stream_service.wire.shm_ring import remove_stale_rings
+from stream_service.wire.transport import (
     SHM_MARKER,
     FrameReceiver,
     FrameSender,

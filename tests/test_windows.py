@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream_service.errors import InputError
-from stream_service.windows import WindowLayout
+from stream_service.vision.windows import WindowLayout
 
 
 def coverage(layout: WindowLayout) -> np.ndarray:

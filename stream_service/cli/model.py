@@ -81,9 +81,9 @@ def evaluate_command(
     import json
 
     from stream_service.errors import StreamServiceError
-    from stream_service.evaluation import evaluate
-    from stream_service.model import InspectionModel
-    from stream_service.model_card import resolve_model_dir
+    from stream_service.model.card import resolve_model_dir
+    from stream_service.model.session import InspectionModel
+    from stream_service.quality.evaluation import evaluate
 
     try:
         loaded = InspectionModel.load(resolve_model_dir(model), device=device)

@@ -12,7 +12,7 @@ import typer
 from stream_service.cli.app import ConfigOption, ExitWithParentOption, StatsOption, _fail, _load, app
 
 if TYPE_CHECKING:
-    from stream_service.service import Heartbeat, StageKind
+    from stream_service.runtime.service import Heartbeat, StageKind
     from stream_service.settings import Settings
 
 
@@ -40,14 +40,14 @@ def run_command(
     import tempfile
     import time
 
-    from stream_service.dashboard import Dashboard, take
     from stream_service.errors import ConfigError, MessageError, StreamServiceError
-    from stream_service.model_card import load_card, resolve_model_dir
-    from stream_service.service import connectable, install_stop_signals
+    from stream_service.model.card import load_card, resolve_model_dir
+    from stream_service.runtime.service import connectable, install_stop_signals
+    from stream_service.runtime.summary import PipelineSummary, format_status
+    from stream_service.runtime.supervisor import Supervisor, plan
     from stream_service.stages.features import camera_reference
-    from stream_service.summary import PipelineSummary, format_status
-    from stream_service.supervisor import Supervisor, plan
-    from stream_service.transport import FrameReceiver, terminate_context
+    from stream_service.web.dashboard import Dashboard, take
+    from stream_service.wire.transport import FrameReceiver, terminate_context
 
     settings = _load(config)
     try:
@@ -152,12 +152,12 @@ def subscribe_command(
     """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
     import time
 
-    from stream_service.archive import HighlightArchive
     from stream_service.errors import MessageError, StreamServiceError
-    from stream_service.messages import Highlight, Verdict
-    from stream_service.service import connectable
-    from stream_service.summary import PipelineSummary, verdict_line
-    from stream_service.transport import FrameReceiver, terminate_context
+    from stream_service.runtime.service import connectable
+    from stream_service.runtime.summary import PipelineSummary, verdict_line
+    from stream_service.web.archive import HighlightArchive
+    from stream_service.wire.messages import Highlight, Verdict
+    from stream_service.wire.transport import FrameReceiver, terminate_context
 
     hwm = 1000
     if endpoint is None:
@@ -235,11 +235,11 @@ def dashboard_command(
     """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
     import time
 
-    from stream_service.dashboard import Dashboard, take
     from stream_service.errors import MessageError, StreamServiceError
-    from stream_service.service import connectable, install_stop_signals
-    from stream_service.summary import PipelineSummary
-    from stream_service.transport import FrameReceiver, terminate_context
+    from stream_service.runtime.service import connectable, install_stop_signals
+    from stream_service.runtime.summary import PipelineSummary
+    from stream_service.web.dashboard import Dashboard, take
+    from stream_service.wire.transport import FrameReceiver, terminate_context
 
     settings = _load(config)
     endpoint = endpoint or connectable(settings.transport.verdicts_pub)
@@ -286,7 +286,7 @@ def _serve(
 ) -> None:
     """Run one stage process until SIGTERM/SIGINT; exit 1 with the error when it cannot start."""
     from stream_service.errors import StreamServiceError
-    from stream_service.service import Heartbeat, install_stop_signals
+    from stream_service.runtime.service import Heartbeat, install_stop_signals
 
     settings = _load(config)
     stop = threading.Event()
@@ -307,7 +307,7 @@ def capture_command(
     exit_with_parent: ExitWithParentOption = False,
 ) -> None:
     """Capture one camera: read, stamp and push its frames (never blocks; drops are counted)."""
-    from stream_service.service import serve_capture
+    from stream_service.runtime.service import serve_capture
 
     _serve("capture", config, stats, exit_with_parent, lambda s, stop, hb: serve_capture(s, camera, stop, hb))
 
@@ -322,7 +322,7 @@ def soartc_command(
     exit_with_parent: ExitWithParentOption = False,
 ) -> None:
     """A soartc worker: registration and SOARTC features of the frames of every (or the given) camera."""
-    from stream_service.service import serve_soartc
+    from stream_service.runtime.service import serve_soartc
 
     _serve("soartc", config, stats, exit_with_parent, lambda s, stop, hb: serve_soartc(s, camera, stop, hb))
 
@@ -334,6 +334,6 @@ def infer_command(
     exit_with_parent: ExitWithParentOption = False,
 ) -> None:
     """The infer stage: the ViT, verdicts and highlights, published on transport.verdicts_pub."""
-    from stream_service.service import serve_infer
+    from stream_service.runtime.service import serve_infer
 
     _serve("infer", config, stats, exit_with_parent, serve_infer)

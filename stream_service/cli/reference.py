@@ -29,7 +29,7 @@ def reference_build(
 ) -> None:
     """Build a golden reference: register good frames to the first one and average them."""
     from stream_service.errors import StreamServiceError
-    from stream_service.references import build_reference_from_files, frame_paths
+    from stream_service.model.references import build_reference_from_files, frame_paths
 
     try:
         ref = build_reference_from_files(
@@ -72,8 +72,8 @@ def reference_grab(
     import hashlib
 
     from stream_service.errors import ConfigError, StreamServiceError
-    from stream_service.references import SourceFrame, build_reference, save_reference
-    from stream_service.service import camera_at
+    from stream_service.model.references import SourceFrame, build_reference, save_reference
+    from stream_service.runtime.service import camera_at
     from stream_service.stages.capture import grab
 
     settings = _load(config)
@@ -111,7 +111,7 @@ def reference_grab(
 def reference_show(directory: Annotated[Path, typer.Argument(help="A reference directory.")]) -> None:
     """Validate a golden reference and print its metadata as JSON."""
     from stream_service.errors import StreamServiceError
-    from stream_service.references import load_reference
+    from stream_service.model.references import load_reference
 
     try:
         ref = load_reference(directory)

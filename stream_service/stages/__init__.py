@@ -7,5 +7,5 @@
 ``FeaturesStage`` and ``InferenceStage`` are pure ``process(topic, header, arrays) -> messages`` classes
 driven by ``runner.run_stage``; ``CaptureStage`` builds frame messages and ``run_capture`` is the
 capture's own loop (a camera is a source, not a message). Sockets, signals and heartbeats are wired in
-``stream_service.service``; processes are started and watched by ``stream_service.supervisor``.
+``stream_service.runtime.service``; processes are started and watched by ``stream_service.runtime.supervisor``.
 """

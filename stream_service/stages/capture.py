@@ -27,14 +27,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from stream_service.camera import Allocator, FrameSource, SyntheticStream, open_source
 from stream_service.errors import CameraError
-from stream_service.latency import FpsCounter
-from stream_service.messages import FrameHeader, Stamp, topic_of
-from stream_service.runner import Outgoing, Sink, StopEvent
+from stream_service.runtime.latency import FpsCounter
+from stream_service.runtime.runner import Outgoing, Sink, StopEvent
 from stream_service.settings import CameraSettings, Settings, SyntheticSource
-from stream_service.soartc import U8
-from stream_service.synthetic import Truth
+from stream_service.sources.camera import Allocator, FrameSource, SyntheticStream, open_source
+from stream_service.sources.synthetic import Truth
+from stream_service.vision.arrays import U8
+from stream_service.wire.messages import FrameHeader, Stamp, topic_of
 
 log = logging.getLogger(__name__)
 

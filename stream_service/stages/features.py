@@ -34,16 +34,17 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from stream_service.camera import synthetic_camera
 from stream_service.errors import FrameShapeError, GoldenReferenceError, MessageError, StreamServiceError
-from stream_service.features import FeatureSpec
-from stream_service.inspection import FeatureExtractor
-from stream_service.messages import Array, ArraySpec, FeaturesHeader, FrameHeader, Header, Registration, topic_of
-from stream_service.references import load_reference
-from stream_service.runner import Outgoing
+from stream_service.model.references import load_reference
+from stream_service.runtime.runner import Outgoing
 from stream_service.settings import CameraSettings, Settings, SyntheticSource
-from stream_service.soartc import U8, Device
+from stream_service.sources.camera import synthetic_camera
 from stream_service.stages.capture import frame_shape
+from stream_service.vision.arrays import U8
+from stream_service.vision.inspection import FeatureExtractor
+from stream_service.vision.soartc import Device
+from stream_service.vision.tokens import FeatureSpec
+from stream_service.wire.messages import Array, ArraySpec, FeaturesHeader, FrameHeader, Header, Registration, topic_of
 
 log = logging.getLogger(__name__)
 

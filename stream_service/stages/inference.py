@@ -25,12 +25,16 @@ import cv2
 import numpy as np
 
 from stream_service.errors import InputError, MessageError, StreamServiceError
-from stream_service.features import TokenFeatures
-from stream_service.highlight import Region as FoundRegion
-from stream_service.highlight import overlay
-from stream_service.inspection import Detector, WindowModel
-from stream_service.latency import latency_breakdown
-from stream_service.messages import (
+from stream_service.runtime.latency import latency_breakdown
+from stream_service.runtime.runner import Outgoing
+from stream_service.settings import HighlightSettings, InferenceSettings
+from stream_service.stages.features import ARRAY_NAMES
+from stream_service.vision.arrays import U8
+from stream_service.vision.highlight import Region as FoundRegion
+from stream_service.vision.highlight import overlay
+from stream_service.vision.inspection import Detector, WindowModel
+from stream_service.vision.tokens import TokenFeatures
+from stream_service.wire.messages import (
     Array,
     FeaturesHeader,
     Header,
@@ -40,10 +44,6 @@ from stream_service.messages import (
     highlight_header,
     topic_of,
 )
-from stream_service.runner import Outgoing
-from stream_service.settings import HighlightSettings, InferenceSettings
-from stream_service.soartc import U8
-from stream_service.stages.features import ARRAY_NAMES
 
 STAGE = "infer"
 

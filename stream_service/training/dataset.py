@@ -22,12 +22,12 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from stream_service.crops import box_inside, box_near
-from stream_service.features import FeatureSpec, raw_deviations, token_features
-from stream_service.manifest import Box, ManifestItem, read_gray
-from stream_service.metrics import MARGIN_PX
-from stream_service.registration import Registrar
-from stream_service.soartc import Calibration, to_unit
+from stream_service.quality.crops import box_inside, box_near
+from stream_service.quality.manifest import Box, ManifestItem, read_gray
+from stream_service.quality.metrics import MARGIN_PX
+from stream_service.vision.registration import Registrar
+from stream_service.vision.soartc import Calibration, to_unit
+from stream_service.vision.tokens import FeatureSpec, raw_deviations, token_features
 
 log = logging.getLogger(__name__)
 

@@ -24,22 +24,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_service.baseline import tune_baseline
-from stream_service.crops import crop_origins, make_crop_manifest
-from stream_service.evaluation import evaluate
-from stream_service.features import CHANNEL_NAMES
-from stream_service.highlight import Pieces, highlight_mask, token_relevance
-from stream_service.inspection import FeatureExtractor
-from stream_service.manifest import ManifestItem, load_manifest, read_gray
-from stream_service.metrics import Scoreboard
-from stream_service.model import InspectionModel
-from stream_service.model_card import CARD_NAME, ONNX_NAME, ModelCard, file_sha256
-from stream_service.soartc import to_unit
+from stream_service.model.card import CARD_NAME, ONNX_NAME, ModelCard, file_sha256
+from stream_service.model.session import InspectionModel
+from stream_service.quality.crops import crop_origins, make_crop_manifest
+from stream_service.quality.evaluation import evaluate
+from stream_service.quality.manifest import ManifestItem, load_manifest, read_gray
+from stream_service.quality.metrics import Scoreboard
 from stream_service.training.dataset import align, split_by_group
 from stream_service.training.export import check_export, export_onnx
 from stream_service.training.train import TrainResult, config_dict
 from stream_service.training.vit import SoartcViT, rollout
-from stream_service.windows import WindowLayout
+from stream_service.vision.baseline import tune_baseline
+from stream_service.vision.highlight import Pieces, highlight_mask, token_relevance
+from stream_service.vision.inspection import FeatureExtractor
+from stream_service.vision.soartc import to_unit
+from stream_service.vision.tokens import CHANNEL_NAMES
+from stream_service.vision.windows import WindowLayout
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,8 @@ import numpy.typing as npt
 import torch
 from torch.nn import functional
 
-from stream_service.features import FeatureSpec
-from stream_service.manifest import ManifestItem, load_manifest
-from stream_service.metrics import auroc
+from stream_service.quality.manifest import ManifestItem, load_manifest
+from stream_service.quality.metrics import auroc
 from stream_service.training.dataset import (
     AMBIGUOUS,
     FAIL,
@@ -38,6 +37,7 @@ from stream_service.training.dataset import (
     split_by_group,
 )
 from stream_service.training.vit import SoartcViT, VitConfig
+from stream_service.vision.tokens import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def save_checkpoint(result: TrainResult, path: Path) -> None:
 
 def load_checkpoint(path: Path) -> TrainResult:
     """The TrainResult saved by save_checkpoint."""
-    from stream_service.soartc import Calibration
+    from stream_service.vision.soartc import Calibration
 
     data = torch.load(path, weights_only=False)
     raw = data["config"]

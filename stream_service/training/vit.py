@@ -1,6 +1,6 @@
 """The SOARTC ViT: one token per SOARTC block, a class token, pass/fail logits and the class-token attention.
 
-Input: (N, g, g, C) float32 token features of N windows (stream_service.features). Outputs:
+Input: (N, g, g, C) float32 token features of N windows (stream_service.vision.tokens). Outputs:
 ``logits`` (N, 2) [pass, fail] and ``attention`` (N, g, g), the class token's attention over the tokens
 in the last layer, averaged over heads (each window's map sums to 1). Training can supervise that
 attention with box-derived token targets, which turns it into the highlight filter.

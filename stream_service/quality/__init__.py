@@ -1,0 +1,1 @@
+"""Judging the model: manifests, crops, metrics (agreeing with score.py) and evaluate."""

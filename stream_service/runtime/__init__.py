@@ -1,0 +1,1 @@
+"""What holds the processes together: the stage runner, services, supervisor, heartbeats, the run loop."""

@@ -1,0 +1,333 @@
+"""One stage as an OS process: its sockets, its stop signals, its heartbeats. What ``stream-service
+capture|soartc|infer`` run.
+
+Topology (endpoints from ``transport``; every hop bounded by its high-water mark, drop-oldest):
+
+    capture (one per camera)      soartc workers (soartc.workers)        infer (one)
+    PUSH bind capture_out[i] ---> PULL connect to every capture_out
+                                  PUSH connect features_out ----------> PULL bind features_out
+                                                                          PUB bind verdicts_pub --> SUB subscribers
+
+Several soartc workers pull from the same captures (ZeroMQ load-balances PUSH over connected PULLs)
+and push into the one infer process, which owns the features endpoint and the PUB socket. One infer
+process per pipeline: ``inference.workers`` > 1 is refused (``ConfigError``); scale the infer stage
+with the GPU (``inference.device``) and the soartc stage with workers. Every send is non-blocking:
+what a full queue refuses is dropped, counted, and reported downstream in ``dropped``. With
+``transport.shared_memory`` the PUSH hops carry pixels through a shared-memory ring (same host only);
+stages never see the difference.
+
+Lifecycle: SIGTERM or SIGINT set the stop event; the loop finishes the message in hand, closes its
+sockets (``transport.linger_ms``) and returns. With a heartbeat file the process writes a JSON
+snapshot of its counters there every ``supervisor.heartbeat_s`` (atomically: write, then rename); with
+``exit_with_parent`` it stops when its parent (the supervisor) is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from stream_service.errors import ConfigError, SharedMemoryError
+from stream_service.runtime.runner import StageStats, run_stage
+from stream_service.settings import CameraSettings, Settings
+from stream_service.wire.messages import Array, ArraySpec, Header, Part
+
+if TYPE_CHECKING:
+    from stream_service.wire.transport import FrameSender
+
+log = logging.getLogger(__name__)
+
+StageKind = Literal["capture", "soartc", "infer"]
+# Every ring slot holds a message's payloads, each starting at a 64-byte boundary (transport's layout).
+_SLOT_MARGIN = 64
+
+
+def connectable(endpoint: str) -> str:
+    """The endpoint a peer connects to: a wildcard bind address (``*``, ``0.0.0.0``) becomes loopback."""
+    return re.sub(r"^tcp://(\*|0\.0\.0\.0):", "tcp://127.0.0.1:", endpoint)
+
+
+def check_topology(settings: Settings) -> None:
+    """Refuse settings the topology cannot run: several infer workers, unbound (``:*``) endpoints."""
+    if settings.inference.workers != 1:
+        raise ConfigError(
+            "inference.workers: expected 1 (one infer process binds transport.features_out and "
+            f"transport.verdicts_pub; scale out with soartc.workers), found {settings.inference.workers}"
+        )
+    endpoints = {
+        "transport.features_out": settings.transport.features_out,
+        "transport.verdicts_pub": settings.transport.verdicts_pub,
+    }
+    for i, camera in enumerate(settings.cameras):
+        endpoints[f"transport.capture_out ({camera.id})"] = settings.transport.capture_endpoint(i, camera.id)
+    for key, endpoint in endpoints.items():
+        if endpoint.endswith(":*"):
+            raise ConfigError(f"{key}: expected a fixed port that other stages can connect to, found {endpoint}")
+
+
+def camera_at(settings: Settings, camera_id: str | None) -> tuple[int, CameraSettings]:
+    """The index and settings of ``camera_id`` (None: the only camera)."""
+    ids = [c.id for c in settings.cameras]
+    if camera_id is None:
+        if len(ids) != 1:
+            raise ConfigError(f"--camera: expected one of {ids} (the config has {len(ids)} cameras), found none")
+        return 0, settings.cameras[0]
+    if camera_id not in ids:
+        raise ConfigError(f"--camera: expected one of {ids}, found {camera_id!r}")
+    index = ids.index(camera_id)
+    return index, settings.cameras[index]
+
+
+def install_stop_signals(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT set ``stop`` (main thread only)."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class Heartbeat:
+    """Writes ``{"name", "stage", "pid", "state", "t", "stats"}`` to ``path`` at most every ``interval_s``.
+
+    ``t`` is the wall-clock time of the write; the supervisor judges liveness by it. Without a path it
+    only watches the parent (when ``exit_with_parent``).
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        name: str,
+        stage: StageKind,
+        interval_s: float,
+        stop: threading.Event,
+        exit_with_parent: bool = False,
+    ) -> None:
+        self.path, self.name, self.stage, self.interval_s = path, name, stage, interval_s
+        self.stop = stop
+        self.snapshot: Callable[[], dict[str, Any]] = dict
+        self.state = "starting"
+        self._parent = os.getppid() if exit_with_parent else None
+        self._due = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now < self._due:
+            return
+        self._due = now + self.interval_s
+        if self._parent is not None and os.getppid() != self._parent:
+            log.warning("%s: the supervisor (pid %d) is gone; stopping", self.name, self._parent)
+            self.stop.set()
+        self.write()
+
+    def running(self) -> None:
+        self.state = "running"
+        self._due = 0.0
+        self()
+
+    def write(self) -> None:
+        if self.path is None:
+            return
+        record = {
+            "name": self.name,
+            "stage": self.stage,
+            "pid": os.getpid(),
+            "state": self.state,
+            "t": time.time(),
+            "stats": self.snapshot(),
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+class LazySender:
+    """A non-blocking ``transport.FrameSender`` (``send_timeout_ms=0``: a full queue drops and counts),
+    created at the first send when ``transport.shared_memory`` is on for its endpoint, so that the ring's slots can be
+    sized to the first message's payloads (frame sizes are not always known before the first frame)."""
+
+    def __init__(self, endpoint: str, *, bind: bool, hwm: int, settings: Settings) -> None:
+        self.endpoint, self.bind, self.hwm = endpoint, bind, hwm
+        self.transport = settings.transport
+        self.shared_memory = settings.transport.uses_shared_memory(endpoint)
+        self._sender: FrameSender | None = None if self.shared_memory else self._open(0)
+
+    def _open(self, slot_bytes: int) -> FrameSender:
+        from stream_service.wire.transport import FrameSender
+
+        t = self.transport
+        return FrameSender(
+            self.endpoint,
+            bind=self.bind,
+            hwm=self.hwm,
+            linger_ms=t.linger_ms,
+            send_timeout_ms=0,
+            shm_slots=t.shm_slots if slot_bytes else 0,
+            shm_slot_bytes=slot_bytes,
+        )
+
+    def reserve_frame(self, shape: tuple[int, int]) -> npt.NDArray[np.uint8] | None:
+        """A writable uint8 frame of ``shape`` in a free slot of the ring, for the capture to fill in place.
+
+        None without a ring (shared memory off, or before the first frame sized it), when such a frame
+        does not fit a slot, or when every slot is leased (the frame is then made privately and dropped).
+        """
+        spec = ArraySpec(name="frame", shape=shape, dtype="uint8")
+        if self._sender is None or not self._sender.fits([spec]):
+            return None
+        arrays = self._sender.reserve([spec])
+        return None if arrays is None else cast("npt.NDArray[np.uint8]", arrays[0])  # the slot's own array
+
+    def send(self, topic: str, header: Header, arrays: Sequence[Array | Part] = ()) -> bool:
+        if self._sender is None:
+            sizes = [a.nbytes if isinstance(a, np.ndarray) else memoryview(a).nbytes for a in arrays]
+            try:
+                self._sender = self._open(max(1, sum(sizes) + _SLOT_MARGIN * len(sizes)))
+            except SharedMemoryError as exc:
+                if self.transport.shared_memory is True:
+                    raise
+                log.warning("%s: %s; its pixels go over ZeroMQ instead", self.endpoint, exc)
+                self.shared_memory = False
+                self._sender = self._open(0)
+        return self._sender.send(topic, header, arrays)
+
+    def counters(self) -> dict[str, Any]:
+        if self._sender is None:
+            return {"sent": 0, "sent_in_place": 0, "dropped": {}}
+        s = self._sender
+        return {"sent": s.sent, "sent_in_place": s.sent_in_place, "dropped": dict(s.dropped)}
+
+    def close(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+
+
+def _receiver_counters(receiver: Any) -> dict[str, Any]:
+    return {
+        "received": receiver.received,
+        "dropped": dict(receiver.dropped),
+        "rejected": dict(receiver.rejected),
+        "ring": dict(receiver.ring_counts),
+    }
+
+
+def serve_capture(settings: Settings, camera_id: str | None, stop: threading.Event, heartbeat: Heartbeat) -> None:
+    """The capture process of one camera: read, stamp, push (``stages.capture``), until ``stop``."""
+    from stream_service.stages.capture import CaptureStage, CaptureStats, open_camera, retry_delay_s, run_capture
+    from stream_service.wire.transport import terminate_context
+
+    index, camera = camera_at(settings, camera_id)
+    endpoint = settings.transport.capture_endpoint(index, camera.id)
+    stage, stats = CaptureStage(camera), CaptureStats()
+    sender = LazySender(endpoint, bind=True, hwm=settings.transport.capture_hwm, settings=settings)
+    heartbeat.snapshot = lambda: {"capture": stats.snapshot(), "sender": sender.counters()}
+    try:
+        heartbeat.running()
+        log.info("capture %s: pushing on %s", camera.id, endpoint)
+        run_capture(
+            stage,
+            open_camera(camera),
+            sender,
+            stop,
+            retry_s=retry_delay_s(camera, settings),
+            heartbeat=heartbeat,
+            stats=stats,
+            slots=sender.reserve_frame if sender.shared_memory else None,
+        )
+    finally:
+        sender.close()
+        terminate_context()
+    log.info("capture %s: stopped after %d frames (%d dropped)", camera.id, stats.frames, stats.dropped)
+
+
+def serve_soartc(
+    settings: Settings, camera_ids: Sequence[str] | None, stop: threading.Event, heartbeat: Heartbeat
+) -> None:
+    """A soartc worker: pull frames from the captures, push features to the infer stage, until ``stop``."""
+    from stream_service.model.card import load_card, resolve_model_dir
+    from stream_service.stages.features import FeaturesStage
+    from stream_service.wire.transport import FrameReceiver, terminate_context
+
+    t = settings.transport
+    check_topology(settings)
+    wanted = [camera_at(settings, c)[1].id for c in camera_ids] if camera_ids else [c.id for c in settings.cameras]
+    heartbeat.write()
+    card = load_card(resolve_model_dir(settings.inference.model))
+    stage = FeaturesStage.from_settings(settings, card.features.to_spec(), wanted)
+    captures = [
+        connectable(t.capture_endpoint(i, c.id)) for i, c in enumerate(settings.cameras) if c.id in stage.cameras
+    ]
+    stats = StageStats()
+    receiver = FrameReceiver(captures, hwm=t.capture_hwm, linger_ms=t.linger_ms, max_drain=t.max_drain)
+    sender = LazySender(connectable(t.features_out), bind=False, hwm=t.features_hwm, settings=settings)
+    heartbeat.snapshot = lambda: {
+        "stage": stats.snapshot(),
+        "receiver": _receiver_counters(receiver),
+        "sender": sender.counters(),
+    }
+    try:
+        heartbeat.running()
+        log.info("soartc: %s -> %s (cameras %s)", captures, t.features_out, sorted(stage.cameras))
+        run_stage(
+            stage, receiver, sender, stop, heartbeat=heartbeat, stats=stats, poll_timeout_s=t.recv_timeout_ms / 1e3
+        )
+    finally:
+        receiver.close()
+        sender.close()
+        terminate_context()
+
+
+def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat) -> None:
+    """The infer process: pull features, publish verdicts and highlights, until ``stop``."""
+    from stream_service.model.card import resolve_model_dir
+    from stream_service.model.session import InspectionModel
+    from stream_service.stages.inference import InferenceStage
+    from stream_service.wire.transport import FrameReceiver, FrameSender, terminate_context
+
+    t = settings.transport
+    check_topology(settings)
+    heartbeat.write()
+    inference = settings.inference
+    model = InspectionModel.load(
+        resolve_model_dir(inference.model), inference.device, inference.threads, spin=inference.spin_threads
+    )
+    stage = InferenceStage(model, settings.inference, settings.highlight)
+    stats = StageStats()
+    receiver = FrameReceiver(
+        t.features_out, bind=True, hwm=t.features_hwm, linger_ms=t.linger_ms, max_drain=t.max_drain
+    )
+    try:
+        publisher = FrameSender(t.verdicts_pub, kind="pub", bind=True, hwm=t.publish_hwm, linger_ms=t.linger_ms)
+    except BaseException:
+        receiver.close()
+        raise
+    heartbeat.snapshot = lambda: {
+        "stage": stats.snapshot(),
+        "receiver": _receiver_counters(receiver),
+        "sender": {"sent": publisher.sent, "dropped": dict(publisher.dropped)},
+        "model": f"{model.card.name} {model.card.version} on {model.providers[0]}",
+    }
+    try:
+        heartbeat.running()
+        log.info("infer: %s -> %s (model %s %s)", t.features_out, t.verdicts_pub, model.card.name, model.card.version)
+        run_stage(
+            stage, receiver, publisher, stop, heartbeat=heartbeat, stats=stats, poll_timeout_s=t.recv_timeout_ms / 1e3
+        )
+    finally:
+        receiver.close()
+        publisher.close()
+        terminate_context()

@@ -1,0 +1,216 @@
+"""The live terminal summary of a pipeline, and the one-line form of a verdict. Pure: text out, no printing.
+
+``PipelineSummary`` is fed every verdict a subscriber receives and renders, per camera, the verdict
+rate, pass and fail counts, the frames the pipeline dropped (the verdicts' ``dropped``), the verdicts
+this subscriber missed (gaps in the sequence numbers that ``dropped`` does not explain: a slow
+subscriber's own losses) and, for synthetic cameras, the agreement with the ground truth; p50/p99 of
+every stage's latency and end to end; and, from the supervisor, each stage process with its state,
+restarts and counters (from its heartbeat).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from stream_service.runtime.latency import END_TO_END, FpsCounter, LatencyTracker
+from stream_service.wire.messages import Verdict
+
+
+class StageRow(Protocol):
+    """What the summary shows of a stage process (``supervisor.StageState``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def pid(self) -> int | None: ...
+
+    state: str
+    restarts: int
+    heartbeat: dict[str, Any] | None
+
+
+def missed_between(last_seq: int | None, seq: int, dropped: int) -> int:
+    """Verdicts a subscriber missed between sequence numbers ``last_seq`` and ``seq``: the gap less the
+    frames the pipeline reported ``dropped`` (never negative; 0 for the first verdict or a restart)."""
+    if last_seq is None or seq <= last_seq:
+        return 0
+    return max(0, seq - last_seq - 1 - dropped)
+
+
+def verdict_line(v: Verdict) -> str:
+    """A verdict for people: camera, sequence, verdict, score, regions, end-to-end latency, drops."""
+    e2e = v.latency_ms.get(END_TO_END)
+    parts = [
+        f"{v.camera_id} #{v.seq}",
+        f"{v.verdict.upper():<4}",
+        f"score {v.score:.3f}/{v.threshold:.3f}",
+        f"{len(v.regions)} region(s)" + (f" {[[r.x1, r.y1, r.x2, r.y2] for r in v.regions[:3]]}" if v.regions else ""),
+        f"e2e {e2e:.1f} ms" if e2e is not None else "e2e n/a",
+    ]
+    if v.dropped:
+        parts.append(f"dropped {v.dropped}")
+    if v.truth is not None:
+        parts.append(f"truth {v.truth.get('label')}")
+    return "  ".join(parts)
+
+
+@dataclass
+class CameraTally:
+    """Per-camera counts of the verdicts received."""
+
+    fps: FpsCounter
+    passed: int = 0
+    failed: int = 0
+    dropped: int = 0
+    missed: int = 0
+    truth_total: int = 0
+    truth_agree: int = 0
+    last_seq: int | None = None
+
+
+@dataclass
+class PipelineSummary:
+    """Accumulates verdicts (``add``) and renders them (``render``, ``line``)."""
+
+    latency_window: int = 1000
+    fps_window_s: float = 5.0
+    cameras: dict[str, CameraTally] = field(default_factory=dict)
+    latency: LatencyTracker = field(init=False)
+    model: str | None = None  # "<id> <version>" of the latest verdict
+
+    def __post_init__(self) -> None:
+        self.latency = LatencyTracker(self.latency_window)
+
+    @property
+    def total(self) -> int:
+        return sum(t.passed + t.failed for t in self.cameras.values())
+
+    def add(self, verdict: Verdict, now_ns: int) -> int:
+        """Count ``verdict`` received at monotonic ``now_ns``; returns the verdicts missed just before it."""
+        tally = self.cameras.get(verdict.camera_id)
+        if tally is None:
+            tally = self.cameras[verdict.camera_id] = CameraTally(FpsCounter(self.fps_window_s))
+        tally.fps.tick(now_ns)
+        if verdict.verdict == "fail":
+            tally.failed += 1
+        else:
+            tally.passed += 1
+        tally.dropped += verdict.dropped
+        missed = missed_between(tally.last_seq, verdict.seq, verdict.dropped)
+        tally.missed += missed
+        tally.last_seq = verdict.seq
+        label = verdict.truth.get("label") if verdict.truth else None
+        if label in ("pass", "fail"):
+            tally.truth_total += 1
+            tally.truth_agree += int(label == verdict.verdict)
+        self.latency.add(verdict.latency_ms)
+        self.model = f"{verdict.model_id} {verdict.model_version}"
+        return missed
+
+    def snapshot(self, stages: Sequence[StageRow], now_ns: int, elapsed_s: float) -> dict[str, Any]:
+        """Everything the summary shows, as JSON-ready data (``format_status`` renders it; the dashboard's
+        ``/api/status`` serves it)."""
+        cameras = {
+            cid: {
+                "fps": t.fps.fps(now_ns),
+                "passed": t.passed,
+                "failed": t.failed,
+                "dropped": t.dropped,
+                "missed": t.missed,
+                "truth_total": t.truth_total,
+                "truth_agree": t.truth_agree,
+                "last_seq": t.last_seq,
+            }
+            for cid, t in sorted(self.cameras.items())
+        }
+        latency = {
+            stage: {"p50": p.p50, "p99": p.p99, "count": p.count}
+            for stage, p in sorted(self.latency.percentiles().items(), key=lambda kv: (kv[0] == END_TO_END, kv[0]))
+        }
+        return {
+            "elapsed_s": elapsed_s,
+            "verdicts": self.total,
+            "model": self.model,
+            "cameras": cameras,
+            "latency_ms": latency,
+            "processes": [stage_counts(st) for st in stages],
+        }
+
+    def line(self, now_ns: int) -> str:
+        """One line: per camera fps, pass/fail, dropped; end-to-end p50/p99."""
+        cams = "  ".join(
+            f"{cid} {t.fps.fps(now_ns):.1f} fps {t.passed} pass {t.failed} fail {t.dropped} dropped"
+            for cid, t in sorted(self.cameras.items())
+        )
+        e2e = self.latency.percentiles().get(END_TO_END)
+        latency = f"e2e p50 {e2e.p50:.0f} ms p99 {e2e.p99:.0f} ms" if e2e else "e2e n/a"
+        return f"{cams or 'no verdicts yet'}  |  {latency}"
+
+    def render(self, stages: Sequence[StageRow], now_ns: int, elapsed_s: float) -> str:
+        """The full summary block (several lines, no trailing newline)."""
+        return format_status(self.snapshot(stages, now_ns, elapsed_s))
+
+
+def format_status(status: Mapping[str, Any]) -> str:
+    """A ``PipelineSummary.snapshot`` as the terminal's summary block (several lines, no trailing newline)."""
+    out = [f"stream-service: {status['elapsed_s']:.0f} s, {status['verdicts']} verdicts  (Ctrl-C stops)"]
+    out.append(f"  {'camera':<12}{'fps':>7}{'pass':>8}{'fail':>8}{'dropped':>9}{'missed':>8}{'truth agrees':>15}")
+    for cid, c in status["cameras"].items():
+        truth = f"{c['truth_agree']}/{c['truth_total']}" if c["truth_total"] else "-"
+        out.append(
+            f"  {cid:<12}{c['fps']:>7.1f}{c['passed']:>8}{c['failed']:>8}{c['dropped']:>9}{c['missed']:>8}{truth:>15}"
+        )
+    if not status["cameras"]:
+        out.append("  (no verdicts yet)")
+    out.append(f"  {'latency ms':<12}{'p50':>9}{'p99':>9}{'n':>7}")
+    for stage, p in status["latency_ms"].items():
+        out.append(f"  {stage:<12}{p['p50']:>9.1f}{p['p99']:>9.1f}{p['count']:>7}")
+    if status["processes"]:
+        out.append(
+            f"  {'process':<16}{'state':<11}{'pid':>7}{'restarts':>9}{'in/s':>7}{'dropped':>9}{'rejected':>9}"
+            f"{'errors':>7}"
+        )
+        out.extend(_process_line(c) for c in status["processes"])
+    return "\n".join(out)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, Mapping):
+        return sum(int(v) for v in value.values())
+    return int(value or 0)
+
+
+def stage_counts(st: StageRow) -> dict[str, Any]:
+    """A stage process as the summary and the dashboard show it: state, restarts, rate in, and its counters
+    of dropped (received and sent), rejected and failed messages (for a capture: frames and camera errors)."""
+    stats: Mapping[str, Any] = (st.heartbeat or {}).get("stats") or {}
+    core = stats.get("stage") or {}
+    rate = float(core.get("fps", 0.0))
+    dropped = _count((stats.get("receiver") or {}).get("dropped")) + _count((stats.get("sender") or {}).get("dropped"))
+    rejected = _count(core.get("rejected"))
+    errors = _count(core.get("errors"))
+    if "capture" in stats:
+        capture = stats["capture"]
+        dropped, errors = _count(capture.get("dropped")), _count(capture.get("camera_errors"))
+        rate = float(capture.get("fps", 0.0))
+    return {
+        "name": st.name,
+        "state": st.state,
+        "pid": st.pid,
+        "restarts": st.restarts,
+        "in_per_s": rate,
+        "dropped": dropped,
+        "rejected": rejected,
+        "errors": errors,
+    }
+
+
+def _process_line(c: Mapping[str, Any]) -> str:
+    pid = str(c["pid"]) if c["pid"] is not None else "-"
+    return (
+        f"  {c['name']:<16}{c['state']:<11}{pid:>7}{c['restarts']:>9}{c['in_per_s']:>7.1f}{c['dropped']:>9}"
+        f"{c['rejected']:>9}{c['errors']:>7}"
+    )

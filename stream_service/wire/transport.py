@@ -1,0 +1,442 @@
+"""ZeroMQ sockets and endpoints. The only module that imports ``zmq``.
+
+``FrameSender`` and ``FrameReceiver`` move ``messages`` over PUSH/PULL or PUB/SUB, on ``tcp://`` or
+``ipc://`` endpoints, with ``copy=False`` both ways: the arrays' buffers go to ZeroMQ without a copy and
+arrive as views of ZeroMQ's buffers. Whatever the path, ``FrameReceiver.receive`` returns the same
+``Message(topic, header, arrays)``, so stages never know how pixels travelled.
+
+Real-time policy:
+
+- bounds are parameters (the settings' high-water marks, linger, drain size), never defaults buried here;
+- the capture sends with ``send_timeout_ms=0``: a full queue (``zmq.Again``) drops the frame, counts it
+  per camera and adds it to the ``dropped`` field of that camera's next message: capture never blocks;
+- with ``max_drain > 0`` the receiver drops the oldest: it takes up to ``1 + max_drain`` queued messages
+  at once, keeps the newest per camera and adds the skipped ones to its ``dropped`` field.
+
+Shared-memory ring (same-host PUSH/PULL hops, ``shm_slots > 0``; design in ``stream_service.wire.shm_ring``):
+the sender copies each message's payloads into a free slot of its ring and sends only a descriptor
+(ring name, slot, generation, offsets) over ZeroMQ; the receiver maps the ring and leases the slot (or,
+with ``shm_copy=True``, copies the payloads out). A message larger than a slot goes inline. PUB sockets
+do not take a ring: several subscribers would share one lease. On the wire an shm message is
+``[topic + SHM_MARKER, header, descriptor]``; topics never contain NUL, so the marker cannot collide,
+and SUB prefix filters still match.
+
+Sockets are not thread-safe: use a sender or receiver from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from typing import Literal, Self, TypeVar
+
+import zmq
+from pydantic import ValidationError
+
+from stream_service.errors import ConfigError, MessageError, TransportError
+from stream_service.wire.messages import (
+    Array,
+    ArraySpec,
+    FeaturesHeader,
+    FrameHeader,
+    Header,
+    Message,
+    Part,
+    Verdict,
+    decode,
+    decode_header,
+    encode,
+    payload_views,
+    rejection_reason,
+)
+from stream_service.wire.shm_ring import RING_NAME, Reservation, RingReader, ShmDescriptor, ShmRing
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+SocketKind = Literal["push", "pull", "pub", "sub"]
+_ZMQ_TYPES = {"push": zmq.PUSH, "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB}
+Socket = zmq.Socket[bytes]
+
+SHM_MARKER = b"\x00shm1"
+_MAX_OPEN_RINGS = 8
+# How long a sender with a send timeout sleeps between looks for a free slot.
+_RING_WAIT_S = 100e-6
+
+
+def context() -> zmq.Context[Socket]:
+    """The process-wide ZeroMQ context (one I/O thread; pyzmq makes a fresh one after fork)."""
+    return zmq.Context.instance()
+
+
+def terminate_context() -> None:
+    """Close the process-wide context: blocks until every closed socket has sent what it queued (its linger).
+
+    Call it last in a process that sent with ``copy=False``: ZeroMQ reads the arrays' memory until the
+    messages are out, so the interpreter must not tear the arrays down before.
+    """
+    zmq.Context.instance().term()
+
+
+def open_socket(
+    kind: SocketKind,
+    endpoint: str,
+    *,
+    bind: bool,
+    hwm: int,
+    linger_ms: int,
+    topics: Sequence[str] = (),
+    ctx: zmq.Context[Socket] | None = None,
+) -> Socket:
+    """A socket of ``kind`` bound or connected to ``endpoint`` with high-water mark ``hwm`` (messages).
+
+    ``tcp://127.0.0.1:*`` binds a free port (see ``endpoint_of``). A SUB socket subscribes to each topic
+    prefix in ``topics`` (``verdicts.cam0``), or to everything when there are none.
+    """
+    op = "bind" if bind else "connect"
+    sock = (ctx or context()).socket(_ZMQ_TYPES[kind])
+    try:
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.LINGER, linger_ms)
+        if kind == "sub":
+            for topic in topics or ("",):
+                sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        (sock.bind if bind else sock.connect)(endpoint)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        raise TransportError(f"{op} {kind} socket to {endpoint}: expected success, found {exc}") from exc
+    return sock
+
+
+def bind(kind: SocketKind, endpoint: str, *, hwm: int, linger_ms: int, topics: Sequence[str] = ()) -> Socket:
+    """``open_socket(..., bind=True)``."""
+    return open_socket(kind, endpoint, bind=True, hwm=hwm, linger_ms=linger_ms, topics=topics)
+
+
+def connect(kind: SocketKind, endpoint: str, *, hwm: int, linger_ms: int, topics: Sequence[str] = ()) -> Socket:
+    """``open_socket(..., bind=False)``."""
+    return open_socket(kind, endpoint, bind=False, hwm=hwm, linger_ms=linger_ms, topics=topics)
+
+
+def endpoint_of(sock: Socket) -> str:
+    """The endpoint the socket last bound or connected to, with the real port of a ``:*`` bind."""
+    value = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _with_dropped(header: Header, extra: int) -> Header:
+    if extra and isinstance(header, FrameHeader | FeaturesHeader | Verdict):
+        return header.model_copy(update={"dropped": header.dropped + extra})
+    return header
+
+
+def _dropped_in(header: Header) -> int:
+    return header.dropped if isinstance(header, FrameHeader | FeaturesHeader | Verdict) else 0
+
+
+def _same_arrays(arrays: Sequence[Array | Part], reserved: list[Array]) -> bool:
+    return len(arrays) == len(reserved) and all(a is r for a, r in zip(arrays, reserved, strict=True))
+
+
+class FrameSender:
+    """Sends messages on a PUSH (default) or PUB socket; see the module docstring for the drop policy.
+
+    ``send_timeout_ms``: 0 never blocks (capture), -1 blocks until queued, > 0 waits that long; a message
+    that cannot be queued in time is dropped and counted. ``shm_slots > 0`` (PUSH only) sends payloads
+    through a shared-memory ring of that many slots of ``shm_slot_bytes`` (same host only).
+    ZeroMQ reads the arrays after ``send`` returns: do not modify them afterwards.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        hwm: int,
+        linger_ms: int,
+        kind: Literal["push", "pub"] = "push",
+        bind: bool = True,
+        send_timeout_ms: int = 0,
+        shm_slots: int = 0,
+        shm_slot_bytes: int = 0,
+        shm_lease_timeout_s: float = 10.0,
+        ctx: zmq.Context[Socket] | None = None,
+    ) -> None:
+        if shm_slots and kind != "push":
+            raise ConfigError(f"shm_slots: expected 0 for a {kind} socket (one lease per slot), found {shm_slots}")
+        self._ring = ShmRing(shm_slots, shm_slot_bytes, shm_lease_timeout_s) if shm_slots else None
+        self._sock = open_socket(kind, endpoint, bind=bind, hwm=hwm, linger_ms=linger_ms, ctx=ctx)
+        self._timeout_ms = send_timeout_ms
+        if send_timeout_ms != 0:
+            self._sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
+        self.endpoint = endpoint_of(self._sock)
+        self._reservation: tuple[Reservation, list[Array]] | None = None
+        self._carry: Counter[str] = Counter()
+        self.sent = 0
+        self.sent_in_place = 0  # messages whose payloads were written into a reserved slot, never copied
+        self.dropped: Counter[str] = Counter()
+
+    @property
+    def ring_reclaimed(self) -> int:
+        """Slots taken back from receivers that held them past the lease timeout."""
+        return self._ring.reclaimed if self._ring is not None else 0
+
+    def fits(self, specs: Sequence[ArraySpec]) -> bool:
+        """Whether payloads shaped as ``specs`` fit one slot of this sender's ring (False without a ring)."""
+        return self._ring is not None and self._ring.fits([spec.nbytes for spec in specs])
+
+    def reserve(self, specs: Sequence[ArraySpec]) -> list[Array] | None:
+        """Writable arrays in a free ring slot, shaped as ``specs``, for the capture to fill in place.
+
+        The capture writes the pixels once, straight into shared memory (``cv2.VideoCapture.read(image=
+        arrays[0])``), and ``send`` with these very arrays moves only the descriptor; after ``send`` they
+        are read-only. ``None`` when no slot frees up within the send timeout: capture into a private
+        array and ``send`` that (copied into a slot, or dropped and counted). Another ``reserve`` gives
+        back a reservation that was not sent.
+        """
+        if self._ring is None:
+            raise ConfigError("shm_slots: expected > 0 for reserve(), found 0")
+        self._abandon_reservation()
+        sizes = [spec.nbytes for spec in specs]
+        if not self._ring.fits(sizes):
+            raise ConfigError(f"shm_slot_bytes: expected room for {sum(sizes)} payload bytes, found less")
+        reservation = self._wait_for_slot(lambda ring: ring.acquire(sizes))
+        if reservation is None:
+            return None
+        arrays = [v.view(spec.dtype).reshape(spec.shape) for v, spec in zip(reservation.views, specs, strict=True)]
+        self._reservation = (reservation, arrays)
+        return arrays
+
+    def send(self, topic: str, header: Header, arrays: Sequence[Array | Part] = ()) -> bool:
+        """Queue one message; ``False`` when it was dropped (queue or ring full past the send timeout)."""
+        camera = header.camera_id
+        carry = self._carry.pop(camera, 0)
+        parts = encode(topic, _with_dropped(header, carry), arrays)
+        desc, in_place = None, False
+        if self._reservation is not None and _same_arrays(arrays, self._reservation[1]):
+            reservation, reserved = self._reservation
+            self._reservation = None
+            desc, in_place = self._ring_or_fail().commit(reservation), True
+            for array in reserved:
+                array.flags.writeable = False
+        elif self._ring is not None and len(parts) > 2:
+            payloads = [p if isinstance(p, memoryview) else memoryview(p) for p in parts[2:]]
+            if self._ring.fits([p.nbytes for p in payloads]):
+                desc = self._wait_for_slot(lambda ring: ring.write(payloads))
+                if desc is None:
+                    return self._drop(camera, carry, header)
+        if desc is not None:
+            parts = [topic.encode() + SHM_MARKER, parts[1], desc.model_dump_json().encode()]
+        try:
+            self._sock.send_multipart(parts, flags=zmq.NOBLOCK if self._timeout_ms == 0 else 0, copy=False)
+        except zmq.Again:
+            if desc is not None:
+                self._ring_or_fail().cancel(desc)
+            return self._drop(camera, carry, header)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"send to {self.endpoint}: expected the message queued, found {exc}") from exc
+        self.sent += 1
+        self.sent_in_place += in_place
+        return True
+
+    def _ring_or_fail(self) -> ShmRing:
+        if self._ring is None:
+            raise ConfigError("shm_slots: expected > 0, found 0")
+        return self._ring
+
+    def _wait_for_slot(self, attempt: Callable[[ShmRing], _T | None]) -> _T | None:
+        ring = self._ring_or_fail()
+        deadline = None if self._timeout_ms < 0 else time.monotonic() + self._timeout_ms / 1000
+        while (result := attempt(ring)) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(_RING_WAIT_S)
+        return result
+
+    def _abandon_reservation(self) -> None:
+        if self._reservation is not None:
+            self._ring_or_fail().abandon(self._reservation[0])
+            self._reservation = None
+
+    def _drop(self, camera: str, carry: int, header: Header) -> bool:
+        self._carry[camera] = carry + 1 + _dropped_in(header)
+        self.dropped[camera] += 1
+        return False
+
+    def close(self) -> None:
+        """Close the socket (lingering ``linger_ms`` for queued messages) and unlink the ring."""
+        self._abandon_reservation()
+        self._sock.close()
+        if self._ring is not None:
+            self._ring.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FrameReceiver:
+    """Receives messages on a PULL (default) or SUB socket, inline or through a shared-memory ring.
+
+    ``endpoint``: one endpoint, or several to connect to (messages from all of them, fair-queued).
+
+    ``max_drain``: how many extra queued messages one ``receive`` may take to keep only the newest per
+    camera (0: deliver every message in order). ``shm_copy``: copy ring payloads out instead of leasing
+    the slot (for stages that keep frames longer than the sender's lease timeout).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | Sequence[str],
+        *,
+        hwm: int,
+        linger_ms: int,
+        kind: Literal["pull", "sub"] = "pull",
+        bind: bool = False,
+        topics: Sequence[str] = (),
+        max_drain: int = 0,
+        shm_copy: bool = False,
+        ctx: zmq.Context[Socket] | None = None,
+    ) -> None:
+        endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
+        if not endpoints or (bind and len(endpoints) > 1):
+            raise ConfigError(f"receiver endpoints: expected one to bind or >= 1 to connect, found {endpoints}")
+        self._sock = open_socket(kind, endpoints[0], bind=bind, hwm=hwm, linger_ms=linger_ms, topics=topics, ctx=ctx)
+        # One socket connected to several senders (a soartc worker to every capture): ZeroMQ fair-queues them.
+        for extra in endpoints[1:]:
+            try:
+                self._sock.connect(extra)
+            except zmq.ZMQError as exc:
+                self._sock.close(linger=0)
+                raise TransportError(f"connect {kind} socket to {extra}: expected success, found {exc}") from exc
+        self.endpoint = endpoint_of(self._sock)
+        self._max_drain = max_drain
+        self._shm_copy = shm_copy
+        # camera -> (topic, header, arrays or shm descriptor): the newest message per camera, oldest camera first.
+        self._ready: dict[str, tuple[str, Header, list[Array] | ShmDescriptor]] = {}
+        self._errors: deque[MessageError] = deque()
+        self._rings: dict[str, RingReader] = {}
+        self._carry: Counter[str] = Counter()
+        self.received = 0
+        self.dropped: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.ring_counts: Counter[str] = Counter()
+
+    def receive(self, timeout_s: float) -> Message | None:
+        """The next message, or ``None`` when none arrived within ``timeout_s``.
+
+        Raises ``MessageError`` for a malformed message (already counted in ``rejected``); the next call
+        goes on with the following messages.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            # Read first and poll only when nothing is queued: a busy stream costs no poll call.
+            self._drain()
+            if self._errors:
+                raise self._errors.popleft()
+            while self._ready:
+                camera = next(iter(self._ready))
+                try:
+                    message = self._materialize(*self._ready.pop(camera))
+                except MessageError as exc:
+                    self._count_rejection(exc)
+                    raise
+                if message is not None:
+                    self.received += 1
+                    return message
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0 or not self._poll(remaining_ms):
+                return None
+
+    def _poll(self, timeout_ms: int) -> bool:
+        try:
+            return bool(self._sock.poll(timeout_ms, zmq.POLLIN))
+        except zmq.ZMQError as exc:
+            raise TransportError(f"poll {self.endpoint}: expected a readable socket, found {exc}") from exc
+
+    def _drain(self) -> None:
+        for _ in range(1 + self._max_drain):
+            try:
+                frames = self._sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                raise TransportError(f"receive from {self.endpoint}: expected a message, found {exc}") from exc
+            try:
+                topic, header, body = self._parse([f.buffer for f in frames])
+            except MessageError as exc:
+                self._count_rejection(exc)
+                self._errors.append(exc)
+                continue
+            camera = header.camera_id
+            skipped = self._ready.get(camera)
+            if skipped is not None:
+                self.dropped[camera] += 1
+                header = _with_dropped(header, 1 + _dropped_in(skipped[1]))
+                if isinstance(skipped[2], ShmDescriptor):
+                    self._give_back(skipped[2])
+            self._ready[camera] = (topic, header, body)
+
+    def _give_back(self, desc: ShmDescriptor) -> None:
+        try:
+            self._ring(desc.ring).release(desc)
+        except MessageError as exc:
+            log.debug("skipped shm message of a ring that is gone: %s", exc)
+
+    def _count_rejection(self, exc: MessageError) -> None:
+        self.rejected[rejection_reason(exc)] += 1
+        log.warning("rejected a message on %s: %s", self.endpoint, exc)
+
+    @staticmethod
+    def _parse(parts: list[memoryview]) -> tuple[str, Header, list[Array] | ShmDescriptor]:
+        if len(parts) >= 1 and bytes(parts[0][-len(SHM_MARKER) :]) == SHM_MARKER:
+            if len(parts) != 3:
+                raise MessageError(f"part count: expected 3 for an shm message, found {len(parts)}")
+            try:
+                topic = bytes(parts[0][: -len(SHM_MARKER)]).decode()
+                desc = ShmDescriptor.model_validate_json(bytes(parts[2]))
+            except (UnicodeDecodeError, ValidationError) as exc:
+                raise MessageError(f"shm descriptor: expected a valid descriptor, found {exc}") from exc
+            if not RING_NAME.match(desc.ring):
+                raise MessageError(f"shm descriptor: expected a ring name {RING_NAME.pattern}, found {desc.ring!r}")
+            return topic, decode_header(parts[1]), desc
+        return decode(parts)
+
+    def _materialize(self, topic: str, header: Header, body: list[Array] | ShmDescriptor) -> Message | None:
+        camera = header.camera_id
+        if isinstance(body, ShmDescriptor):
+            ring = self._ring(body.ring)
+            sizes = [spec.nbytes for spec in header.array_specs()]
+            payloads = ring.copy(body, sizes) if self._shm_copy else ring.lease(body, sizes)
+            if payloads is None:
+                self.ring_counts["overwritten"] += 1
+                self.dropped[camera] += 1
+                self._carry[camera] += 1 + _dropped_in(header)
+                return None
+            body = payload_views(header, payloads)
+        return Message(topic, _with_dropped(header, self._carry.pop(camera, 0)), body)
+
+    def _ring(self, name: str) -> RingReader:
+        reader = self._rings.get(name)
+        if reader is None:
+            if len(self._rings) >= _MAX_OPEN_RINGS:
+                self._rings.pop(next(iter(self._rings))).close()
+            reader = self._rings[name] = RingReader(name, self.ring_counts)
+        return reader
+
+    def close(self) -> None:
+        """Close the socket and the ring mappings (those still viewed by live arrays stay until freed)."""
+        self._sock.close()
+        for reader in self._rings.values():
+            reader.close()
+        self._rings.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -151,6 +151,16 @@ class CameraSettings(Section):
     polarity: Literal["dark-object", "bright-object"] = "dark-object"
     frame_size: tuple[PositiveInt, PositiveInt] | None = None  # (width, height) frames are resized to
 
+    @property
+    def frame_shape(self) -> tuple[int, int] | None:
+        """(H, W) of the camera's frames when the settings fix it (``frame_size``, or a synthetic source)."""
+        if self.frame_size is not None:
+            width, height = self.frame_size
+            return height, width
+        if isinstance(self.source, SyntheticSource):
+            return self.source.height, self.source.width
+        return None
+
     @model_validator(mode="after")
     def _needs_reference(self) -> CameraSettings:
         if self.reference is None and self.source.kind != "synthetic":

@@ -25,11 +25,20 @@ from stream_service.settings import CameraSettings, HighlightSettings, Inference
 from stream_service.sources.camera import SourceCounters
 from stream_service.sources.synthetic import SyntheticCamera
 from stream_service.stages.capture import CaptureStage, CaptureStats, run_capture
-from stream_service.stages.features import ARRAY_NAMES, FeaturesStage, camera_reference, synthetic_reference
+from stream_service.stages.features import FeaturesStage, camera_reference, synthetic_reference
 from stream_service.stages.inference import InferenceStage, to_frame_regions
 from stream_service.vision.inspection import FeatureExtractor
 from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
-from stream_service.wire.messages import FeaturesHeader, FrameHeader, Highlight, Message, Stamp, Verdict, encode
+from stream_service.wire.messages import (
+    FEATURES_ARRAYS,
+    FeaturesHeader,
+    FrameHeader,
+    Highlight,
+    Message,
+    Stamp,
+    Verdict,
+    encode,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -245,7 +254,7 @@ def test_features_stage_output_matches_the_in_process_extractor() -> None:
     (out,) = through(features_stage(camera), message)
     header = out.header
     assert isinstance(header, FeaturesHeader) and out.topic == "features.cam0"
-    assert [a.name for a in header.arrays] == list(ARRAY_NAMES)
+    assert [a.name for a in header.arrays] == list(FEATURES_ARRAYS)
     assert [(a.shape, a.dtype) for a in header.arrays] == [
         ((SIZE, SIZE), "uint8"),
         ((16, 16, 24), "float32"),

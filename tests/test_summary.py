@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from stream_service.runtime.heartbeat import HeartbeatRecord, HeartbeatStats, StageKind
 from stream_service.runtime.summary import PipelineSummary, format_status, missed_between, verdict_line
 from stream_service.wire.messages import Region, Verdict
 
@@ -41,13 +42,17 @@ def test_missed_is_the_sequence_gap_that_dropped_does_not_explain(
     assert missed_between(last, seq, dropped) == missed
 
 
+def beat(stage: StageKind, stats: dict[str, Any]) -> HeartbeatRecord:
+    return HeartbeatRecord(name=stage, stage=stage, pid=1, state="running", t=0.0, stats=HeartbeatStats(**stats))
+
+
 @dataclass
 class Row:
     name: str
     pid: int | None
     state: str
     restarts: int
-    heartbeat: dict[str, Any] | None
+    heartbeat: HeartbeatRecord | None
 
 
 def test_summary_counts_and_renders_cameras_latency_and_stages() -> None:
@@ -62,9 +67,13 @@ def test_summary_counts_and_renders_cameras_latency_and_stages() -> None:
     assert (tally.truth_agree, tally.truth_total) == (2, 5) and summary.total == 6
     rows = [
         Row(
-            "infer", 11, "running", 0, {"stats": {"stage": {"fps": 9.5, "rejected": {"header json": 2}, "errors": {}}}}
+            "infer",
+            11,
+            "running",
+            0,
+            beat("infer", {"stage": {"fps": 9.5, "rejected": {"header json": 2}, "errors": {}}}),
         ),
-        Row("capture-cam0", None, "restarting", 3, {"stats": {"capture": {"dropped": 4, "camera_errors": 1}}}),
+        Row("capture-cam0", None, "restarting", 3, beat("capture", {"capture": {"dropped": 4, "camera_errors": 1}})),
     ]
     text = summary.render(rows, 400_000_000, 12.0)
     lines = text.splitlines()

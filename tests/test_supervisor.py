@@ -30,7 +30,8 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else lambda *
 
 def beat(state):
     with open(stats + ".tmp", "w") as fh:
-        record = {"name": "fake", "stage": "soartc", "pid": os.getpid(), "state": state, "t": time.time()}
+        record = {"schema_version": "1.0", "name": "fake", "stage": "soartc", "pid": os.getpid(), "state": state,
+                  "t": time.time()}
         json.dump({**record, "stats": {}}, fh)
     os.replace(stats + ".tmp", stats)
 
@@ -127,7 +128,7 @@ def test_a_killed_stage_is_restarted(make_supervisor: Callable[..., Supervisor])
     (stage,) = supervisor.stages
     poll_until(supervisor, lambda: stage.state == "running")
     first = stage.pid
-    assert first is not None and stage.heartbeat is not None and stage.heartbeat["pid"] == first
+    assert first is not None and stage.heartbeat is not None and stage.heartbeat.pid == first
     os.kill(first, signal.SIGKILL)
     poll_until(supervisor, lambda: stage.state == "running" and stage.pid != first)
     assert stage.restarts == 1 and stage.exit_codes == [-signal.SIGKILL] and supervisor.failure is None

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from stream_service.cli.app import ConfigOption, ExitWithParentOption, StatsOption, _fail, _load, app
 
 if TYPE_CHECKING:
-    from stream_service.runtime.service import Heartbeat, StageKind
+    from stream_service.runtime.heartbeat import Heartbeat, StageKind
+    from stream_service.runtime.pipeline import RunLoop
     from stream_service.settings import Settings
+    from stream_service.web.dashboard import Dashboard
 
 
 @app.command("run")
@@ -36,97 +40,73 @@ def run_command(
     ] = None,
 ) -> None:
     """Run the whole pipeline under a supervisor, with a live summary; Ctrl-C or SIGTERM stops it cleanly."""
-    import sys
-    import tempfile
-    import time
-
-    from stream_service.errors import ConfigError, MessageError, StreamServiceError
-    from stream_service.model.card import load_card, resolve_model_dir
-    from stream_service.runtime.service import connectable, install_stop_signals
-    from stream_service.runtime.summary import PipelineSummary, format_status
-    from stream_service.runtime.supervisor import Supervisor, plan
-    from stream_service.stages.features import camera_reference
-    from stream_service.web.dashboard import Dashboard, take
-    from stream_service.wire.transport import FrameReceiver, terminate_context
+    from stream_service.errors import StreamServiceError
+    from stream_service.runtime.pipeline import RunLoop, open_subscriber, prepare_run
+    from stream_service.runtime.service import install_stop_signals
+    from stream_service.runtime.supervisor import Supervisor
 
     settings = _load(config)
     try:
-        specs = plan(settings, config)
-        # Fail now, not after max_restarts restarts of the stages that need them: the model and references.
-        load_card(resolve_model_dir(settings.inference.model))
-        for camera in settings.cameras:
-            camera_reference(camera)
-        endpoint = connectable(settings.transport.verdicts_pub)
-        topics = ["verdicts.", "highlights."] if settings.dashboard.enabled else ["verdicts."]
-        subscriber = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=settings.transport.publish_hwm, linger_ms=0)
+        planned = prepare_run(settings, config, run_dir)
+        subscriber = open_subscriber(settings, planned.endpoint, highlights=settings.dashboard.enabled)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
-    dashboard: Dashboard | None = None
-    if settings.dashboard.enabled:
-        try:
-            dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port)
-        except ConfigError as exc:  # the pipeline matters more than its dashboard: run on without it
-            typer.echo(f"error: {exc}; running without the dashboard", err=True)
-    folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="stream-service-run-"))
+    dashboard = _dashboard_or_none(settings)
     stop = threading.Event()
     install_stop_signals(stop)
-    supervisor = Supervisor(specs, settings.supervisor, folder)
-    summary = PipelineSummary()
-    tty = sys.stdout.isatty()
+    supervisor = Supervisor(planned.specs, settings.supervisor, planned.run_dir)
     typer.echo(
-        f"stream-service run: {len(specs)} processes ({', '.join(s.name for s in specs)}); verdicts on {endpoint}; "
-        f"logs and heartbeats in {folder}" + (f"; dashboard on {dashboard.url}" if dashboard else ""),
+        f"stream-service run: {len(planned.specs)} processes ({', '.join(s.name for s in planned.specs)}); verdicts on "
+        f"{planned.endpoint}; logs and heartbeats in {planned.run_dir}"
+        + (f"; dashboard on {dashboard.url}" if dashboard else ""),
         err=True,
     )
-    started = time.monotonic()
-    every = summary_every if summary_every is not None else (1.0 if tty else 60.0)
-    next_report, next_summary, shown, code = started + 1.0, started + every, 0, 0
-    try:
-        supervisor.start()
-        while not stop.is_set():
-            supervisor.poll()
-            if supervisor.failure is not None:
-                typer.echo(f"error: {supervisor.failure}", err=True)
-                code = 1
-                break
-            timeout = 0.1
-            while True:
-                try:
-                    message = subscriber.receive(timeout)
-                except MessageError:
-                    continue  # counted and logged by the receiver
-                if message is None:
-                    break
-                take(message, summary, dashboard, time.monotonic_ns())
-                timeout = 0.0
-            now = time.monotonic()
-            status = None  # this tick's snapshot, computed once for the dashboard and the terminal
-            if now >= next_report:
-                next_report += 1.0
-                if dashboard is not None:
-                    status = summary.snapshot(supervisor.stages, time.monotonic_ns(), now - started)
-                    dashboard.publish(status)
-            if now >= next_summary:
-                next_summary += every
-                if tty:
-                    status = status or summary.snapshot(supervisor.stages, time.monotonic_ns(), now - started)
-                    block = format_status(status)
-                    sys.stdout.write((f"\x1b[{shown}F\x1b[J" if shown else "") + block + "\n")
-                    sys.stdout.flush()
-                    shown = block.count("\n") + 1
-                else:
-                    typer.echo(f"[{now - started:5.0f} s] {summary.line(time.monotonic_ns())}")
-            if duration is not None and now - started >= duration:
-                break
-    finally:
-        supervisor.stop()
-        subscriber.close()
-        if dashboard is not None:
-            dashboard.close()
-        terminate_context()
-    final = summary.render(supervisor.stages, time.monotonic_ns(), time.monotonic() - started)
-    typer.echo((f"\x1b[{shown}F\x1b[J" if tty and shown else "") + final)
+    terminal = _Terminal(sys.stdout.isatty())
+    with RunLoop(subscriber, supervisor, dashboard) as loop:
+        every = summary_every if summary_every is not None else (1.0 if terminal.tty else 60.0)
+        code = loop.run(stop, duration, every, lambda status, elapsed: terminal.report(loop, status, elapsed))
+        if loop.failure is not None:
+            typer.echo(f"error: {loop.failure}", err=True)
+    terminal.final(loop.final())
     raise typer.Exit(code)
+
+
+class _Terminal:
+    """The live summary: redrawn in place on a terminal, one line per report into a log."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.shown = tty, 0
+
+    def _clear(self) -> str:
+        return f"\x1b[{self.shown}F\x1b[J" if self.tty and self.shown else ""
+
+    def report(self, loop: RunLoop, status: dict[str, Any], elapsed_s: float) -> None:
+        from stream_service.runtime.summary import format_status
+
+        if not self.tty:
+            typer.echo(f"[{elapsed_s:5.0f} s] {loop.summary.line(time.monotonic_ns())}")
+            return
+        block = format_status(status)
+        sys.stdout.write(self._clear() + block + "\n")
+        sys.stdout.flush()
+        self.shown = block.count("\n") + 1
+
+    def final(self, text: str) -> None:
+        typer.echo(self._clear() + text)
+
+
+def _dashboard_or_none(settings: Settings) -> Dashboard | None:
+    """The dashboard when enabled; a taken port is reported and the pipeline runs on without it."""
+    from stream_service.errors import ConfigError
+    from stream_service.web.dashboard import Dashboard
+
+    if not settings.dashboard.enabled:
+        return None
+    try:
+        return Dashboard(settings.dashboard.host, settings.dashboard.port)
+    except ConfigError as exc:  # the pipeline matters more than its dashboard: run on without it
+        typer.echo(f"error: {exc}; running without the dashboard", err=True)
+        return None
 
 
 @app.command("subscribe")
@@ -150,79 +130,46 @@ def subscribe_command(
     fails_only: Annotated[bool, typer.Option("--fails-only", help="With --save-highlights: fails only.")] = False,
 ) -> None:
     """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
-    import time
-
-    from stream_service.errors import MessageError, StreamServiceError
+    from stream_service.errors import StreamServiceError
     from stream_service.runtime.service import connectable
-    from stream_service.runtime.summary import PipelineSummary, verdict_line
+    from stream_service.runtime.subscriber import VerdictSubscriber, subscribe_topics
+    from stream_service.runtime.summary import verdict_line
     from stream_service.web.archive import HighlightArchive
-    from stream_service.wire.messages import Highlight, Verdict
     from stream_service.wire.transport import FrameReceiver, terminate_context
 
     hwm = 1000
     if endpoint is None:
         settings = _load(config)
         endpoint, hwm = connectable(settings.transport.verdicts_pub), settings.transport.publish_hwm
-    topics = [f"verdicts.{camera}"] if camera else ["verdicts."]
-    if save_highlights is not None:
-        topics.append(f"highlights.{camera}" if camera else "highlights.")
     try:
         archive = HighlightArchive(save_highlights, fails_only) if save_highlights is not None else None
+        topics = subscribe_topics(camera, highlights=archive is not None)
         receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
-    summary = PipelineSummary()
-    last = time.monotonic()
-    code = 0
-    finishing: float | None = None  # after the last verdict: a moment for the highlights on their way
+    subscriber = VerdictSubscriber(receiver, camera, count, timeout, archive)
+    silence = None
     try:
-        while True:
-            if count is not None and summary.total >= count:
-                finishing = finishing or time.monotonic() + 2.0
-                if archive is None or not archive.pending or time.monotonic() > finishing:
-                    break
-            try:
-                message = receiver.receive(0.2)
-            except MessageError:
-                continue  # counted and logged by the receiver
-            now = time.monotonic()
-            if message is None:
-                if now - last > timeout:
-                    got = f"after {summary.total} verdict(s)" if summary.total else "nothing arrived"
-                    typer.echo(
-                        f"error: no verdict on {endpoint} for {timeout:g} s ({got}); is `stream-service run` running "
-                        "and is the endpoint right?",
-                        err=True,
-                    )
-                    code = 1
-                    break
-                continue
-            verdict = message.header
-            if isinstance(verdict, Highlight) and archive is not None:
-                archive.highlight(message)
-                continue
-            if not isinstance(verdict, Verdict) or (camera is not None and verdict.camera_id != camera):
-                continue
-            if finishing is not None:
-                continue  # past --count: only highlights now
-            last = now
-            summary.add(verdict, time.monotonic_ns())
-            if archive is not None:
-                archive.verdict(verdict)
-            typer.echo(verdict.model_dump_json() if as_json else verdict_line(verdict))
+        silence = subscriber.run(lambda v: typer.echo(v.model_dump_json() if as_json else verdict_line(v)))
     except KeyboardInterrupt:
         pass
     finally:
         receiver.close()
         terminate_context()
+    if silence is not None:
+        typer.echo(
+            f"error: no verdict on {endpoint} for {timeout:g} s ({silence}); is `stream-service run` running "
+            "and is the endpoint right?",
+            err=True,
+        )
     if archive is not None:
         typer.echo(f"saved {archive.saved} highlight(s) under {archive.directory}", err=True)
-    missed = sum(t.missed for t in summary.cameras.values())
-    if missed:
+    if subscriber.missed:
         typer.echo(
-            f"note: this subscriber missed {missed} verdict(s) (sequence gaps not reported as dropped)", err=True
+            f"note: this subscriber missed {subscriber.missed} verdict(s) (sequence gaps not reported as dropped)",
+            err=True,
         )
-    raise typer.Exit(code)
+    raise typer.Exit(0 if silence is None else 1)
 
 
 @app.command("dashboard")
@@ -233,13 +180,10 @@ def dashboard_command(
     ] = None,
 ) -> None:
     """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
-    import time
-
-    from stream_service.errors import MessageError, StreamServiceError
+    from stream_service.errors import StreamServiceError
+    from stream_service.runtime.pipeline import RunLoop, open_subscriber
     from stream_service.runtime.service import connectable, install_stop_signals
-    from stream_service.runtime.summary import PipelineSummary
-    from stream_service.web.dashboard import Dashboard, take
-    from stream_service.wire.transport import FrameReceiver, terminate_context
+    from stream_service.web.dashboard import Dashboard
 
     settings = _load(config)
     endpoint = endpoint or connectable(settings.transport.verdicts_pub)
@@ -248,33 +192,15 @@ def dashboard_command(
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     try:
-        receiver = FrameReceiver(
-            endpoint, kind="sub", topics=["verdicts.", "highlights."], hwm=settings.transport.publish_hwm, linger_ms=0
-        )
+        subscriber = open_subscriber(settings, endpoint, highlights=True)
     except StreamServiceError as exc:
         dashboard.close()
         raise _fail(exc) from exc
     stop = threading.Event()
     install_stop_signals(stop)
     typer.echo(f"stream-service dashboard: verdicts from {endpoint}; dashboard on {dashboard.url}", err=True)
-    summary = PipelineSummary()
-    started = time.monotonic()
-    next_report = started
-    try:
-        while not stop.is_set():
-            try:
-                message = receiver.receive(0.2)
-            except MessageError:
-                message = None  # counted and logged by the receiver
-            if message is not None:
-                take(message, summary, dashboard, time.monotonic_ns())
-            if (now := time.monotonic()) >= next_report:
-                next_report = now + 1.0
-                dashboard.publish(summary.snapshot([], time.monotonic_ns(), now - started))
-    finally:
-        receiver.close()
-        dashboard.close()
-        terminate_context()
+    with RunLoop(subscriber, dashboard=dashboard) as loop:
+        loop.run(stop)
 
 
 def _serve(
@@ -286,7 +212,8 @@ def _serve(
 ) -> None:
     """Run one stage process until SIGTERM/SIGINT; exit 1 with the error when it cannot start."""
     from stream_service.errors import StreamServiceError
-    from stream_service.runtime.service import Heartbeat, install_stop_signals
+    from stream_service.runtime.heartbeat import Heartbeat
+    from stream_service.runtime.service import install_stop_signals
 
     settings = _load(config)
     stop = threading.Event()

@@ -24,22 +24,19 @@ snapshot of its counters there every ``supervisor.heartbeat_s`` (atomically: wri
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import signal
 import threading
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from stream_service.errors import ConfigError, SharedMemoryError
+from stream_service.runtime.heartbeat import Heartbeat
 from stream_service.runtime.runner import StageStats, run_stage
 from stream_service.settings import CameraSettings, Settings
 from stream_service.wire.messages import Array, ArraySpec, Header, Part
@@ -49,7 +46,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-StageKind = Literal["capture", "soartc", "infer"]
 # Every ring slot holds a message's payloads, each starting at a 64-byte boundary (transport's layout).
 _SLOT_MARGIN = 64
 
@@ -99,60 +95,6 @@ def install_stop_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-
-
-class Heartbeat:
-    """Writes ``{"name", "stage", "pid", "state", "t", "stats"}`` to ``path`` at most every ``interval_s``.
-
-    ``t`` is the wall-clock time of the write; the supervisor judges liveness by it. Without a path it
-    only watches the parent (when ``exit_with_parent``).
-    """
-
-    def __init__(
-        self,
-        path: Path | None,
-        name: str,
-        stage: StageKind,
-        interval_s: float,
-        stop: threading.Event,
-        exit_with_parent: bool = False,
-    ) -> None:
-        self.path, self.name, self.stage, self.interval_s = path, name, stage, interval_s
-        self.stop = stop
-        self.snapshot: Callable[[], dict[str, Any]] = dict
-        self.state = "starting"
-        self._parent = os.getppid() if exit_with_parent else None
-        self._due = 0.0
-
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if now < self._due:
-            return
-        self._due = now + self.interval_s
-        if self._parent is not None and os.getppid() != self._parent:
-            log.warning("%s: the supervisor (pid %d) is gone; stopping", self.name, self._parent)
-            self.stop.set()
-        self.write()
-
-    def running(self) -> None:
-        self.state = "running"
-        self._due = 0.0
-        self()
-
-    def write(self) -> None:
-        if self.path is None:
-            return
-        record = {
-            "name": self.name,
-            "stage": self.stage,
-            "pid": os.getpid(),
-            "state": self.state,
-            "t": time.time(),
-            "stats": self.snapshot(),
-        }
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, self.path)
 
 
 class LazySender:
@@ -278,6 +220,7 @@ def serve_soartc(
         "stage": stats.snapshot(),
         "receiver": _receiver_counters(receiver),
         "sender": sender.counters(),
+        "features": {"unregistered": {cid: c.extractor.unregistered for cid, c in stage.cameras.items()}},
     }
     try:
         heartbeat.running()

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from stream_service.runtime.heartbeat import HeartbeatRecord, HeartbeatStats
 from stream_service.runtime.latency import END_TO_END, FpsCounter, LatencyTracker
 from stream_service.wire.messages import Verdict
 
@@ -29,7 +30,7 @@ class StageRow(Protocol):
 
     state: str
     restarts: int
-    heartbeat: dict[str, Any] | None
+    heartbeat: HeartbeatRecord | None
 
 
 def missed_between(last_seq: int | None, seq: int, dropped: int) -> int:
@@ -177,34 +178,21 @@ def format_status(status: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, Mapping):
-        return sum(int(v) for v in value.values())
-    return int(value or 0)
-
-
 def stage_counts(st: StageRow) -> dict[str, Any]:
     """A stage process as the summary and the dashboard show it: state, restarts, rate in, and its counters
-    of dropped (received and sent), rejected and failed messages (for a capture: frames and camera errors)."""
-    stats: Mapping[str, Any] = (st.heartbeat or {}).get("stats") or {}
-    core = stats.get("stage") or {}
-    rate = float(core.get("fps", 0.0))
-    dropped = _count((stats.get("receiver") or {}).get("dropped")) + _count((stats.get("sender") or {}).get("dropped"))
-    rejected = _count(core.get("rejected"))
-    errors = _count(core.get("errors"))
-    if "capture" in stats:
-        capture = stats["capture"]
-        dropped, errors = _count(capture.get("dropped")), _count(capture.get("camera_errors"))
-        rate = float(capture.get("fps", 0.0))
+    of dropped (received and sent), rejected and failed messages (for a capture: frames and camera errors),
+    and frames compared unregistered (soartc)."""
+    stats = st.heartbeat.stats if st.heartbeat is not None else HeartbeatStats()
     return {
         "name": st.name,
         "state": st.state,
         "pid": st.pid,
         "restarts": st.restarts,
-        "in_per_s": rate,
-        "dropped": dropped,
-        "rejected": rejected,
-        "errors": errors,
+        "in_per_s": stats.fps,
+        "dropped": stats.dropped,
+        "rejected": stats.rejected,
+        "errors": stats.errors,
+        "unregistered": stats.unregistered,
     }
 
 

@@ -24,7 +24,6 @@ also stop by themselves if the supervisor dies without stopping them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -34,9 +33,10 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
-from stream_service.runtime.service import StageKind, check_topology
+from stream_service.runtime.heartbeat import HeartbeatRecord, StageKind, read_heartbeat
+from stream_service.runtime.service import check_topology
 from stream_service.settings import Settings, SupervisorSettings
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ class StageState:
     failures: int = 0  # failures in a row
     next_start: float | None = 0.0
     exit_codes: list[int] = field(default_factory=list)
-    heartbeat: dict[str, Any] | None = None
+    heartbeat: HeartbeatRecord | None = None
 
     @property
     def name(self) -> str:
@@ -172,25 +172,22 @@ class Supervisor:
         beat = self._read_heartbeat(st)
         if beat is not None:
             st.heartbeat = beat
-            if st.state == "starting" and beat.get("state") == "running":
+            if st.state == "starting" and beat.state == "running":
                 st.state, st.running_since = "running", now
         if st.state == "starting":
             if now - st.started > self.settings.startup_timeout_s:
                 return f"not running after supervisor.startup_timeout_s = {self.settings.startup_timeout_s} s"
             return None
-        age = self._wall() - float(st.heartbeat["t"]) if st.heartbeat else float("inf")
+        age = self._wall() - st.heartbeat.t if st.heartbeat else float("inf")
         if age > self.settings.heartbeat_timeout_s:
             return (
                 f"last heartbeat {age:.1f} s ago (supervisor.heartbeat_timeout_s = {self.settings.heartbeat_timeout_s})"
             )
         return None
 
-    def _read_heartbeat(self, st: StageState) -> dict[str, Any] | None:
-        try:
-            beat = json.loads(self.heartbeat_path(st.name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return beat if isinstance(beat, dict) and beat.get("pid") == st.pid else None
+    def _read_heartbeat(self, st: StageState) -> HeartbeatRecord | None:
+        beat = read_heartbeat(self.heartbeat_path(st.name))
+        return beat if beat is not None and beat.pid == st.pid else None
 
     def _died(self, st: StageState, code: int, now: float) -> None:
         st.exit_codes.append(code)

@@ -43,16 +43,6 @@ STAGE = "capture"
 _IDLE_S = 0.1
 
 
-def frame_shape(camera: CameraSettings) -> tuple[int, int] | None:
-    """(H, W) of the camera's frames when the settings fix it (``frame_size``, or a synthetic source)."""
-    if camera.frame_size is not None:
-        width, height = camera.frame_size
-        return height, width
-    if isinstance(camera.source, SyntheticSource):
-        return camera.source.height, camera.source.width
-    return None
-
-
 def retry_delay_s(camera: CameraSettings, settings: Settings) -> float:
     """How long to wait before reopening a camera that raised ``CameraError``.
 

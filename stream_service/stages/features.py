@@ -1,16 +1,7 @@
 """The soartc stage: each frame registered to its camera's golden reference, and its SOARTC token features.
 
 ``FeaturesStage`` holds one ``inspection.FeatureExtractor`` per camera and turns a frame message into a
-features message ``features.<camera>`` whose payload is, in this order:
-
-==========  ==================  ========================================================================
-name        shape, dtype        what
-==========  ==================  ========================================================================
-aligned     (H, W) uint8        the frame registered onto the reference (what the highlight is drawn on)
-tokens      (h, w, C) float32   the token features the ViT reads (``features.CHANNEL_NAMES``)
-open_diff   (H, W) uint8        the opened difference mask (1 = set), the highlight's pixels
-diff        (H, W) uint8        the raw difference mask (1 = set)
-==========  ==================  ========================================================================
+features message ``features.<camera>`` (its payload: ``wire.messages.FEATURES_ARRAYS``).
 
 Tokens stay float32: they are small next to the frame (640x640 with 16-px blocks: 150 kB against 400 kB
 of masks and frame), and float16 would make the live verdicts differ from ``evaluate``'s in process.
@@ -39,17 +30,24 @@ from stream_service.model.references import load_reference
 from stream_service.runtime.runner import Outgoing
 from stream_service.settings import CameraSettings, Settings, SyntheticSource
 from stream_service.sources.camera import synthetic_camera
-from stream_service.stages.capture import frame_shape
 from stream_service.vision.arrays import U8
 from stream_service.vision.inspection import FeatureExtractor
 from stream_service.vision.soartc import Device
 from stream_service.vision.tokens import FeatureSpec
-from stream_service.wire.messages import Array, ArraySpec, FeaturesHeader, FrameHeader, Header, Registration, topic_of
+from stream_service.wire.messages import (
+    FEATURES_ARRAYS,
+    Array,
+    ArraySpec,
+    FeaturesHeader,
+    FrameHeader,
+    Header,
+    Registration,
+    topic_of,
+)
 
 log = logging.getLogger(__name__)
 
 STAGE = "soartc"
-ARRAY_NAMES = ("aligned", "tokens", "open_diff", "diff")
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ def camera_reference(camera: CameraSettings) -> CameraReference:
     A stored reference's own polarity wins over the camera's ``polarity`` (a mismatch is logged), since
     it records how the reference was built. With ``frame_size`` set, the synthetic render is resized to it.
     """
-    shape = frame_shape(camera)
+    shape = camera.frame_shape
     if camera.reference is not None:
         reference = load_reference(camera.reference, expected_shape=shape)
         meta = reference.meta
@@ -186,7 +184,7 @@ class FeaturesStage:
             reference_version=camera.reference.version,
             arrays=tuple(
                 ArraySpec.model_validate({"name": name, "shape": a.shape, "dtype": str(a.dtype)})
-                for name, a in zip(ARRAY_NAMES, payload, strict=True)
+                for name, a in zip(FEATURES_ARRAYS, payload, strict=True)
             ),
             registration=Registration(dx=reg.dx, dy=reg.dy, confidence=reg.confidence),
         )

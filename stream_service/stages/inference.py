@@ -28,13 +28,13 @@ from stream_service.errors import InputError, MessageError, StreamServiceError
 from stream_service.runtime.latency import latency_breakdown
 from stream_service.runtime.runner import Outgoing
 from stream_service.settings import HighlightSettings, InferenceSettings
-from stream_service.stages.features import ARRAY_NAMES
 from stream_service.vision.arrays import U8
 from stream_service.vision.highlight import Region as FoundRegion
 from stream_service.vision.highlight import overlay
 from stream_service.vision.inspection import Detector, WindowModel
 from stream_service.vision.tokens import TokenFeatures
 from stream_service.wire.messages import (
+    FEATURES_ARRAYS,
     Array,
     FeaturesHeader,
     Header,
@@ -104,9 +104,9 @@ class InferenceStage:
         self, header: FeaturesHeader, arrays: list[Array]
     ) -> tuple[Verdict, tuple[Header, list[Part | Array]]]:
         named = {spec.name: array for spec, array in zip(header.arrays, arrays, strict=True)}
-        missing = [name for name in ARRAY_NAMES if name not in named]
+        missing = [name for name in FEATURES_ARRAYS if name not in named]
         if missing:
-            raise MessageError(f"features arrays: expected {list(ARRAY_NAMES)}, found {sorted(named)}")
+            raise MessageError(f"features arrays: expected {list(FEATURES_ARRAYS)}, found {sorted(named)}")
         aligned, tokens = named["aligned"], named["tokens"]
         if tokens.ndim != 3 or tokens.shape[2] != self.channels or tokens.dtype != np.float32:
             raise InputError(

@@ -115,8 +115,18 @@ class FrameHeader(_Header):
         return (ArraySpec(name="frame", shape=self.shape, dtype=self.dtype),)
 
 
+# The payload of a features message, in this order (the soartc stage writes it, the infer stage reads it):
+#   aligned    (H, W) uint8       the frame registered onto the reference (what the highlight is drawn on)
+#   tokens     (h, w, C) float32  the token features the ViT reads (``vision.tokens.CHANNEL_NAMES``)
+#   open_diff  (H, W) uint8       the opened difference mask (1 = set), the highlight's pixels
+#   diff       (H, W) uint8       the raw difference mask (1 = set)
+FEATURES_ARRAYS = ("aligned", "tokens", "open_diff", "diff")
+
+
 class FeaturesHeader(_Header):
-    """A registered frame and its SOARTC feature grid; ``shape``/``dtype`` describe the captured frame."""
+    """A registered frame and its SOARTC feature grid; ``shape``/``dtype`` describe the captured frame.
+
+    ``arrays`` names the payload parts: ``FEATURES_ARRAYS``, in that order."""
 
     kind: Literal["features"] = "features"
     shape: Shape

@@ -212,9 +212,9 @@ class TransportSettings(Section):
 
 
 class SoartcSettings(Section):
+    """The soartc stage. The feature definition (block, variant, calibration) is the model card's, not a setting."""
+
     device: Device = "auto"
-    block: Literal[4, 8, 16] = 8
-    variant: Literal["v1.1", "v1", "soart2"] = "v1.1"
     registration: Literal["translation", "affine", "none"] = "translation"
     max_shift_px: float = Field(16.0, ge=0)
     workers: PositiveInt = 1
@@ -226,7 +226,6 @@ class InferenceSettings(Section):
     threshold: float | None = Field(None, ge=0, le=1)  # None: the model card's threshold
     threads: int = Field(0, ge=0)  # 0: ONNX Runtime's default
     spin_threads: bool = False  # idle ONNX Runtime threads busy-wait: only on a host the infer stage has alone
-    workers: PositiveInt = 1
 
 
 class HighlightSettings(Section):

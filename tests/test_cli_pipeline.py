@@ -159,7 +159,7 @@ def write_config(tmp_path: Path, extra: str = "") -> Path:
 @pytest.mark.parametrize(
     ("args", "extra", "message"),
     [
-        (["run"], "inference: {workers: 2}\n", "inference.workers: expected 1"),
+        (["run"], "inference: {workers: 2}\n", "inference.workers: expected a known key"),
         (["run"], "soartc: {workers: 0}\n", "soartc.workers: expected an integer > 0"),
         (["run"], "inference: {model: /nonexistent/model}\n", "model card: expected /nonexistent/model/card.json"),
         (["capture"], "", "--camera: expected one of ['left', 'right']"),

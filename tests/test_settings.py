@@ -104,8 +104,8 @@ def test_environment_index_out_of_range() -> None:
 
 
 def test_environment_errors_name_the_variable() -> None:
-    with pytest.raises(ConfigError, match=r"soartc\.block: .* \(set by STREAM_SERVICE__SOARTC__BLOCK\)"):
-        load_settings(None, {"STREAM_SERVICE__SOARTC__BLOCK": "5"})
+    with pytest.raises(ConfigError, match=r"soartc\.max_shift_px: .* \(set by STREAM_SERVICE__SOARTC__MAX_SHIFT_PX\)"):
+        load_settings(None, {"STREAM_SERVICE__SOARTC__MAX_SHIFT_PX": "-5"})
 
 
 def source(**changes: Any) -> Any:
@@ -153,7 +153,7 @@ BROKEN = [
     (camera(polarity="dark"), "cameras.0.polarity", "'dark-object' or 'bright-object'", "'dark'"),
     (camera(frame_size=[640, "x"]), "cameras.0.frame_size.1", "an integer", "'x'"),
     (two_cam0, "cameras.1.id", "camera ids to be unique", "'cam0'"),
-    (section("soartc", block=7), "soartc.block", "one of 4, 8 or 16", "7"),
+    (section("soartc", registration="rigid"), "soartc.registration", "'translation', 'affine' or 'none'", "'rigid'"),
     (section("soartc", device="tpu"), "soartc.device", "'auto', 'cpu' or 'cuda'", "'tpu'"),
     (section("inference", device="gpu"), "inference.device", "'auto', 'cpu' or 'cuda'", "'gpu'"),
     (section("inference", threshold=2), "inference.threshold", "<= 1", "2"),
@@ -197,11 +197,11 @@ def test_broken_config_names_key_expected_and_found(
 
 def test_every_bad_key_is_listed(tmp_path: Path) -> None:
     data = copy.deepcopy(DEFAULT)
-    data["soartc"]["block"] = 5
+    data["soartc"]["max_shift_px"] = -5
     data["dashboard"]["port"] = "http"
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, data), environ={})
-    assert "soartc.block:" in str(caught.value) and "dashboard.port:" in str(caught.value)
+    assert "soartc.max_shift_px:" in str(caught.value) and "dashboard.port:" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -111,7 +111,6 @@ def test_the_plan_is_one_infer_the_soartc_workers_and_a_capture_per_camera(tmp_p
 @pytest.mark.parametrize(
     ("sections", "key"),
     [
-        ({"inference": {"workers": 2}}, "inference.workers: expected 1"),
         ({"transport": {"verdicts_pub": "tcp://127.0.0.1:*"}}, "transport.verdicts_pub: expected a fixed port"),
         ({"transport": {"capture_out": ["tcp://127.0.0.1:5000", "tcp://*:*"]}}, r"capture_out \(right\)"),
     ],

@@ -10,8 +10,8 @@ Topology (endpoints from ``transport``; every hop bounded by its high-water mark
 
 Several soartc workers pull from the same captures (ZeroMQ load-balances PUSH over connected PULLs)
 and push into the one infer process, which owns the features endpoint and the PUB socket. One infer
-process per pipeline: ``inference.workers`` > 1 is refused (``ConfigError``); scale the infer stage
-with the GPU (``inference.device``) and the soartc stage with workers. Every send is non-blocking:
+process per pipeline (it binds ``features_out`` and ``verdicts_pub``); scale the infer stage with the
+GPU (``inference.device``) and the soartc stage with workers. Every send is non-blocking:
 what a full queue refuses is dropped, counted, and reported downstream in ``dropped``. With
 ``transport.shared_memory`` the PUSH hops carry pixels through a shared-memory ring (same host only);
 stages never see the difference.
@@ -56,12 +56,7 @@ def connectable(endpoint: str) -> str:
 
 
 def check_topology(settings: Settings) -> None:
-    """Refuse settings the topology cannot run: several infer workers, unbound (``:*``) endpoints."""
-    if settings.inference.workers != 1:
-        raise ConfigError(
-            "inference.workers: expected 1 (one infer process binds transport.features_out and "
-            f"transport.verdicts_pub; scale out with soartc.workers), found {settings.inference.workers}"
-        )
+    """Refuse settings the topology cannot run: unbound (``:*``) endpoints."""
     endpoints = {
         "transport.features_out": settings.transport.features_out,
         "transport.verdicts_pub": settings.transport.verdicts_pub,

@@ -120,14 +120,6 @@ class FeaturesStage:
         """One extractor per camera of ``settings`` (or of ``camera_ids``), with the model card's ``spec``."""
         soartc = settings.soartc
         device: Device = soartc.device
-        if soartc.block != spec.block or soartc.variant != spec.variant:
-            log.info(
-                "soartc.block %d / variant %s: the model card's %d / %s are used (the model was trained on them)",
-                soartc.block,
-                soartc.variant,
-                spec.block,
-                spec.variant,
-            )
         cameras = {}
         for camera in settings.cameras:
             if camera_ids is not None and camera.id not in camera_ids:

@@ -1,6 +1,6 @@
 """SOARTC: the block-wise RT-method difference metric, on the CPU, and the public kernel API.
 
-The definition is ``../shared/docs/SOARTC.md`` (copied in docs/SOARTC.md). For each block of
+The definition is ``docs/SOARTC.md``. For each block of
 ``block x block`` pixels, with reference values x and frame values y (float32 in [0, 1], polarity
 already applied)::
 

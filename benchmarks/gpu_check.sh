@@ -43,7 +43,7 @@ record env $?
 
 STEPS="${STEPS:-tests bench inference pipeline}"
 if [[ " $STEPS " == *" tests "* ]]; then
-    timeout 240 python3 -m pytest tests/test_soartc_cuda.py tests/test_soartc.py tests/test_features.py -q \
+    timeout 240 python3 -m pytest tests/test_soartc_cuda.py tests/test_soartc.py tests/test_tokens.py -q \
         -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
     record tests "${PIPESTATUS[0]}"
 fi

@@ -29,6 +29,8 @@ HEARTBEAT_MAJOR = HEARTBEAT_VERSION.split(".", 1)[0]
 
 StageKind = Literal["capture", "soartc", "infer"]
 BeatState = Literal["starting", "running"]
+# The health of a camera (in its capture's heartbeat) or of a stage (its own): state, not a counter.
+HealthState = Literal["starting", "online", "reconnecting", "failed"]
 
 
 class _Counts(BaseModel):
@@ -84,6 +86,15 @@ class FeaturesCounts(_Counts):
     unregistered: dict[str, int] = Field(default_factory=dict)
 
 
+class Health(_Counts):
+    """A camera's or a stage's health: its state, why (the last error, for ``reconnecting``/``failed``), since when."""
+
+    state: HealthState = "starting"
+    reason: str | None = None
+    since: float = Field(0.0, description="Wall-clock time (time.time()) the state began.")
+    last_frame: float | None = Field(None, description="Wall-clock time of the camera's newest frame.")
+
+
 class HeartbeatStats(_Counts):
     """The counters of one process; only the parts its stage has are set."""
 
@@ -93,6 +104,8 @@ class HeartbeatStats(_Counts):
     sender: SenderCounts | None = None
     features: FeaturesCounts | None = None
     model: str | None = None
+    camera: str | None = None  # a capture's camera id
+    health: Health | None = None  # a capture: its camera's health; other stages: their own
 
     @property
     def dropped(self) -> int:

@@ -67,7 +67,7 @@ def open_subscriber(settings: Settings, endpoint: str, highlights: bool) -> Fram
     """A SUB socket on the verdicts (and, for a dashboard, the highlights) published at ``endpoint``."""
     from stream_service.wire.transport import FrameReceiver
 
-    topics = ["verdicts.", "highlights."] if highlights else ["verdicts."]
+    topics = ["verdicts.", "status.", "highlights."] if highlights else ["verdicts.", "status."]
     return FrameReceiver(endpoint, kind="sub", topics=topics, hwm=settings.transport.publish_hwm, linger_ms=0)
 
 
@@ -80,9 +80,10 @@ class RunLoop:
         supervisor: Supervisor | None = None,
         dashboard: Dashboard | None = None,
         clock: Callable[[], float] = time.monotonic,
+        camera_stale_s: float = 5.0,
     ) -> None:
         self.subscriber, self.supervisor, self.dashboard = subscriber, supervisor, dashboard
-        self.summary = PipelineSummary()
+        self.summary = PipelineSummary(stale_s=camera_stale_s)
         self.failure: str | None = None
         self._clock = clock
         self.started = clock()

@@ -12,7 +12,8 @@ the newest highlight JPEG of each camera as it arrives. The server only reads wh
   end-to-end p50/p99 of that second's verdicts, so the chart shows a spike when it happens);
 - ``/api/highlight/<camera>.jpg``: the camera's newest highlight picture (404 before the first one);
 - ``/metrics``: the same figures in Prometheus' text format, for an existing monitoring stack;
-- ``/healthz``: ``ok`` while the run loop keeps publishing (503 when its last snapshot is over 5 s old).
+- ``/healthz``: JSON ``{ok, problems, cameras}``: 200 when every camera is online and delivering and every
+  process runs, 503 naming what is not (or when the run loop has published nothing for 5 s).
 
 It binds ``dashboard.host:dashboard.port`` (loopback by default: it has no authentication; expose it
 through a reverse proxy if the line needs it remotely). A port that is taken is logged as an error
@@ -36,7 +37,7 @@ import numpy as np
 from stream_service.errors import ConfigError
 from stream_service.runtime.latency import END_TO_END
 from stream_service.runtime.summary import PipelineSummary
-from stream_service.wire.messages import Message, Verdict, highlight_jpeg
+from stream_service.wire.messages import CameraStatus, Message, Verdict, highlight_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,14 @@ class Dashboard:
         with self._lock:
             return time.monotonic() - self._published <= STALE_S
 
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` answers: ``ok`` and the ``problems`` in words (cameras, processes, a stalled run loop)."""
+        health = self.status().get("health") or {"ok": True, "problems": []}
+        problems = list(health["problems"])
+        if not self.fresh():
+            problems.insert(0, f"the run loop has published nothing for over {STALE_S:g} s")
+        return {"ok": not problems, "problems": problems, "cameras": health.get("cameras", {})}
+
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
@@ -121,7 +130,9 @@ def take(message: Message, summary: PipelineSummary, dashboard: Dashboard | None
     """A message from the verdicts PUB: a verdict is counted in ``summary``, a highlight's JPEG is kept
     as its camera's newest picture by ``dashboard``."""
     header = message.header
-    if isinstance(header, Verdict):
+    if isinstance(header, CameraStatus):
+        summary.status(header)
+    elif isinstance(header, Verdict):
         summary.add(header, now_ns)
         if dashboard is not None:
             dashboard.verdict(header)
@@ -178,8 +189,8 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
             elif path == "/metrics":
                 self._send(200, "text/plain; version=0.0.4", metrics(dashboard.status()).encode())
             elif path == "/healthz":
-                ok = dashboard.fresh()
-                self._send(200 if ok else 503, "text/plain", b"ok\n" if ok else b"stale: no update for 5 s\n")
+                health = dashboard.health()
+                self._send(200 if health["ok"] else 503, "application/json", json.dumps(health).encode())
             elif (match := _HIGHLIGHT.match(path)) is not None:
                 jpeg = dashboard.picture(match.group(1))
                 if jpeg is None:

@@ -67,6 +67,9 @@ def run_command(
         code = loop.run(stop, duration, every, lambda status, elapsed: terminal.report(loop, status, elapsed))
         if loop.failure is not None:
             typer.echo(f"error: {loop.failure}", err=True)
+        for camera in loop.failed_cameras():
+            typer.echo(f"error: camera {camera}", err=True)
+            code = 1
     terminal.final(loop.final())
     raise typer.Exit(code)
 

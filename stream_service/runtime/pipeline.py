@@ -102,6 +102,11 @@ class RunLoop:
         stages = self.supervisor.stages if self.supervisor is not None else []
         return self.summary.render(stages, time.monotonic_ns(), self.elapsed_s)
 
+    def failed_cameras(self) -> list[str]:
+        """``"<camera>: <reason>"`` of each camera whose capture has given up on it (state ``failed``)."""
+        cameras = self.snapshot()["health"]["cameras"]
+        return [f"{cid}: {h['reason']}" for cid, h in cameras.items() if h["state"] == "failed"]
+
     def drain(self, timeout_s: float = TICK_S) -> int:
         """Take every message queued on the subscriber (waiting up to ``timeout_s`` for the first)."""
         from stream_service.web.dashboard import take

@@ -411,3 +411,40 @@ def test_the_chain_finds_synthetic_defects_and_its_verdicts_match_the_schema() -
                 for b in boxes
             )
     assert fails >= 9 and hits >= fails - 1
+
+
+def test_the_verdict_goes_out_before_its_picture_is_drawn() -> None:
+    stage = inference_stage()
+    drawn: list[str] = []
+    real = stage._picture
+
+    def picture(*args: Any) -> Any:
+        drawn.append("picture")
+        return real(*args)
+
+    stage._picture = picture  # type: ignore[method-assign]
+    outputs = stage.process(*features_message())
+    assert drawn == [] and isinstance(outputs[0][1], Verdict)  # the verdict is ready, no JPEG yet
+    assert isinstance(outputs[1][1], Highlight) and drawn == ["picture"]
+    assert outputs[1] is outputs[1] and drawn == ["picture"]  # drawn once
+
+
+def test_the_picture_and_the_mask_are_in_the_verdicts_captured_frame_pixels() -> None:
+    message = features_message()
+    header = message.header
+    assert isinstance(header, FeaturesHeader)
+
+    def registered(dx: float, dy: float) -> Message:
+        update = {"registration": header.registration.model_copy(update={"dx": dx, "dy": dy})}
+        return Message(message.topic, header.model_copy(update=update), message.arrays)
+
+    verdict_msg, highlight_msg = through(inference_stage(send_mask=True), registered(6.2, -4.0))
+    _, plain_msg = through(inference_stage(send_mask=True), registered(0.0, 0.0))
+    verdict, mask, plain = verdict_msg.header, highlight_msg.arrays[1], plain_msg.arrays[1]
+    assert isinstance(verdict, Verdict) and verdict.regions and plain.any()
+    np.testing.assert_array_equal(mask[: SIZE - 4, 6:], plain[4:, : SIZE - 6])  # moved by (+6, -4) like the regions
+    ys, xs = np.nonzero(mask)
+    inside = np.zeros(mask.shape, bool)
+    for r in verdict.regions:
+        inside[r.y1 : r.y2 + 1, r.x1 : r.x2 + 1] = True
+    assert inside[ys, xs].all()  # every highlighted pixel lies in one of the verdict's regions

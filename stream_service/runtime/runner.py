@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stream_service.errors import MessageError, StreamServiceError
+from stream_service.errors import MessageError, StreamServiceError, TransportError
 from stream_service.runtime.latency import FpsCounter, LatencyTracker, latency_breakdown
 from stream_service.wire.messages import (
     Array,
@@ -149,11 +149,13 @@ def _serve_one(stage: Stage, source: Source, sink: Sink, stats: StageStats, time
     if isinstance(header, FrameHeader | FeaturesHeader | Verdict) and header.dropped:
         stats.dropped[header.camera_id] += header.dropped
     try:
-        outputs = stage.process(topic, header, arrays)
+        # Inside the try: a stage may make a later output only when it is asked for (the infer stage draws
+        # its picture after the verdict went out), and that may fail after the first was sent.
+        _send_all(stage, sink, stats, header, stage.process(topic, header, arrays))
+    except TransportError:
+        raise  # the socket itself failed: the stage cannot go on (see the module docstring)
     except StreamServiceError as exc:
         _count_error(stats, stage, header, exc)
-        return
-    _send_all(stage, sink, stats, header, outputs)
 
 
 def _send_all(stage: Stage, sink: Sink, stats: StageStats, received: Header, outputs: Sequence[Outgoing]) -> None:

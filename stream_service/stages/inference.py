@@ -8,11 +8,15 @@
   since the previous verdict, and the synthetic ground truth when the capture attached it;
 - ``status.<camera>``: the camera's ``CameraStatus`` from its capture, passed on as it came;
 - ``highlights.<camera>``: a ``Highlight`` whose ``jpeg`` payload is ``highlight.overlay`` of the
-  registered frame (highlighted pixels, boxed regions, in reference coordinates), and with
-  ``highlight.send_mask`` the raw mask ``(H, W)`` uint8 (255 = highlighted) as ``mask``.
+  registered frame (highlighted pixels, boxed regions), and with ``highlight.send_mask`` the raw mask
+  ``(H, W)`` uint8 (255 = highlighted) as ``mask``.
 
-Regions are found on the registered frame and shifted by the registration back into the pixels of the
-frame as captured, where an integrator's coordinates live. The model is handed in (``model.py`` loads
+Regions are found on the registered frame and moved by the registration, rounded to whole pixels, into
+the pixels of the frame as captured, where an integrator's coordinates live; the picture and the mask
+are moved by the same whole pixels, so a region's corners are where its box is drawn in the picture
+(what the warp moved in from outside the frame is black). The verdict goes out first: the picture is
+drawn and JPEG-encoded only when the runner asks for the second message (``VerdictThenPicture``), after
+the verdict was published. The model is handed in (``model.py`` loads
 it), so the stage runs with any ``WindowModel``, and tests use fakes.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import overload
 
 import cv2
 import numpy as np
@@ -30,8 +35,8 @@ from stream_service.runtime.latency import latency_breakdown
 from stream_service.runtime.runner import Outgoing
 from stream_service.settings import HighlightSettings, InferenceSettings
 from stream_service.vision.arrays import U8
+from stream_service.vision.highlight import HighlightResult, overlay, translate
 from stream_service.vision.highlight import Region as FoundRegion
-from stream_service.vision.highlight import overlay
 from stream_service.vision.inspection import Detector, WindowModel
 from stream_service.vision.tokens import TokenFeatures
 from stream_service.wire.messages import (
@@ -58,17 +63,50 @@ def jpeg(image: U8, quality: int) -> bytes:
     return bytes(encoded)
 
 
+def frame_offset(dx: float, dy: float) -> tuple[int, int]:
+    """The whole-pixel move from registered-frame to captured-frame pixels (content lies at reference
+    position + (dx, dy)): applied alike to the regions and to the picture."""
+    return round(dx), round(dy)
+
+
 def to_frame_regions(found: Sequence[FoundRegion], dx: float, dy: float, shape: tuple[int, ...]) -> tuple[Region, ...]:
     """Regions found on the registered frame, moved by the registration ``(dx, dy)`` into captured-frame
     pixels (the frame's content lies at reference position + (dx, dy)) and clipped to the ``(H, W)`` frame."""
     h, w = shape[0], shape[1]
-    ox, oy = round(dx), round(dy)
+    ox, oy = frame_offset(dx, dy)
     out = []
     for r in found:
         x1, x2 = min(max(r.x1 + ox, 0), w - 1), min(max(r.x2 + ox, 0), w - 1)
         y1, y2 = min(max(r.y1 + oy, 0), h - 1), min(max(r.y2 + oy, 0), h - 1)
         out.append(Region(x1=x1, y1=y1, x2=x2, y2=y2, score=float(r.score), area=int(r.area)))
     return tuple(out)
+
+
+class VerdictThenPicture(Sequence[Outgoing]):
+    """The infer stage's two messages, the verdict first; the highlight picture is drawn and encoded on
+    first access to the second (the runner sends the verdict before it asks for the picture)."""
+
+    def __init__(self, verdict: Outgoing, picture: Callable[[], Outgoing]) -> None:
+        self._verdict, self._make = verdict, picture
+        self._picture: Outgoing | None = None
+
+    def __len__(self) -> int:
+        return 2
+
+    @overload
+    def __getitem__(self, index: int) -> Outgoing: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[Outgoing]: ...
+    def __getitem__(self, index: int | slice) -> Outgoing | Sequence[Outgoing]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(2))]
+        if index in (0, -2):
+            return self._verdict
+        if index not in (1, -1):
+            raise IndexError(index)
+        if self._picture is None:
+            self._picture = self._make()
+        return self._picture
 
 
 class InferenceStage:
@@ -103,16 +141,37 @@ class InferenceStage:
         if not isinstance(header, FeaturesHeader):
             raise MessageError(f"message kind on {topic}: expected 'features', found {header.kind!r}")
         try:
-            verdict, parts = self._inspect(header, arrays)
+            verdict, aligned, found = self._inspect(header, arrays)
         except StreamServiceError:
             # This frame and the drops it carried never get a verdict: report them with the next one.
             self._lost[header.camera_id] += 1 + header.dropped
             raise
-        return [(topic_of(verdict), verdict, []), (topic_of(parts[0]), parts[0], parts[1])]
+        offset = frame_offset(header.registration.dx, header.registration.dy)
+        return VerdictThenPicture(
+            (topic_of(verdict), verdict, []), lambda: self._picture(verdict, aligned, found, offset)
+        )
 
-    def _inspect(
-        self, header: FeaturesHeader, arrays: list[Array]
-    ) -> tuple[Verdict, tuple[Header, list[Part | Array]]]:
+    def _picture(self, verdict: Verdict, aligned: U8, found: HighlightResult, offset: tuple[int, int]) -> Outgoing:
+        """The highlight message of ``verdict``: the overlay on the registered frame, moved into captured-frame
+        pixels by ``offset`` like the verdict's regions, as JPEG (and the mask, when asked for)."""
+        style = self.highlight
+        drawn = overlay(
+            aligned,
+            found.mask_hw,
+            found.regions,
+            verdict.verdict == "fail",
+            color_bgr=style.color_bgr,
+            alpha=style.alpha,
+            draw_boxes=style.draw_boxes,
+            box_thickness=style.box_thickness,
+        )
+        picture = jpeg(translate(drawn, *offset), style.jpeg_quality)
+        mask = translate(found.mask_hw.astype(np.uint8) * 255, *offset) if style.send_mask else None
+        highlight = highlight_header(verdict, picture, mask)
+        payload: list[Part | Array] = [picture] if mask is None else [picture, mask]
+        return topic_of(highlight), highlight, payload
+
+    def _inspect(self, header: FeaturesHeader, arrays: list[Array]) -> tuple[Verdict, U8, HighlightResult]:
         named = {spec.name: array for spec, array in zip(header.arrays, arrays, strict=True)}
         missing = [name for name in FEATURES_ARRAYS if name not in named]
         if missing:
@@ -135,18 +194,6 @@ class InferenceStage:
         detection = self.detector.detect(TokenFeatures(tokens, named["open_diff"], named["diff"]))
         found = detection.highlight
         failed = detection.verdict == "fail"
-        style = self.highlight
-        drawn = overlay(
-            aligned,
-            found.mask_hw,
-            found.regions,
-            failed,
-            color_bgr=style.color_bgr,
-            alpha=style.alpha,
-            draw_boxes=style.draw_boxes,
-            box_thickness=style.box_thickness,
-        )
-        picture = jpeg(drawn, style.jpeg_quality)
         reg = header.registration
         now_ns = self._clock_ns()
         verdict = Verdict(
@@ -165,7 +212,4 @@ class InferenceStage:
             dropped=header.dropped + self._lost.pop(header.camera_id, 0),
             truth=header.truth,
         )
-        mask = (found.mask_hw.astype(np.uint8) * 255) if self.highlight.send_mask else None
-        highlight = highlight_header(verdict, picture, mask)
-        payload: list[Part | Array] = [picture] if mask is None else [picture, mask]
-        return verdict, (highlight, payload)
+        return verdict, aligned, found

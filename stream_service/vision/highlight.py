@@ -209,3 +209,17 @@ def overlay(
         for r in found:
             cv2.rectangle(image, (r.x1 - 3, r.y1 - 3), (r.x2 + 3, r.y2 + 3), colour, box_thickness)
     return np.asarray(image, np.uint8)
+
+
+def translate(image: npt.NDArray[np.uint8], ox: int, oy: int) -> npt.NDArray[np.uint8]:
+    """``image`` ((H, W) or (H, W, 3) uint8) moved by whole pixels: pixel (x, y) goes to (x + ox, y + oy);
+    what moves in from outside is black. Moves a picture drawn on the registered frame into the
+    captured frame's pixels, where the verdict's regions are (``stages.inference.to_frame_regions``)."""
+    out = np.zeros_like(image)
+    h, w = image.shape[:2]
+    if abs(ox) >= w or abs(oy) >= h:
+        return out
+    src_y, dst_y = slice(max(0, -oy), h - max(0, oy)), slice(max(0, oy), h - max(0, -oy))
+    src_x, dst_x = slice(max(0, -ox), w - max(0, ox)), slice(max(0, ox), w - max(0, -ox))
+    out[dst_y, dst_x] = image[src_y, src_x]
+    return out

@@ -20,13 +20,30 @@ app = typer.Typer(
     help="Real-time visual inspection: cameras -> SOARTC -> ONNX ViT -> verdicts over ZeroMQ.",
     no_args_is_help=True,
     add_completion=False,
+    # Plain help: Typer's rich panels print a "<bool>" metavar after every flag with the Click of today.
+    rich_markup_mode=None,
 )
-reference_app = typer.Typer(help="Golden references: build, grab from a camera, inspect.", no_args_is_help=True)
+reference_app = typer.Typer(
+    help="Golden references: build, grab from a camera, inspect.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(reference_app, name="reference")
 
 
+def _version(shown: bool) -> None:
+    if shown:
+        from stream_service import __version__
+
+        typer.echo(f"stream-service {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level.")) -> None:
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at DEBUG level."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

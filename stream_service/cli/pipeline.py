@@ -71,6 +71,8 @@ def run_command(
             typer.echo(f"error: camera {camera}", err=True)
             code = 1
     terminal.final(loop.final())
+    if not planned.clean_up(succeeded=code == 0) and planned.temporary:
+        typer.echo(f"logs and heartbeats kept in {planned.run_dir}", err=True)
     raise typer.Exit(code)
 
 

@@ -11,6 +11,7 @@ prints: the command line renders what ``report`` receives.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -47,6 +48,15 @@ class RunPlan:
     specs: list[StageSpec]
     run_dir: Path
     endpoint: str
+    temporary: bool = False  # run_dir was made for this run (a fresh folder under the temp dir)
+
+    def clean_up(self, succeeded: bool) -> bool:
+        """Remove a temporary run folder after a run that succeeded (a failed run keeps its logs to read);
+        returns whether it was removed."""
+        if not (self.temporary and succeeded):
+            return False
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        return True
 
 
 def prepare_run(settings: Settings, config: Path | None, run_dir: Path | None) -> RunPlan:
@@ -61,7 +71,7 @@ def prepare_run(settings: Settings, config: Path | None, run_dir: Path | None) -
     for camera in settings.cameras:
         camera_reference(camera)
     folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="stream-service-run-"))
-    return RunPlan(specs, folder, connectable(settings.transport.verdicts_pub))
+    return RunPlan(specs, folder, connectable(settings.transport.verdicts_pub), temporary=run_dir is None)
 
 
 def refuse_endpoints_in_use(settings: Settings) -> None:

@@ -74,7 +74,10 @@ def camera_reference(camera: CameraSettings) -> CameraReference:
     """
     shape = camera.frame_shape
     if camera.reference is not None:
-        reference = load_reference(camera.reference, expected_shape=shape)
+        try:
+            reference = load_reference(camera.reference, expected_shape=shape)
+        except GoldenReferenceError as exc:
+            raise GoldenReferenceError(f"camera {camera.id}: {exc}. {_make_one(camera.id)}") from exc
         meta = reference.meta
         if meta.polarity != camera.polarity:
             log.warning(
@@ -88,13 +91,23 @@ def camera_reference(camera: CameraSettings) -> CameraReference:
         image = np.clip(np.rint(reference.image * 255.0), 0, 255).astype(np.uint8)
         return CameraReference(image, meta.polarity == "dark-object", meta.id, str(meta.version))
     if not isinstance(camera.source, SyntheticSource):
-        raise GoldenReferenceError(f"camera {camera.id}: expected a reference directory, found none")
+        raise GoldenReferenceError(
+            f"camera {camera.id}: expected a reference directory (cameras[].reference), found none. "
+            + _make_one(camera.id)
+        )
     source = camera.source
     image = synthetic_reference(source)
     if shape is not None and image.shape != shape:
         image = np.asarray(cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA), np.uint8)
     reference_id = f"synthetic-seed{source.seed}-{source.width}x{source.height}"
     return CameraReference(image, camera.polarity == "dark-object", reference_id, "1")
+
+
+def _make_one(camera_id: str) -> str:
+    return (
+        f"Make one from good parts on the line: stream-service reference grab --config FILE --camera {camera_id} "
+        "(or from images: stream-service reference build GOOD.png ... --out DIR)"
+    )
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ slow subscriber on the verdict PUB socket (never blocks the publisher; its misse
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -219,3 +220,68 @@ def test_a_slow_subscriber_never_blocks_the_publisher_and_its_misses_are_counted
     assert 0 < received < count / 2 and tally.missed > 0 and tally.last_seq is not None
     # Every verdict from the first to the last received was either received or counted as missed.
     assert received + tally.missed == tally.last_seq - first + 1
+
+
+def test_version_and_help_read_cleanly() -> None:
+    from stream_service import __version__
+
+    runner = CliRunner()
+    shown = runner.invoke(app, ["--version"])
+    assert shown.exit_code == 0 and shown.output.strip() == f"stream-service {__version__}"
+    helped = runner.invoke(app, ["run", "--help"])
+    assert helped.exit_code == 0 and "--duration" in helped.output and "<bool>" not in helped.output
+
+
+def synthetic_line(directory: Path, camera: dict[str, object] | None = None) -> Path:
+    capture, features, verdicts = free_port(), free_port(), free_port()
+    config = {
+        "cameras": [camera or {"id": "cam0", "source": {"kind": "synthetic", "width": 256, "height": 256, "fps": 5}}],
+        "transport": {
+            "capture_out": [f"tcp://127.0.0.1:{capture}"],
+            "features_out": f"tcp://127.0.0.1:{features}",
+            "verdicts_pub": f"tcp://127.0.0.1:{verdicts}",
+        },
+        "inference": {"threads": 1},
+        "supervisor": {"startup_timeout_s": 200.0},
+        "dashboard": {"enabled": False},
+    }
+    path = directory / "line.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.timeout(300)
+def test_a_run_that_ends_well_removes_its_temporary_folder_and_one_that_fails_keeps_it(tmp_path: Path) -> None:
+    from stream_service.model.references import build_reference, save_reference
+    from stream_service.sources.synthetic import SyntheticCamera
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    command = [*CLI, "run", "--config"]
+    line = str(synthetic_line(tmp_path))
+    done = subprocess.run([*command, line, "--duration", "3"], capture_output=True, text=True, env=env, timeout=250)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "logs and heartbeats in " + str(temp) in done.stderr and list(temp.glob("stream-service-run-*")) == []
+    board = SyntheticCamera(width=256, height=256, seed=3).reference()
+    save_reference(build_reference([board], reference_id="board", polarity="dark-object"), tmp_path / "ref")
+    gone = {
+        "id": "cam0",
+        "source": {"kind": "folder", "path": str(tmp_path / "none")},
+        "reference": str(tmp_path / "ref"),
+    }
+    # Long enough for the capture to start (after the stages warm up) and find its folder missing.
+    failing = [*command, str(synthetic_line(tmp_path, gone)), "--duration", "15"]
+    failed = subprocess.run(failing, capture_output=True, text=True, env=env, timeout=250)
+    assert failed.returncode == 1 and "error: camera cam0: " in failed.stderr, failed.stderr[-3000:]
+    (kept,) = temp.glob("stream-service-run-*")
+    assert f"logs and heartbeats kept in {kept}" in failed.stderr and (kept / "capture-cam0.log").is_file()
+
+
+def test_a_camera_without_a_reference_is_refused_with_how_to_make_one(tmp_path: Path) -> None:
+    camera = {"id": "cam0", "source": {"kind": "folder", "path": str(tmp_path)}, "reference": str(tmp_path / "no")}
+    done = subprocess.run(
+        [*CLI, "run", "--config", str(synthetic_line(tmp_path, camera))], capture_output=True, text=True
+    )
+    assert done.returncode == 1 and "expected the file reference.json, found none" in done.stderr
+    assert "stream-service reference grab --config FILE --camera cam0" in done.stderr

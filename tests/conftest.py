@@ -249,7 +249,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str, float], Promethe
         config.write_text(
             json.dumps(  # JSON is YAML
                 {
-                    "global": {"scrape_interval": f"{scrape_interval_s}s", "evaluation_interval": "1s"},
+                    "global": {"scrape_interval": f"{round(scrape_interval_s * 1000)}ms", "evaluation_interval": "1s"},
                     "scrape_configs": [{"job_name": "stream-service", "static_configs": [{"targets": [target]}]}],
                 }
             )

@@ -68,33 +68,23 @@ def grafana_queries() -> list[str]:
     return queries + [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
 
 
+CAPTURE_BEAT = {"capture": {"fps": 1.0, "frames": 1, "dropped": 1, "camera_errors": 1}, "camera": "cam0"}
+INFER_BEAT: dict[str, Any] = {
+    "stage": {"rejected": {"header json": 1}, "errors": {"ModelError": 1}},
+    "receiver": {"dropped": {"cam0": 1}},
+    "sender": {"dropped": {"cam0": 1}},
+}
+
+
 def exported_samples(make_verdict: Callable[..., Verdict]) -> set[str]:
-    """The sample names of a PipelineMetrics fed a verdict and a process of every stage, with every counter."""
+    """The sample names of a PipelineMetrics fed a verdict and a capture and an infer process that have
+    counted one of everything."""
     metrics = PipelineMetrics()
     metrics.verdict(make_verdict(latency_ms={"infer": 1.0, "end_to_end": 2.0}), missed=1)
-    busy: dict[str, Any] = {"dropped": {"cam0": 1}, "rejected": {"header json": 1}, "errors": {"ModelError": 1}}
-    metrics.processes(
-        [
-            StageState(
-                StageSpec("capture-cam0", "capture", ()),
-                heartbeat=beat(
-                    "capture-cam0",
-                    "capture",
-                    "running",
-                    {"capture": {"fps": 1.0, "frames": 1, "dropped": 1, "camera_errors": 1}, "camera": "cam0"},
-                ),
-            ),
-            StageState(
-                StageSpec("infer", "infer", ()),
-                heartbeat=beat(
-                    "infer",
-                    "infer",
-                    "running",
-                    {"stage": busy, "receiver": {"dropped": {"cam0": 1}}, "sender": {"dropped": {"cam0": 1}}},
-                ),
-            ),
-        ]
-    )
+    capture = StageState(StageSpec("capture-cam0", "capture", ()))
+    capture.heartbeat = beat("capture-cam0", "capture", "running", CAPTURE_BEAT)
+    infer = StageState(StageSpec("infer", "infer", ()), heartbeat=beat("infer", "infer", "running", INFER_BEAT))
+    metrics.processes([capture, infer])
     return {s.name for family in metrics.registry.collect() for s in family.samples}
 
 

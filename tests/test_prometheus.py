@@ -168,10 +168,10 @@ def test_each_instance_has_its_own_registry(make_verdict: Callable[..., Verdict]
     assert value(second, "stream_service_verdicts_total", camera="cam0", verdict="pass") is None
 
 
-def test_the_buckets_span_1_ms_to_10_s_and_can_be_set() -> None:
+def test_the_buckets_span_1_ms_to_10_s_and_can_be_set(make_verdict: Callable[..., Verdict]) -> None:
     assert (LATENCY_BUCKETS_S[0], LATENCY_BUCKETS_S[-1]) == (0.001, 10.0)
     custom = PipelineMetrics(latency_buckets_s=(0.01, 0.1))
-    custom._latency.labels("infer", "cam0").observe(0.05)
+    custom.verdict(make_verdict(latency_ms={"infer": 50.0}))
     bounds = [s.labels["le"] for f in custom.registry.collect() for s in f.samples if s.name.endswith("_bucket")]
     assert bounds == ["0.01", "0.1", "+Inf"]
 

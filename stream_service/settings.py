@@ -274,6 +274,13 @@ class LoggingSettings(Section):
         return value.upper() if isinstance(value, str) and value.upper() in get_args(LogLevel) else value
 
 
+class HealthSettings(Section):
+    """When a camera or a stage counts as unhealthy (``/healthz``, the dashboard, the summary)."""
+
+    camera_stale_s: float = Field(5.0, gt=0)  # a camera with no frame for this long is unhealthy
+    status_every_s: float = Field(5.0, gt=0)  # a capture repeats its camera's status this often
+
+
 class Settings(Section):
     """The root: each stage receives its own section."""
 
@@ -284,6 +291,7 @@ class Settings(Section):
     highlight: HighlightSettings = HighlightSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
     dashboard: DashboardSettings = DashboardSettings()
+    health: HealthSettings = HealthSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")

@@ -31,6 +31,7 @@ from stream_service.vision.inspection import FeatureExtractor
 from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
 from stream_service.wire.messages import (
     FEATURES_ARRAYS,
+    CameraStatus,
     FeaturesHeader,
     FrameHeader,
     Highlight,
@@ -154,6 +155,7 @@ class FlakySource:
     """Frames, then a CameraError (the camera vanished) after ``fail_after`` reads, once."""
 
     name = "flaky"
+    problem = None
 
     def __init__(self, frames: int, fail_after: int | None = None) -> None:
         self.counters = SourceCounters()
@@ -178,13 +180,17 @@ class FlakySource:
 
 
 class RefusingSink:
-    """A sink whose queue is full every other send (the never-blocking sender's drop)."""
+    """A sink whose queue is full every other frame (the never-blocking sender's drop); statuses always go."""
 
     def __init__(self) -> None:
         self.sent: list[FrameHeader] = []
+        self.statuses: list[CameraStatus] = []
         self.calls = 0
 
     def send(self, topic: str, header: Any, arrays: Sequence[Any] = ()) -> bool:
+        if isinstance(header, CameraStatus):
+            self.statuses.append(header)
+            return True
         self.calls += 1
         if self.calls % 2 == 0:
             return False

@@ -62,11 +62,14 @@ def run_command(
         err=True,
     )
     terminal = _Terminal(sys.stdout.isatty())
-    with RunLoop(subscriber, supervisor, dashboard) as loop:
+    with RunLoop(subscriber, supervisor, dashboard, camera_stale_s=settings.health.camera_stale_s) as loop:
         every = summary_every if summary_every is not None else (1.0 if terminal.tty else 60.0)
         code = loop.run(stop, duration, every, lambda status, elapsed: terminal.report(loop, status, elapsed))
         if loop.failure is not None:
             typer.echo(f"error: {loop.failure}", err=True)
+        for camera in loop.failed_cameras():
+            typer.echo(f"error: camera {camera}", err=True)
+            code = 1
     terminal.final(loop.final())
     raise typer.Exit(code)
 
@@ -199,7 +202,7 @@ def dashboard_command(
     stop = threading.Event()
     install_stop_signals(stop)
     typer.echo(f"stream-service dashboard: verdicts from {endpoint}; dashboard on {dashboard.url}", err=True)
-    with RunLoop(subscriber, dashboard=dashboard) as loop:
+    with RunLoop(subscriber, dashboard=dashboard, camera_stale_s=settings.health.camera_stale_s) as loop:
         loop.run(stop)
 
 

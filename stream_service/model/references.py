@@ -222,6 +222,15 @@ def save_reference(reference: Reference, out_dir: Path) -> Path:
     return out_dir
 
 
+def reference_shape(directory: Path) -> tuple[int, int] | None:
+    """The (H, W) a reference directory's metadata records; None when it cannot be read (``load_reference``
+    says why, where the reference is really loaded)."""
+    try:
+        return ReferenceMeta.model_validate_json((directory / META_FILE).read_text(encoding="utf-8")).shape
+    except (OSError, UnicodeDecodeError, ValidationError):
+        return None
+
+
 def load_reference(directory: Path, expected_shape: tuple[int, int] | None = None) -> Reference:
     """Read and validate a reference directory.
 

@@ -59,6 +59,7 @@ class CaptureCounts(_Counts):
     sent: int = 0
     dropped: int = 0
     camera_errors: int = 0
+    refused: int = 0  # frames of the wrong size, never sent onward
     opens: int = 0
     finished: bool = False
 

@@ -67,7 +67,7 @@ def open_subscriber(settings: Settings, endpoint: str, highlights: bool) -> Fram
     """A SUB socket on the verdicts (and, for a dashboard, the highlights) published at ``endpoint``."""
     from stream_service.wire.transport import FrameReceiver
 
-    topics = ["verdicts.", "highlights."] if highlights else ["verdicts."]
+    topics = ["verdicts.", "status.", "highlights."] if highlights else ["verdicts.", "status."]
     return FrameReceiver(endpoint, kind="sub", topics=topics, hwm=settings.transport.publish_hwm, linger_ms=0)
 
 
@@ -80,9 +80,10 @@ class RunLoop:
         supervisor: Supervisor | None = None,
         dashboard: Dashboard | None = None,
         clock: Callable[[], float] = time.monotonic,
+        camera_stale_s: float = 5.0,
     ) -> None:
         self.subscriber, self.supervisor, self.dashboard = subscriber, supervisor, dashboard
-        self.summary = PipelineSummary()
+        self.summary = PipelineSummary(stale_s=camera_stale_s)
         self.failure: str | None = None
         self._clock = clock
         self.started = clock()
@@ -100,6 +101,11 @@ class RunLoop:
         """The closing summary, as the terminal shows it."""
         stages = self.supervisor.stages if self.supervisor is not None else []
         return self.summary.render(stages, time.monotonic_ns(), self.elapsed_s)
+
+    def failed_cameras(self) -> list[str]:
+        """``"<camera>: <reason>"`` of each camera whose capture has given up on it (state ``failed``)."""
+        cameras = self.snapshot()["health"]["cameras"]
+        return [f"{cid}: {h['reason']}" for cid, h in cameras.items() if h["state"] == "failed"]
 
     def drain(self, timeout_s: float = TICK_S) -> int:
         """Take every message queued on the subscriber (waiting up to ``timeout_s`` for the first)."""

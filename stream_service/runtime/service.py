@@ -30,7 +30,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -40,9 +40,6 @@ from stream_service.runtime.heartbeat import Heartbeat
 from stream_service.runtime.runner import StageStats, run_stage
 from stream_service.settings import CameraSettings, Settings
 from stream_service.wire.messages import Array, ArraySpec, Header, Part
-
-if TYPE_CHECKING:
-    from stream_service.wire.transport import FrameSender
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +90,19 @@ def install_stop_signals(stop: threading.Event) -> None:
 
 
 class LazySender:
-    """A non-blocking ``transport.FrameSender`` (``send_timeout_ms=0``: a full queue drops and counts),
-    created at the first send when ``transport.shared_memory`` is on for its endpoint, so that the ring's slots can be
-    sized to the first message's payloads (frame sizes are not always known before the first frame)."""
+    """A non-blocking ``transport.FrameSender`` (``send_timeout_ms=0``: a full queue drops and counts) whose
+    shared-memory ring, when ``transport.shared_memory`` is on for its endpoint, is created at the first
+    message that carries payloads and sized to them (frame sizes are not always known before the first
+    frame). Messages without payloads (a camera's status) go out before that over ZeroMQ alone."""
 
     def __init__(self, endpoint: str, *, bind: bool, hwm: int, settings: Settings) -> None:
-        self.endpoint, self.bind, self.hwm = endpoint, bind, hwm
-        self.transport = settings.transport
-        self.shared_memory = settings.transport.uses_shared_memory(endpoint)
-        self._sender: FrameSender | None = None if self.shared_memory else self._open(0)
-
-    def _open(self, slot_bytes: int) -> FrameSender:
         from stream_service.wire.transport import FrameSender
 
-        t = self.transport
-        return FrameSender(
-            self.endpoint,
-            bind=self.bind,
-            hwm=self.hwm,
-            linger_ms=t.linger_ms,
-            send_timeout_ms=0,
-            shm_slots=t.shm_slots if slot_bytes else 0,
-            shm_slot_bytes=slot_bytes,
-        )
+        self.endpoint, self.bind, self.hwm = endpoint, bind, hwm
+        self.transport = t = settings.transport
+        self.shared_memory = t.uses_shared_memory(endpoint)
+        self._ring_pending = self.shared_memory
+        self._sender = FrameSender(endpoint, bind=bind, hwm=hwm, linger_ms=t.linger_ms, send_timeout_ms=0)
 
     def reserve_frame(self, shape: tuple[int, int]) -> npt.NDArray[np.uint8] | None:
         """A writable uint8 frame of ``shape`` in a free slot of the ring, for the capture to fill in place.
@@ -124,33 +111,30 @@ class LazySender:
         does not fit a slot, or when every slot is leased (the frame is then made privately and dropped).
         """
         spec = ArraySpec(name="frame", shape=shape, dtype="uint8")
-        if self._sender is None or not self._sender.fits([spec]):
+        if self._ring_pending or not self._sender.fits([spec]):
             return None
         arrays = self._sender.reserve([spec])
         return None if arrays is None else cast("npt.NDArray[np.uint8]", arrays[0])  # the slot's own array
 
     def send(self, topic: str, header: Header, arrays: Sequence[Array | Part] = ()) -> bool:
-        if self._sender is None:
+        if self._ring_pending and arrays:
+            self._ring_pending = False
             sizes = [a.nbytes if isinstance(a, np.ndarray) else memoryview(a).nbytes for a in arrays]
             try:
-                self._sender = self._open(max(1, sum(sizes) + _SLOT_MARGIN * len(sizes)))
+                self._sender.attach_ring(self.transport.shm_slots, max(1, sum(sizes) + _SLOT_MARGIN * len(sizes)))
             except SharedMemoryError as exc:
                 if self.transport.shared_memory is True:
                     raise
                 log.warning("%s: %s; its pixels go over ZeroMQ instead", self.endpoint, exc)
                 self.shared_memory = False
-                self._sender = self._open(0)
         return self._sender.send(topic, header, arrays)
 
     def counters(self) -> dict[str, Any]:
-        if self._sender is None:
-            return {"sent": 0, "sent_in_place": 0, "dropped": {}}
         s = self._sender
         return {"sent": s.sent, "sent_in_place": s.sent_in_place, "dropped": dict(s.dropped)}
 
     def close(self) -> None:
-        if self._sender is not None:
-            self._sender.close()
+        self._sender.close()
 
 
 def _receiver_counters(receiver: Any) -> dict[str, Any]:
@@ -164,14 +148,27 @@ def _receiver_counters(receiver: Any) -> dict[str, Any]:
 
 def serve_capture(settings: Settings, camera_id: str | None, stop: threading.Event, heartbeat: Heartbeat) -> None:
     """The capture process of one camera: read, stamp, push (``stages.capture``), until ``stop``."""
-    from stream_service.stages.capture import CaptureStage, CaptureStats, open_camera, retry_delay_s, run_capture
+    from stream_service.stages.capture import (
+        CameraHealth,
+        CaptureStage,
+        CaptureStats,
+        open_camera,
+        retry_delay_s,
+        run_capture,
+    )
     from stream_service.wire.transport import terminate_context
 
     index, camera = camera_at(settings, camera_id)
     endpoint = settings.transport.capture_endpoint(index, camera.id)
     stage, stats = CaptureStage(camera), CaptureStats()
     sender = LazySender(endpoint, bind=True, hwm=settings.transport.capture_hwm, settings=settings)
-    heartbeat.snapshot = lambda: {"capture": stats.snapshot(), "sender": sender.counters()}
+    health = CameraHealth(camera.id)
+    heartbeat.snapshot = lambda: {
+        "capture": stats.snapshot(),
+        "sender": sender.counters(),
+        "camera": camera.id,
+        "health": health.snapshot(),
+    }
     try:
         heartbeat.running()
         log.info("capture %s: pushing on %s", camera.id, endpoint)
@@ -184,6 +181,8 @@ def serve_capture(settings: Settings, camera_id: str | None, stop: threading.Eve
             heartbeat=heartbeat,
             stats=stats,
             slots=sender.reserve_frame if sender.shared_memory else None,
+            health=health,
+            status_every_s=settings.health.status_every_s,
         )
     finally:
         sender.close()
@@ -218,6 +217,7 @@ def serve_soartc(
         "features": {"unregistered": {cid: c.extractor.unregistered for cid, c in stage.cameras.items()}},
     }
     try:
+        stage.warm_up()
         heartbeat.running()
         log.info("soartc: %s -> %s (cameras %s)", captures, t.features_out, sorted(stage.cameras))
         run_stage(
@@ -260,6 +260,7 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
         "model": f"{model.card.name} {model.card.version} on {model.providers[0]}",
     }
     try:
+        stage.warm_up()
         heartbeat.running()
         log.info("infer: %s -> %s (model %s %s)", t.features_out, t.verdicts_pub, model.card.name, model.card.version)
         run_stage(

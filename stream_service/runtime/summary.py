@@ -5,18 +5,21 @@ rate, pass and fail counts, the frames the pipeline dropped (the verdicts' ``dro
 this subscriber missed (gaps in the sequence numbers that ``dropped`` does not explain: a slow
 subscriber's own losses) and, for synthetic cameras, the agreement with the ground truth; p50/p99 of
 every stage's latency and end to end; and, from the supervisor, each stage process with its state,
-restarts and counters (from its heartbeat).
+restarts and counters (from its heartbeat). The health of every camera (``status.<camera>`` messages,
+and the captures' heartbeats when a supervisor runs them) and of every process is ``snapshot()["health"]``:
+``ok``, the ``problems`` in words, and each camera's state, reason and age of its newest frame.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stream_service.runtime.heartbeat import HeartbeatRecord, HeartbeatStats
 from stream_service.runtime.latency import END_TO_END, FpsCounter, LatencyTracker
-from stream_service.wire.messages import Verdict
+from stream_service.wire.messages import CameraStatus, Verdict
 
 
 class StageRow(Protocol):
@@ -72,6 +75,18 @@ class CameraTally:
     last_seq: int | None = None
 
 
+@dataclass(frozen=True)
+class CameraHealthView:
+    """What is known of a camera's health: state, reason, since and newest frame (wall-clock seconds), and
+    ``t``, when this was true (the status message's or the heartbeat's time)."""
+
+    state: str
+    reason: str | None
+    since: float
+    last_frame: float | None
+    t: float
+
+
 @dataclass
 class PipelineSummary:
     """Accumulates verdicts (``add``) and renders them (``render``, ``line``)."""
@@ -81,6 +96,48 @@ class PipelineSummary:
     cameras: dict[str, CameraTally] = field(default_factory=dict)
     latency: LatencyTracker = field(init=False)
     model: str | None = None  # "<id> <version>" of the latest verdict
+    stale_s: float = 5.0  # health.camera_stale_s
+    health: dict[str, CameraHealthView] = field(default_factory=dict)
+
+    def status(self, status: CameraStatus) -> None:
+        """Take a camera's ``status.<camera>`` message (the newest one wins)."""
+        known = self.health.get(status.camera_id)
+        t = status.capture_ns / 1e9
+        if known is None or t >= known.t:
+            last = status.last_frame_ns / 1e9 if status.last_frame_ns is not None else None
+            self.health[status.camera_id] = CameraHealthView(
+                status.state, status.reason, status.since_ns / 1e9, last, t
+            )
+
+    def camera_health(self, stages: Sequence[StageRow]) -> dict[str, CameraHealthView]:
+        """Each camera's newest health: from its status messages or its capture's heartbeat, whichever is newer."""
+        merged = dict(self.health)
+        for st in stages:
+            beat = st.heartbeat
+            if beat is None or beat.stats.camera is None or beat.stats.health is None:
+                continue
+            h, known = beat.stats.health, merged.get(beat.stats.camera)
+            if known is None or beat.t >= known.t:
+                merged[beat.stats.camera] = CameraHealthView(h.state, h.reason, h.since, h.last_frame, beat.t)
+        return dict(sorted(merged.items()))
+
+    def health_status(self, stages: Sequence[StageRow], now: float) -> dict[str, Any]:
+        """``ok``, the ``problems`` (a camera not online or silent for ``stale_s``, a process not running) in
+        words, and per camera its state, reason, since and the age of its newest frame (seconds)."""
+        problems: list[str] = []
+        cameras: dict[str, Any] = {}
+        for cid, h in self.camera_health(stages).items():
+            age = None if h.last_frame is None else max(0.0, now - h.last_frame)
+            cameras[cid] = {"state": h.state, "reason": h.reason, "since": h.since, "last_frame_age_s": age}
+            if h.state != "online":
+                problems.append(f"camera {cid} {h.state}: {h.reason or 'no frame yet'}")
+            elif age is not None and age > self.stale_s:
+                problems.append(f"camera {cid}: no frame for {age:.0f} s (health.camera_stale_s = {self.stale_s:g})")
+        # "stopped" is the end of a run asked for; "pending" the moment before the first start.
+        problems += [
+            f"process {st.name} {st.state}" for st in stages if st.state not in ("running", "stopped", "pending")
+        ]
+        return {"ok": not problems, "problems": problems, "cameras": cameras}
 
     def __post_init__(self) -> None:
         self.latency = LatencyTracker(self.latency_window)
@@ -111,9 +168,11 @@ class PipelineSummary:
         self.model = f"{verdict.model_id} {verdict.model_version}"
         return missed
 
-    def snapshot(self, stages: Sequence[StageRow], now_ns: int, elapsed_s: float) -> dict[str, Any]:
+    def snapshot(
+        self, stages: Sequence[StageRow], now_ns: int, elapsed_s: float, now: float | None = None
+    ) -> dict[str, Any]:
         """Everything the summary shows, as JSON-ready data (``format_status`` renders it; the dashboard's
-        ``/api/status`` serves it)."""
+        ``/api/status`` serves it). ``now``: wall-clock seconds (default: now), for the health's ages."""
         cameras = {
             cid: {
                 "fps": t.fps.fps(now_ns),
@@ -138,6 +197,7 @@ class PipelineSummary:
             "cameras": cameras,
             "latency_ms": latency,
             "processes": [stage_counts(st) for st in stages],
+            "health": self.health_status(stages, time.time() if now is None else now),
         }
 
     def line(self, now_ns: int) -> str:
@@ -166,6 +226,11 @@ def format_status(status: Mapping[str, Any]) -> str:
         )
     if not status["cameras"]:
         out.append("  (no verdicts yet)")
+    health = status.get("health")
+    if health is not None:
+        states = "  ".join(f"{cid} {h['state']}" for cid, h in health["cameras"].items())
+        out.append(f"  health       {'ok' if health['ok'] else 'NOT OK'}" + (f"  ({states})" if states else ""))
+        out.extend(f"    ! {problem}" for problem in health["problems"])
     out.append(f"  {'latency ms':<12}{'p50':>9}{'p99':>9}{'n':>7}")
     for stage, p in status["latency_ms"].items():
         out.append(f"  {stage:<12}{p['p50']:>9.1f}{p['p99']:>9.1f}{p['count']:>7}")

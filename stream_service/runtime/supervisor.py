@@ -115,6 +115,7 @@ class Supervisor:
         self._clock, self._wall = clock, wall
         self._logs: dict[str, IO[bytes]] = {}
         self._stopped = False
+        self._started: float | None = None
         run_dir.mkdir(parents=True, exist_ok=True)
 
     def heartbeat_path(self, name: str) -> Path:
@@ -124,9 +125,22 @@ class Supervisor:
         return self.run_dir / f"{name}.log"
 
     def start(self) -> None:
-        """Start every stage (captures last: downstream is up before frames flow)."""
+        """Start the stages that receive; the captures follow once those run (``poll``), so that no frame
+        is sent while the soartc and infer stages are still loading and warming up (no start-up drops)."""
+        self._started = self._clock()
         for st in self.stages:
-            self._launch(st)
+            if st.spec.kind != "capture":
+                self._launch(st)
+
+    def _start_captures(self, now: float) -> None:
+        """Launch the captures not yet started once every other stage runs (or ``startup_timeout_s`` passed)."""
+        waiting = [st for st in self.stages if st.spec.kind == "capture" and st.state == "pending"]
+        if not waiting or self._started is None:
+            return
+        ready = all(st.state == "running" for st in self.stages if st.spec.kind != "capture")
+        if ready or now - self._started > self.settings.startup_timeout_s:
+            for st in waiting:
+                self._launch(st)
 
     def _launch(self, st: StageState) -> None:
         heartbeat = self.heartbeat_path(st.name)
@@ -152,7 +166,10 @@ class Supervisor:
         if self._stopped:
             return
         now = self._clock()
+        self._start_captures(now)
         for st in self.stages:
+            if st.state == "pending":
+                continue
             if st.process is None:
                 if st.next_start is not None and now >= st.next_start and self.failure is None:
                     self._launch(st)

@@ -63,6 +63,8 @@ class SourceCounters:
 class FrameSource(Protocol):
     name: str
     counters: SourceCounters
+    # Why the source delivers nothing right now (a live stream reconnecting), None while it delivers.
+    problem: str | None
 
     @property
     def finished(self) -> bool: ...
@@ -119,6 +121,7 @@ class _Source:
     def __init__(self, name: str) -> None:
         self.name = name
         self.counters = SourceCounters()
+        self.problem: str | None = None
         self._finished = False
 
     @property
@@ -170,10 +173,11 @@ class LiveStream(_Source):
                 self._fail("it opened but delivered no frame")
                 return None
             self.counters.lost += 1
+            self.problem = "the stream stopped delivering frames; reconnecting"
             log.warning("camera %s: the stream stopped delivering frames; reconnecting", self.name)
             self._next_try = self._clock()
             return None
-        self._failures, self._delivered = 0, True
+        self._failures, self._delivered, self.problem = 0, True, None
         self.counters.frames += 1
         return to_gray(image, out)
 
@@ -210,6 +214,7 @@ class LiveStream(_Source):
                 f"camera {self.name}: expected frames, found that {reason}, after {s.max_retries} retries"
             )
         backoff = min(s.retry_backoff_s * 2 ** (self._failures - 1), s.retry_backoff_max_s)
+        self.problem = f"{reason} (attempt {self._failures} of {s.max_retries + 1}); retrying"
         log.warning(
             "camera %s: %s (attempt %d of %d), retrying in %.2f s",
             self.name,
@@ -244,10 +249,15 @@ class VideoFile(_Source):
         fps = settings.fps or (native if math.isfinite(native) and native > 0 else FALLBACK_FPS)
         self._loop = settings.loop
         self._pacer = Pacer(fps, clock, sleep)
+        self._path = settings.path
 
     def read(self, out: Allocator | None = None) -> U8 | None:
         if self._finished:
             return None
+        # An open file that is deleted stays readable through its descriptor (POSIX): without this check
+        # a camera whose file is gone would go on "playing" what was buffered, or loop over it forever.
+        if not self._path.exists():
+            raise CameraError(f"camera {self.name}: expected the video file {self._path}, found it gone")
         ok, image = self._cap.read()
         if not ok and self._loop:
             self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)

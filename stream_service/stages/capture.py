@@ -28,13 +28,15 @@ import cv2
 import numpy as np
 
 from stream_service.errors import CameraError
+from stream_service.model.references import reference_shape
+from stream_service.runtime.heartbeat import Health, HealthState
 from stream_service.runtime.latency import FpsCounter
 from stream_service.runtime.runner import Outgoing, Sink, StopEvent
 from stream_service.settings import CameraSettings, Settings, SyntheticSource
 from stream_service.sources.camera import Allocator, FrameSource, SyntheticStream, open_source
 from stream_service.sources.synthetic import Truth
 from stream_service.vision.arrays import U8
-from stream_service.wire.messages import FrameHeader, Stamp, topic_of
+from stream_service.wire.messages import CameraStatus, FrameHeader, Stamp, topic_of
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,69 @@ def retry_delay_s(camera: CameraSettings, settings: Settings) -> float:
     return float(getattr(camera.source, "retry_backoff_max_s", settings.supervisor.restart_backoff_s))
 
 
+def expected_shape(camera: CameraSettings) -> tuple[int, int] | None:
+    """(H, W) every frame of ``camera`` must have on leaving the capture: its ``frame_size`` (frames are
+    resized to it), the synthetic source's size, else its golden reference's size (None: unknown)."""
+    shape = camera.frame_shape
+    if shape is None and camera.reference is not None:
+        shape = reference_shape(camera.reference)
+    return shape
+
+
+class CameraHealth:
+    """A camera's health as the capture sees it: ``starting`` until its first frame, ``online`` while frames
+    come, ``reconnecting`` while a live stream retries (its ``problem``), ``failed`` when the source gave up
+    (``CameraError``) or its frames cannot be used (wrong size); back to ``online`` with the next good frame.
+
+    ``changed`` is set by every change of state or reason, for the capture to send a status message.
+    """
+
+    def __init__(self, camera_id: str, clock: Callable[[], float] = time.time) -> None:
+        self.camera_id, self._clock = camera_id, clock
+        self.state: HealthState = "starting"
+        self.reason: str | None = None
+        self.since = clock()
+        self.last_frame: float | None = None
+        self.changed = True
+
+    def _set(self, state: HealthState, reason: str | None) -> None:
+        if (state, reason) == (self.state, self.reason):
+            return
+        if state != self.state:
+            self.since = self._clock()
+            log_at = logging.INFO if state == "online" else logging.ERROR
+            log.log(log_at, "camera %s: %s%s", self.camera_id, state, f": {reason}" if reason else "")
+        self.state, self.reason, self.changed = state, reason, True
+
+    def frame(self) -> None:
+        """A good frame was read."""
+        self.last_frame = self._clock()
+        self._set("online", None)
+
+    def trouble(self, problem: str) -> None:
+        """The source delivers nothing for now and says why (a live stream reconnecting)."""
+        self._set("failed" if self.state == "failed" else "reconnecting", problem)
+
+    def failed(self, reason: str) -> None:
+        self._set("failed", reason)
+
+    def snapshot(self) -> Health:
+        return Health(state=self.state, reason=self.reason, since=self.since, last_frame=self.last_frame)
+
+    def message(self, seq: int, frames: int) -> CameraStatus:
+        """The ``status.<camera>`` message of the current state."""
+        return CameraStatus(
+            camera_id=self.camera_id,
+            seq=seq,
+            capture_ns=time.time_ns(),
+            state=self.state,
+            reason=self.reason,
+            since_ns=int(self.since * 1e9),
+            last_frame_ns=int(self.last_frame * 1e9) if self.last_frame is not None else None,
+            frames=frames,
+        )
+
+
 class CaptureStage:
     """Frame messages of one camera: sequence numbers, the capture stamp, the truth of synthetic frames."""
 
@@ -62,7 +127,20 @@ class CaptureStage:
         # Frames are resized only to a configured frame_size; otherwise they go out as captured.
         self.shape = (camera.frame_size[1], camera.frame_size[0]) if camera.frame_size is not None else None
         self.attach_truth = isinstance(camera.source, SyntheticSource) and camera.source.truth
+        # Frames that go out unresized must have the size the soartc stage compares them at.
+        self.expected = expected_shape(camera) if self.shape is None else None
         self.seq = 0
+
+    def wrong_size(self, frame_hw: U8) -> str | None:
+        """Why ``frame_hw`` cannot be judged (a size other than its reference's), and what to do; None if fine."""
+        if self.expected is None or frame_hw.shape == self.expected:
+            return None
+        (h, w), (eh, ew) = frame_hw.shape[:2], self.expected
+        return (
+            f"frames of {w}x{h} px, expected {ew}x{eh} px (the golden reference's size); refused. Set "
+            f"frame_size: [{ew}, {eh}] for camera {self.camera_id} to resize them, or grab a reference at this "
+            f"size: stream-service reference grab --config FILE --camera {self.camera_id}"
+        )
 
     def frame_message(
         self, frame_hw: U8, truth: Truth | None, capture_ns: int, out: Allocator | None = None
@@ -127,6 +205,7 @@ class CaptureStats:
     sent: int = 0  # frames queued downstream
     dropped: int = 0  # frames the sender could not queue (downstream full or absent)
     camera_errors: int = 0  # CameraErrors (the camera vanished or could not be opened)
+    refused: int = 0  # frames of the wrong size, never sent onward
     opens: int = 0  # times the source was opened
     finished: bool = False  # the source has no more frames (a file or folder without loop)
 
@@ -137,6 +216,7 @@ class CaptureStats:
             "sent": self.sent,
             "dropped": self.dropped,
             "camera_errors": self.camera_errors,
+            "refused": self.refused,
             "opens": self.opens,
             "finished": self.finished,
         }
@@ -166,24 +246,29 @@ def run_capture(
     stats: CaptureStats | None = None,
     clock_ns: Callable[[], int] = time.time_ns,
     slots: Allocator | None = None,
+    health: CameraHealth | None = None,
+    status_every_s: float = 5.0,
 ) -> CaptureStats:
     """Read, stamp and send frames until ``stop`` is set; see the module docstring for the policy.
 
-    ``slots``: writable frame arrays in the sink's shared memory (None: none or no ring yet).
+    ``slots``: writable frame arrays in the sink's shared memory (None: none or no ring yet). ``health``
+    follows the camera; its status message goes out on every change and every ``status_every_s``.
     """
     stats = stats if stats is not None else CaptureStats()
+    health = health if health is not None else CameraHealth(stage.camera_id)
+    status = _StatusSender(stage, health, sink, stats, status_every_s)
     source: FrameSource | None = None
     direct = _unless_resized(slots, stage.shape) if slots is not None else None
     try:
         while not stop.is_set():
             if heartbeat is not None:
                 heartbeat()
+            status()
             if source is None:
                 try:
                     source = open_camera()
                 except CameraError as exc:
-                    stats.camera_errors += 1
-                    log.error("camera %s: %s; reopening in %.1f s", stage.camera_id, exc, retry_s)
+                    _camera_error(stage, stats, health, exc, retry_s)
                     _pause(retry_s, stop, heartbeat)
                     continue
                 stats.opens += 1
@@ -191,13 +276,14 @@ def run_capture(
             try:
                 frame = source.read(direct)
             except CameraError as exc:
-                stats.camera_errors += 1
-                log.error("camera %s: %s; reopening in %.1f s", stage.camera_id, exc, retry_s)
+                _camera_error(stage, stats, health, exc, retry_s)
                 source.close()
                 source = None
                 _pause(retry_s, stop, heartbeat)
                 continue
             if frame is None:
+                if source.problem is not None:
+                    health.trouble(source.problem)
                 if source.finished and not stats.finished:
                     stats.finished = True
                     log.info("camera %s: the source has no more frames; idle until stopped", stage.camera_id)
@@ -206,6 +292,12 @@ def run_capture(
                 continue
             stats.frames += 1
             stats.fps.tick(time.monotonic_ns())
+            refused = stage.wrong_size(frame)
+            if refused is not None:
+                stats.refused += 1
+                health.failed(refused)
+                continue
+            health.frame()
             truth = source.truth if isinstance(source, SyntheticStream) else None
             topic, header, arrays = stage.frame_message(frame, truth, clock_ns(), slots)
             if sink.send(topic, header, arrays):
@@ -216,6 +308,32 @@ def run_capture(
         if source is not None:
             source.close()
     return stats
+
+
+def _camera_error(
+    stage: CaptureStage, stats: CaptureStats, health: CameraHealth, exc: CameraError, retry_s: float
+) -> None:
+    stats.camera_errors += 1
+    log.error("camera %s: %s; reopening in %.1f s", stage.camera_id, exc, retry_s)
+    health.failed(f"{exc}; check the camera and cameras[].source in the config; retrying every {retry_s:g} s")
+
+
+class _StatusSender:
+    """Sends the camera's status downstream when it changes, and again every ``every_s`` (a status the
+    non-blocking sink dropped, or one a stage started later never saw, is sent again)."""
+
+    def __init__(self, stage: CaptureStage, health: CameraHealth, sink: Sink, stats: CaptureStats, every_s: float):
+        self.stage, self.health, self.sink, self.stats, self.every_s = stage, health, sink, stats, every_s
+        self._due = 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if not self.health.changed and now < self._due:
+            return
+        message = self.health.message(self.stage.seq, self.stats.frames)
+        if self.sink.send(topic_of(message), message, []):
+            self.health.changed = False
+            self._due = now + self.every_s
 
 
 def grab(

@@ -38,6 +38,7 @@ from stream_service.wire.messages import (
     FEATURES_ARRAYS,
     Array,
     ArraySpec,
+    CameraStatus,
     FeaturesHeader,
     FrameHeader,
     Header,
@@ -136,7 +137,16 @@ class FeaturesStage:
             cameras[camera.id] = CameraFeatures(extractor, reference)
         return cls(cameras)
 
+    def warm_up(self) -> None:
+        """Register and compare each camera's reference with itself once: compiles the Numba kernels and
+        fills the caches before the first frame, so that it is not counted as a slow one (or a drop)."""
+        for camera in self.cameras.values():
+            camera.extractor.extract(camera.reference.image_hw)
+            camera.extractor.unregistered = 0
+
     def process(self, topic: str, header: Header, arrays: list[Array]) -> Sequence[Outgoing]:
+        if isinstance(header, CameraStatus) and header.camera_id in self.cameras:
+            return [(topic, header, [])]  # a camera's health travels on to the infer stage, unchanged
         if not isinstance(header, FrameHeader):
             raise MessageError(f"message kind on {topic}: expected 'frame', found {header.kind!r}")
         camera = self.cameras.get(header.camera_id)

@@ -6,6 +6,7 @@
   model's and the reference's identity, the defect regions in captured-frame pixels, the latency of
   every stage and ``end_to_end`` (capture stamp to this publish), the frames of this camera dropped
   since the previous verdict, and the synthetic ground truth when the capture attached it;
+- ``status.<camera>``: the camera's ``CameraStatus`` from its capture, passed on as it came;
 - ``highlights.<camera>``: a ``Highlight`` whose ``jpeg`` payload is ``highlight.overlay`` of the
   registered frame (highlighted pixels, boxed regions, in reference coordinates), and with
   ``highlight.send_mask`` the raw mask ``(H, W)`` uint8 (255 = highlighted) as ``mask``.
@@ -36,6 +37,7 @@ from stream_service.vision.tokens import TokenFeatures
 from stream_service.wire.messages import (
     FEATURES_ARRAYS,
     Array,
+    CameraStatus,
     FeaturesHeader,
     Header,
     Part,
@@ -89,7 +91,15 @@ class InferenceStage:
         self._clock_ns = clock_ns
         self._lost: Counter[str] = Counter()
 
+    def warm_up(self) -> None:
+        """Run the model once on an empty window (ONNX Runtime's first run allocates and plans)."""
+        card = self.detector.model.card
+        grid = card.window.grid
+        self.detector.model.run(np.zeros((1, grid, grid, self.channels), np.float32))
+
     def process(self, topic: str, header: Header, arrays: list[Array]) -> Sequence[Outgoing]:
+        if isinstance(header, CameraStatus):
+            return [(topic, header, [])]  # published as status.<camera> for subscribers and dashboards
         if not isinstance(header, FeaturesHeader):
             raise MessageError(f"message kind on {topic}: expected 'features', found {header.kind!r}")
         try:

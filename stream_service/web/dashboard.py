@@ -10,10 +10,14 @@ the newest highlight JPEG of each camera as it arrives. The server only reads wh
   ``/api/status`` every second and draws the end-to-end latency of the last minutes;
 - ``/api/status``: the latest snapshot plus ``history`` (one point a second: time, verdicts/s, and the
   end-to-end p50/p99 of that second's verdicts, so the chart shows a spike when it happens);
+  It also holds ``captions`` (per camera, what its newest highlight shows: frame, verdict, score, time)
+  and ``recent_fails`` (the last fails, newest first, each with a caption);
 - ``/api/highlight/<camera>.jpg``: the camera's newest highlight picture (404 before the first one);
+- ``/api/fails/<id>.jpg``: the highlight picture of one of the recent fails;
 - ``/metrics``: the pipeline's Prometheus metrics (``web.prometheus``: verdicts, latency histograms, what
   the stages count from their heartbeats, camera up, restarts), for an existing monitoring stack;
-- ``/healthz``: ``ok`` while the run loop keeps publishing (503 when its last snapshot is over 5 s old).
+- ``/healthz``: JSON ``{ok, problems, cameras}``: 200 when every camera is online and delivering and every
+  process runs, 503 naming what is not (or when the run loop has published nothing for 5 s).
 
 It binds ``dashboard.host:dashboard.port`` (loopback by default: it has no authentication; expose it
 through a reverse proxy if the line needs it remotely). A port that is taken is logged as an error
@@ -28,8 +32,9 @@ import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +45,7 @@ from stream_service.runtime.latency import END_TO_END
 from stream_service.runtime.summary import PipelineSummary
 from stream_service.settings import DashboardSettings
 from stream_service.web.prometheus import CONTENT_TYPE, PipelineMetrics
-from stream_service.wire.messages import Message, Verdict, highlight_jpeg
+from stream_service.wire.messages import CameraStatus, Message, Verdict, highlight_jpeg
 
 if TYPE_CHECKING:
     from stream_service.runtime.supervisor import StageState
@@ -50,6 +55,9 @@ log = logging.getLogger(__name__)
 HISTORY_S = 600  # seconds of one-a-second history points kept for the chart
 STALE_S = 5.0  # /healthz turns 503 when the run loop has not published for this long
 _HIGHLIGHT = re.compile(r"^/api/highlight/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
+_FAIL_PICTURE = re.compile(r"^/api/fails/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
+RECENT_FAILS = 12  # the dashboard's list of recent fails, each with its highlight picture
+RECENT_CAPTIONS = 256  # verdicts remembered until their highlight (published after them) arrives
 
 
 def page() -> bytes:
@@ -69,6 +77,10 @@ class Dashboard:
         self._published = time.monotonic()
         self._history: deque[dict[str, Any]] = deque(maxlen=history_s)
         self._highlights: dict[str, bytes] = {}
+        self._captions: dict[str, dict[str, Any]] = {}  # each camera's newest highlight: what it shows
+        self._recent: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()  # captions of recent verdicts
+        self._fails: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILS)
+        self._fail_pictures: dict[str, bytes] = {}
         self._interval: list[float] = []  # end-to-end latencies since the last history point (run loop only)
         self._page = page()
         try:
@@ -87,11 +99,21 @@ class Dashboard:
 
     def verdict(self, verdict: Verdict, missed: int = 0) -> None:
         """Count ``verdict`` in the metrics (with the ``missed`` verdicts just before it) and its end-to-end
-        latency in the current history point (called from the run loop)."""
+        latency in the current history point, keep its caption for its highlight, and a fail in the list of
+        recent fails (called from the run loop)."""
         self.metrics.verdict(verdict, missed)
         e2e = verdict.latency_ms.get(END_TO_END)
         if e2e is not None:
             self._interval.append(e2e)
+        caption = caption_of(verdict)
+        with self._lock:
+            self._recent[(verdict.camera_id, verdict.seq)] = caption
+            while len(self._recent) > RECENT_CAPTIONS:
+                self._recent.popitem(last=False)
+            if verdict.verdict == "fail":
+                if len(self._fails) == self._fails.maxlen:
+                    self._fail_pictures.pop(self._fails[0]["id"], None)
+                self._fails.append(caption)
 
     def publish(self, snapshot: dict[str, Any], now: float | None = None, stages: Sequence[StageState] = ()) -> None:
         """Show ``snapshot`` (``PipelineSummary.snapshot``) and close a history point: the verdicts since the
@@ -113,14 +135,31 @@ class Dashboard:
             self._history.append(point)
             self._published = time.monotonic()
 
-    def highlight(self, camera_id: str, jpeg: bytes) -> None:
-        """Keep ``jpeg`` as the newest highlight picture of ``camera_id``."""
+    def highlight(self, camera_id: str, jpeg: bytes, seq: int | None = None) -> None:
+        """Keep ``jpeg`` as the newest highlight picture of ``camera_id`` (with its verdict's caption when
+        the verdict of frame ``seq`` was seen), and as the picture of that verdict when it is a recent fail."""
         with self._lock:
             self._highlights[camera_id] = jpeg
+            caption = self._recent.get((camera_id, seq)) if seq is not None else None
+            if caption is not None:
+                self._captions[camera_id] = caption
+                if caption["verdict"] == "fail" and any(f["id"] == caption["id"] for f in self._fails):
+                    self._fail_pictures[caption["id"]] = jpeg
+
+    def fail_picture(self, fail_id: str) -> bytes | None:
+        with self._lock:
+            return self._fail_pictures.get(fail_id)
 
     def status(self) -> dict[str, Any]:
         with self._lock:
-            return {**self._snapshot, "highlights": sorted(self._highlights), "history": list(self._history)}
+            fails = [{**f, "picture": f["id"] in self._fail_pictures} for f in reversed(self._fails)]
+            return {
+                **self._snapshot,
+                "highlights": sorted(self._highlights),
+                "captions": dict(self._captions),
+                "recent_fails": fails,
+                "history": list(self._history),
+            }
 
     def picture(self, camera_id: str) -> bytes | None:
         with self._lock:
@@ -129,6 +168,14 @@ class Dashboard:
     def fresh(self) -> bool:
         with self._lock:
             return time.monotonic() - self._published <= STALE_S
+
+    def health(self) -> dict[str, Any]:
+        """What ``/healthz`` answers: ``ok`` and the ``problems`` in words (cameras, processes, a stalled run loop)."""
+        health = self.status().get("health") or {"ok": True, "problems": []}
+        problems = list(health["problems"])
+        if not self.fresh():
+            problems.insert(0, f"the run loop has published nothing for over {STALE_S:g} s")
+        return {"ok": not problems, "problems": problems, "cameras": health.get("cameras", {})}
 
     def close(self) -> None:
         self._server.shutdown()
@@ -140,12 +187,29 @@ def take(message: Message, summary: PipelineSummary, dashboard: Dashboard | None
     """A message from the verdicts PUB: a verdict is counted in ``summary``, a highlight's JPEG is kept
     as its camera's newest picture by ``dashboard``."""
     header = message.header
-    if isinstance(header, Verdict):
+    if isinstance(header, CameraStatus):
+        summary.status(header)
+    elif isinstance(header, Verdict):
         missed = summary.add(header, now_ns)
         if dashboard is not None:
             dashboard.verdict(header, missed)
     elif dashboard is not None and (jpeg := highlight_jpeg(message)) is not None:
-        dashboard.highlight(header.camera_id, jpeg)
+        dashboard.highlight(header.camera_id, jpeg, header.seq)
+
+
+def caption_of(verdict: Verdict) -> dict[str, Any]:
+    """What a highlight picture's caption says: camera, frame, verdict, score and threshold, regions, time (UTC)."""
+    when = datetime.fromtimestamp(verdict.capture_ns / 1e9, tz=UTC).isoformat(timespec="milliseconds")
+    return {
+        "id": f"{verdict.camera_id}-{verdict.seq}-{verdict.capture_ns}",
+        "camera": verdict.camera_id,
+        "seq": verdict.seq,
+        "verdict": verdict.verdict,
+        "score": round(verdict.score, 4),
+        "threshold": round(verdict.threshold, 4),
+        "regions": len(verdict.regions),
+        "time": when.replace("+00:00", "Z"),
+    }
 
 
 def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
@@ -161,8 +225,14 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
             elif path == "/metrics":
                 self._send(200, CONTENT_TYPE, dashboard.metrics.exposition())
             elif path == "/healthz":
-                ok = dashboard.fresh()
-                self._send(200 if ok else 503, "text/plain", b"ok\n" if ok else b"stale: no update for 5 s\n")
+                health = dashboard.health()
+                self._send(200 if health["ok"] else 503, "application/json", json.dumps(health).encode())
+            elif (match := _FAIL_PICTURE.match(path)) is not None:
+                picture = dashboard.fail_picture(match.group(1))
+                if picture is None:
+                    self._error(404, f"no picture kept for fail {match.group(1)!r}")
+                else:
+                    self._send(200, "image/jpeg", picture)
             elif (match := _HIGHLIGHT.match(path)) is not None:
                 jpeg = dashboard.picture(match.group(1))
                 if jpeg is None:

@@ -14,9 +14,10 @@ Versioning and compatibility. ``SCHEMA_VERSION`` is ``"MAJOR.MINOR"``. Within a 
 contract only grows: new fields are optional (have defaults), no field is removed, renamed or changes
 type or meaning, so a decoder accepts any minor version of its major and ignores fields it does not
 know. A breaking change bumps the major; a decoder rejects a major it does not know. History: 1.0 the
-first contract; 1.1 adds ``FeaturesHeader.reference_version``. The verdict, the
-public contract for integrators, is exported as JSON Schema to ``schemas/verdict.v<MAJOR>.json``
-(``export_verdict_schema``); a test keeps the committed file equal to the generated one.
+first contract; 1.1 adds ``FeaturesHeader.reference_version``; 1.2 adds the ``status`` kind
+(``CameraStatus``). The verdict, the public contract for integrators, is exported as JSON Schema to
+``schemas/verdict.v<MAJOR>.json`` (``export_verdict_schema``); a test keeps the committed file equal to
+the generated one.
 
 Timestamps are wall-clock ``time.time_ns()``: a monotonic clock is per host (and per boot), so it
 cannot measure latency between stages that run on different hosts; wall clocks there must be
@@ -54,6 +55,7 @@ TOPIC_PREFIXES: dict[str, str] = {
     "features": "features",
     "verdict": "verdicts",
     "highlight": "highlights",
+    "status": "status",
 }
 
 
@@ -188,12 +190,33 @@ class Highlight(_Header):
         return self.arrays
 
 
-Header = FrameHeader | FeaturesHeader | Verdict | Highlight
-HEADER_KINDS: dict[str, type[FrameHeader] | type[FeaturesHeader] | type[Verdict] | type[Highlight]] = {
+CameraState = Literal["starting", "online", "reconnecting", "failed"]
+
+
+class CameraStatus(_Header):
+    """A camera's health, sent by its capture when it changes (and again every ``health.status_every_s``),
+    passed on by the stages and published as ``status.<camera>``.
+
+    ``seq`` is the camera's next frame number and ``capture_ns`` the time of this status (wall clock, ns).
+    """
+
+    kind: Literal["status"] = "status"
+    state: CameraState
+    reason: str | None = Field(None, max_length=2000, description="What is wrong, and what to do (when not online).")
+    since_ns: int = Field(description="Wall-clock time the state began, time.time_ns().")
+    last_frame_ns: int | None = Field(None, description="Wall-clock time of the camera's newest frame.")
+    frames: NonNegativeInt = Field(0, description="Frames read from the camera so far by this capture.")
+
+
+Header = FrameHeader | FeaturesHeader | Verdict | Highlight | CameraStatus
+HEADER_KINDS: dict[
+    str, type[FrameHeader] | type[FeaturesHeader] | type[Verdict] | type[Highlight] | type[CameraStatus]
+] = {
     "frame": FrameHeader,
     "features": FeaturesHeader,
     "verdict": Verdict,
     "highlight": Highlight,
+    "status": CameraStatus,
 }
 
 

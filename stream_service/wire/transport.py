@@ -178,6 +178,13 @@ class FrameSender:
         self.sent_in_place = 0  # messages whose payloads were written into a reserved slot, never copied
         self.dropped: Counter[str] = Counter()
 
+    def attach_ring(self, shm_slots: int, shm_slot_bytes: int, shm_lease_timeout_s: float = 10.0) -> None:
+        """Give an open push sender its shared-memory ring now, sized once the first payloads are known
+        (messages sent before went over ZeroMQ alone; they had no payload to carry)."""
+        if self._ring is not None:
+            raise ConfigError("shm_slots: expected a sender without a ring to attach one to, found one attached")
+        self._ring = ShmRing(shm_slots, shm_slot_bytes, shm_lease_timeout_s)
+
     @property
     def ring_reclaimed(self) -> int:
         """Slots taken back from receivers that held them past the lease timeout."""

@@ -84,7 +84,7 @@ def exported_samples(make_verdict: Callable[..., Verdict]) -> set[str]:
     capture = StageState(StageSpec("capture-cam0", "capture", ()))
     capture.heartbeat = beat("capture-cam0", "capture", "running", CAPTURE_BEAT)
     infer = StageState(StageSpec("infer", "infer", ()), heartbeat=beat("infer", "infer", "running", INFER_BEAT))
-    metrics.processes([capture, infer])
+    metrics.update([capture, infer], {})
     return {s.name for family in metrics.registry.collect() for s in family.samples}
 
 

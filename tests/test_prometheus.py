@@ -21,6 +21,7 @@ from stream_service.web.prometheus import (
     LATENCY_BUCKETS_S,
     SEND_QUEUE_FULL,
     SUPERSEDED,
+    WRONG_SIZE,
     PipelineMetrics,
     ProcessSample,
     camera_up,
@@ -28,7 +29,7 @@ from stream_service.web.prometheus import (
 from stream_service.wire.messages import Verdict
 
 CAPTURE_STATS: dict[str, Any] = {
-    "capture": {"fps": 9.5, "frames": 120, "sent": 110, "dropped": 10, "camera_errors": 1},
+    "capture": {"fps": 9.5, "frames": 120, "sent": 108, "dropped": 10, "camera_errors": 1, "refused": 2},
     "sender": {"sent": 110, "dropped": {"cam0": 10}},
     "camera": "cam0",
 }
@@ -65,7 +66,7 @@ def metrics(make_verdict: Callable[..., Verdict]) -> PipelineMetrics:
     fed.verdict(make_verdict(seq=1, latency_ms={"soartc": 12.0, "infer": 20.0, "end_to_end": 40.0}))
     fed.verdict(make_verdict(seq=2, verdict="fail", latency_ms={"soartc": 3.0, "infer": 800.0, "end_to_end": 1200.0}))
     fed.verdict(make_verdict(seq=5, verdict="fail", latency_ms={"end_to_end": 30.0}), missed=2)
-    fed.processes(pipeline_stages())
+    fed.update(pipeline_stages(), {})
     return fed
 
 
@@ -102,6 +103,7 @@ def dropped(stage: str, process: str, camera: str, reason: str) -> dict[str, str
     ("name", "labels", "expected"),
     [
         ("stream_service_frames_dropped_total", dropped("capture", "capture-cam0", "cam0", SEND_QUEUE_FULL), 10),
+        ("stream_service_frames_dropped_total", dropped("capture", "capture-cam0", "cam0", WRONG_SIZE), 2),
         ("stream_service_frames_dropped_total", dropped("soartc", "soartc-0", "cam0", SUPERSEDED), 7),
         ("stream_service_frames_dropped_total", dropped("soartc", "soartc-0", "cam1", SUPERSEDED), 1),
         ("stream_service_frames_dropped_total", dropped("soartc", "soartc-0", "cam0", SEND_QUEUE_FULL), 3),
@@ -139,19 +141,21 @@ def test_the_stages_own_counters_come_from_their_heartbeats(
 
 def test_a_capture_counts_its_drops_once() -> None:
     fed = PipelineMetrics()
-    fed.processes([stage("capture-cam0", "capture", CAPTURE_STATS)])
+    fed.update([stage("capture-cam0", "capture", CAPTURE_STATS)], {})
     families = {f.name: f for f in text_string_to_metric_families(fed.exposition().decode())}
     drops = families["stream_service_frames_dropped"].samples
-    assert [(s.labels["reason"], s.value) for s in drops] == [(SEND_QUEUE_FULL, 10.0)]  # not again from its sender
+    assert [(s.labels["reason"], s.value) for s in drops] == [(SEND_QUEUE_FULL, 10.0), (WRONG_SIZE, 2.0)]
 
 
 def test_the_latest_processes_replace_the_previous_ones(metrics: PipelineMetrics) -> None:
-    metrics.processes([stage("infer", "infer", INFER_STATS, state="restarting", restarts=3)])
+    metrics.update([stage("infer", "infer", INFER_STATS, state="restarting", restarts=3)], {})
     assert value(metrics, "stream_service_process_restarts_total", process="infer") == 3.0
     assert value(metrics, "stream_service_process_up", stage="infer", process="infer") == 0.0
     assert value(metrics, "stream_service_process_restarts_total", process="soartc-0") is None
-    metrics.processes([])  # `stream-service dashboard`: no supervisor, no processes
+    metrics.update([], {})  # `stream-service dashboard` before any status message
     assert value(metrics, "stream_service_camera_up", camera="cam0") is None
+    metrics.update([], {"cam0": {"state": "online", "last_frame_age_s": 0.5}})  # from its status messages
+    assert value(metrics, "stream_service_camera_up", camera="cam0") == 1.0
 
 
 def test_a_negative_stage_latency_across_hosts_is_observed_as_zero(make_verdict: Callable[..., Verdict]) -> None:
@@ -180,27 +184,43 @@ def health(state: str) -> dict[str, Any]:
     return {"health": {"state": state, "since": 1.0}}
 
 
+def seen(state: str, age: float | None) -> dict[str, Any]:
+    """A camera's entry in ``PipelineSummary.snapshot()["health"]["cameras"]``."""
+    return {"state": state, "reason": None, "since": 1.0, "last_frame_age_s": age}
+
+
 @pytest.mark.parametrize(
-    ("supervised", "beat_state", "stats", "up"),
+    ("summary", "supervised", "beat_state", "stats", "up"),
     [
-        ("running", "running", CAPTURE_STATS | health("online"), True),
-        ("running", "running", CAPTURE_STATS | health("reconnecting"), False),  # the health wins over the fps
-        ("running", "running", CAPTURE_STATS | health("failed"), False),
-        ("running", "running", {"capture": {"fps": 0.0, "frames": 0}} | health("online"), True),
-        ("running", "running", CAPTURE_STATS, True),  # no health record: frames within the rate window
-        ("running", "running", {"capture": {"fps": 0.0, "frames": 50}}, False),  # no frame lately
-        ("running", "running", {"capture": {"fps": 5.0, "frames": 50, "finished": True}}, False),
-        ("running", "starting", CAPTURE_STATS | health("online"), False),
-        ("restarting", "running", CAPTURE_STATS | health("online"), False),  # the process is gone
+        (seen("online", 0.2), "running", "running", CAPTURE_STATS | health("online"), True),
+        (seen("online", 0.2), None, None, None, True),  # `stream-service dashboard`: status messages only
+        (seen("online", None), None, None, None, True),
+        (seen("online", 6.0), "running", "running", CAPTURE_STATS | health("online"), False),  # stale (5 s)
+        (seen("reconnecting", 0.2), "running", "running", CAPTURE_STATS | health("online"), False),  # newest wins
+        (seen("failed", 9.0), None, None, None, False),
+        (seen("starting", None), "running", "running", CAPTURE_STATS, False),
+        (seen("online", 0.2), "restarting", "running", CAPTURE_STATS | health("online"), False),  # process gone
+        (None, "running", "running", CAPTURE_STATS | health("online"), True),  # the heartbeat's own health
+        (None, "running", "running", CAPTURE_STATS | health("reconnecting"), False),  # the health wins over fps
+        (None, "running", "running", {"capture": {"fps": 0.0, "frames": 0}} | health("online"), True),
+        (None, "running", "running", CAPTURE_STATS, True),  # no health at all: frames within the rate window
+        (None, "running", "running", {"capture": {"fps": 0.0, "frames": 50}}, False),  # no frame lately
+        (None, "running", "running", {"capture": {"fps": 5.0, "frames": 50, "finished": True}}, False),
+        (None, "running", "starting", CAPTURE_STATS | health("online"), False),
+        (None, "starting", None, None, False),  # no heartbeat yet
+        (None, None, None, None, False),
     ],
 )
-def test_a_camera_is_up_while_its_health_is_online(
-    supervised: str, beat_state: Any, stats: dict[str, Any], up: bool
+def test_a_camera_is_up_while_online_and_delivering(
+    summary: dict[str, Any] | None, supervised: str | None, beat_state: Any, stats: dict[str, Any] | None, up: bool
 ) -> None:
-    record = HeartbeatRecord.model_validate(
-        {"name": "capture-cam0", "stage": "capture", "pid": 1, "state": beat_state, "t": 0.0, "stats": stats}
-    )
-    assert camera_up(ProcessSample("capture-cam0", "capture", supervised, 0, record)) is up
+    record = None
+    if beat_state is not None:
+        record = HeartbeatRecord.model_validate(
+            {"name": "capture-cam0", "stage": "capture", "pid": 1, "state": beat_state, "t": 0.0, "stats": stats}
+        )
+    capture = ProcessSample("capture-cam0", "capture", supervised, 0, record) if supervised is not None else None
+    assert camera_up(summary, capture, stale_s=5.0) is up
 
 
 def test_names_and_types_follow_prometheus_conventions(metrics: PipelineMetrics) -> None:

@@ -43,7 +43,7 @@ import numpy as np
 from stream_service.errors import ConfigError
 from stream_service.runtime.latency import END_TO_END
 from stream_service.runtime.summary import PipelineSummary
-from stream_service.settings import DashboardSettings
+from stream_service.settings import Settings
 from stream_service.web.prometheus import CONTENT_TYPE, PipelineMetrics
 from stream_service.wire.messages import CameraStatus, Message, Verdict, highlight_jpeg
 
@@ -93,9 +93,10 @@ class Dashboard:
         self._thread.start()
 
     @classmethod
-    def from_settings(cls, settings: DashboardSettings) -> Dashboard:
-        """The dashboard of ``settings`` (``dashboard.*``)."""
-        return cls(settings.host, settings.port, metrics=PipelineMetrics(settings.latency_buckets_s))
+    def from_settings(cls, settings: Settings) -> Dashboard:
+        """The dashboard of ``settings`` (``dashboard.*``; ``health.camera_stale_s`` for its camera metrics)."""
+        metrics = PipelineMetrics(settings.dashboard.latency_buckets_s, settings.health.camera_stale_s)
+        return cls(settings.dashboard.host, settings.dashboard.port, metrics=metrics)
 
     def verdict(self, verdict: Verdict, missed: int = 0) -> None:
         """Count ``verdict`` in the metrics (with the ``missed`` verdicts just before it) and its end-to-end
@@ -120,7 +121,7 @@ class Dashboard:
         previous one, their end-to-end p50/p99 (None without verdicts), and the cameras' verdict rate.
         ``stages`` (the supervisor's) are what the metrics report of each process, from its heartbeat."""
         now = time.time() if now is None else now
-        self.metrics.processes(stages)
+        self.metrics.update(stages, snapshot.get("health", {}).get("cameras", {}))
         latencies, self._interval = self._interval, []
         p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (None, None)
         point = {

@@ -251,9 +251,10 @@ class DashboardSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
-    # The upper bounds of /metrics' stream_service_latency_seconds buckets: 1 ms to 10 s.
+    # The upper bounds of /metrics' stream_service_latency_seconds buckets: 1 ms to 10 s, finer at 10-100 ms.
     latency_buckets_s: tuple[PositiveFloat, ...] = Field(
-        (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), min_length=1
+        (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        min_length=1,
     )
 
     @field_validator("latency_buckets_s")

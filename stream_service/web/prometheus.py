@@ -16,7 +16,10 @@ the life of a series (a process's state is not a label of its restarts). Two sou
   ``stream_service_processing_errors_total{stage,process,error}``,
   ``stream_service_frames_captured_total{camera}``, ``stream_service_camera_errors_total{camera}``,
   ``stream_service_camera_up{camera}``, ``stream_service_process_up{stage,process}`` and
-  ``stream_service_process_restarts_total{process}``.
+  ``stream_service_process_restarts_total{process}``. A frame is dropped for a ``reason``:
+  ``send_queue_full``, ``superseded`` (drop-oldest) or ``wrong_size`` (refused at the capture). A camera
+  is up while its health (status messages and heartbeats, as ``/healthz`` sees it) is ``online`` with a
+  frame within ``health.camera_stale_s`` and its capture process runs.
 
 Plus ``stream_service_build_info{version}``. A stage's counters start again from 0 when its process is
 restarted; Prometheus' ``rate()`` and ``increase()`` treat that as the counter reset it is. Each

@@ -10,6 +10,7 @@ on the PUB socket, the dashboard in a browser, its /metrics, and recovery withou
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -28,8 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_pipeline_e2e import CLI, MODEL_DIR, STARTUP_S, alive, free_ports, rendered_page
 
 from stream_service.model.references import build_reference, save_reference
+from stream_service.runtime.summary import missed_between
 from stream_service.sources.synthetic import SyntheticCamera
-from stream_service.wire.messages import CameraStatus
+from stream_service.wire.messages import CameraStatus, Verdict
 from stream_service.wire.transport import FrameReceiver
 
 pytestmark = [
@@ -235,3 +237,35 @@ def test_the_dashboard_shows_the_failed_camera_card_and_the_recent_fails(line: L
     assert re.search(r'<img alt="highlight of synth #\d+" src="/api/fails/[^"]+\.jpg">', fails.group(1))
     caption = re.search(r'data-field="caption">(synth #\d+ (PASS|FAIL) score [0-9.]+ .*?Z)<', dom)
     assert caption is not None, dom[-4000:]
+
+
+def test_a_second_run_on_the_same_endpoints_is_refused_and_the_first_is_undisturbed(line: Line) -> None:
+    def capture_drops() -> int:
+        return int(
+            json.loads((line.directory / "run" / "capture-synth.json").read_text())["stats"]["capture"]["dropped"]
+        )
+
+    endpoint = json.loads((line.directory / "line.yaml").read_text())["transport"]["verdicts_pub"]
+    with FrameReceiver(endpoint, kind="sub", topics=["verdicts.synth"], hwm=1000, linger_ms=0) as verdicts:
+        time.sleep(0.5)  # subscribed
+        before = capture_drops()
+        started = time.monotonic()
+        second = subprocess.run(
+            [*CLI, "run", "--config", str(line.directory / "line.yaml"), "--run-dir", str(line.directory / "second")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode != 0 and time.monotonic() - started < 10, second.stderr
+        pattern = r"transport\.\w+.*: expected a free endpoint, found tcp://127\.0\.0\.1:\d+ in use"
+        assert re.search(pattern, second.stderr) and "another `stream-service run`" in second.stderr, second.stderr
+        time.sleep(2)  # frames a second pipeline pulled away would be missing from here on
+        got = []
+        while (message := verdicts.receive(0.2)) is not None:
+            if isinstance(message.header, Verdict):
+                got.append(message.header)
+    # Every frame the synthetic camera took in that time got its verdict here: none was pulled away.
+    assert len(got) >= 4
+    assert sum(missed_between(a.seq, b.seq, b.dropped) for a, b in itertools.pairwise(got)) == 0
+    assert capture_drops() == before
+    assert line.camera("synth")["state"] == "online"

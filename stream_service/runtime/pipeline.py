@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from stream_service.errors import MessageError
+from stream_service.errors import ConfigError, MessageError
 from stream_service.runtime.service import connectable
 from stream_service.runtime.summary import PipelineSummary
 from stream_service.runtime.supervisor import StageSpec, Supervisor, plan
@@ -56,11 +56,32 @@ def prepare_run(settings: Settings, config: Path | None, run_dir: Path | None) -
     from stream_service.stages.features import camera_reference
 
     specs = plan(settings, config)
+    refuse_endpoints_in_use(settings)
     load_card(resolve_model_dir(settings.inference.model))
     for camera in settings.cameras:
         camera_reference(camera)
     folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="stream-service-run-"))
     return RunPlan(specs, folder, connectable(settings.transport.verdicts_pub))
+
+
+def refuse_endpoints_in_use(settings: Settings) -> None:
+    """``ConfigError`` naming the setting and the endpoint when another process (another pipeline on the same
+    endpoints) already listens where this pipeline's stages would bind: starting anyway would have its
+    stages restart in a loop, pull the other pipeline's frames and print its verdicts as their own. (A taken
+    dashboard port is not refused here: the pipeline runs on without its dashboard, and says so.)"""
+    from stream_service.wire.transport import endpoint_in_use
+
+    t = settings.transport
+    binds = {"transport.features_out": t.features_out, "transport.verdicts_pub": t.verdicts_pub}
+    for i, camera in enumerate(settings.cameras):
+        binds[f"transport.capture_out (camera {camera.id})"] = t.capture_endpoint(i, camera.id)
+    for key, endpoint in binds.items():
+        why = endpoint_in_use(endpoint)
+        if why is not None:
+            raise ConfigError(
+                f"{key}: expected a free endpoint, found {endpoint} in use ({why}); is another `stream-service "
+                "run` using these endpoints? Stop it, or give this pipeline other ports"
+            )
 
 
 def open_subscriber(settings: Settings, endpoint: str, highlights: bool) -> FrameReceiver:

@@ -26,7 +26,11 @@ Sockets are not thread-safe: use a sender or receiver from one thread.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -39,6 +43,7 @@ from stream_service.errors import ConfigError, MessageError, TransportError
 from stream_service.wire.messages import (
     Array,
     ArraySpec,
+    CameraStatus,
     FeaturesHeader,
     FrameHeader,
     Header,
@@ -121,6 +126,35 @@ def connect(kind: SocketKind, endpoint: str, *, hwm: int, linger_ms: int, topics
     return open_socket(kind, endpoint, bind=False, hwm=hwm, linger_ms=linger_ms, topics=topics)
 
 
+def endpoint_in_use(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be bound on this host because something already listens there (another
+    pipeline), or None. Probed with a plain OS socket that is closed at once: a listener there is not
+    disturbed. Addresses of other hosts, and ports only in TIME_WAIT, are not "in use"."""
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if not os.path.exists(path):
+            return None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                return None  # a stale file: ZeroMQ binds over it
+        return f"something listens on {path}"
+    match = re.match(r"^tcp://(\[[^\]]+\]|[^:]+):(\d+)$", endpoint)
+    if match is None:
+        return None
+    host, port = match.group(1).strip("[]"), int(match.group(2))
+    host = "0.0.0.0" if host == "*" else host
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds: TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return f"port {port} is taken ({exc.strerror})" if exc.errno == errno.EADDRINUSE else None
+    return None
+
+
 def endpoint_of(sock: Socket) -> str:
     """The endpoint the socket last bound or connected to, with the real port of a ``:*`` bind."""
     value = sock.getsockopt(zmq.LAST_ENDPOINT)
@@ -131,6 +165,12 @@ def _with_dropped(header: Header, extra: int) -> Header:
     if extra and isinstance(header, FrameHeader | FeaturesHeader | Verdict):
         return header.model_copy(update={"dropped": header.dropped + extra})
     return header
+
+
+def _carries_drops(header: Header) -> bool:
+    """Whether ``header`` has a ``dropped`` count that earlier losses of its camera can be added to (a
+    status or a highlight has none: the count waits for the camera's next frame, features or verdict)."""
+    return isinstance(header, FrameHeader | FeaturesHeader | Verdict)
 
 
 def _dropped_in(header: Header) -> int:
@@ -219,7 +259,7 @@ class FrameSender:
     def send(self, topic: str, header: Header, arrays: Sequence[Array | Part] = ()) -> bool:
         """Queue one message; ``False`` when it was dropped (queue or ring full past the send timeout)."""
         camera = header.camera_id
-        carry = self._carry.pop(camera, 0)
+        carry = self._carry.pop(camera, 0) if _carries_drops(header) else 0
         parts = encode(topic, _with_dropped(header, carry), arrays)
         desc, in_place = None, False
         if self._reservation is not None and _same_arrays(arrays, self._reservation[1]):
@@ -268,7 +308,8 @@ class FrameSender:
             self._reservation = None
 
     def _drop(self, camera: str, carry: int, header: Header) -> bool:
-        self._carry[camera] = carry + 1 + _dropped_in(header)
+        if _carries_drops(header):  # a lost status or highlight is no lost frame: nothing to report downstream
+            self._carry[camera] = carry + 1 + _dropped_in(header)
         self.dropped[camera] += 1
         return False
 
@@ -324,7 +365,8 @@ class FrameReceiver:
         self._max_drain = max_drain
         self._shm_copy = shm_copy
         # camera -> (topic, header, arrays or shm descriptor): the newest message per camera, oldest camera first.
-        self._ready: dict[str, tuple[str, Header, list[Array] | ShmDescriptor]] = {}
+        # The newest message per (camera, is-a-status): a camera's status never stands in for its frames.
+        self._ready: dict[tuple[str, bool], tuple[str, Header, list[Array] | ShmDescriptor]] = {}
         self._errors: deque[MessageError] = deque()
         self._rings: dict[str, RingReader] = {}
         self._carry: Counter[str] = Counter()
@@ -346,9 +388,9 @@ class FrameReceiver:
             if self._errors:
                 raise self._errors.popleft()
             while self._ready:
-                camera = next(iter(self._ready))
+                key = next(iter(self._ready))
                 try:
-                    message = self._materialize(*self._ready.pop(camera))
+                    message = self._materialize(*self._ready.pop(key))
                 except MessageError as exc:
                     self._count_rejection(exc)
                     raise
@@ -380,13 +422,15 @@ class FrameReceiver:
                 self._errors.append(exc)
                 continue
             camera = header.camera_id
-            skipped = self._ready.get(camera)
+            key = (camera, isinstance(header, CameraStatus))
+            skipped = self._ready.get(key)
             if skipped is not None:
-                self.dropped[camera] += 1
-                header = _with_dropped(header, 1 + _dropped_in(skipped[1]))
+                if not key[1]:  # a newer status replaces an older one: no frame was lost
+                    self.dropped[camera] += 1
+                    header = _with_dropped(header, 1 + _dropped_in(skipped[1]))
                 if isinstance(skipped[2], ShmDescriptor):
                     self._give_back(skipped[2])
-            self._ready[camera] = (topic, header, body)
+            self._ready[key] = (topic, header, body)
 
     def _give_back(self, desc: ShmDescriptor) -> None:
         try:
@@ -425,7 +469,8 @@ class FrameReceiver:
                 self._carry[camera] += 1 + _dropped_in(header)
                 return None
             body = payload_views(header, payloads)
-        return Message(topic, _with_dropped(header, self._carry.pop(camera, 0)), body)
+        carry = self._carry.pop(camera, 0) if _carries_drops(header) else 0
+        return Message(topic, _with_dropped(header, carry), body)
 
     def _ring(self, name: str) -> RingReader:
         reader = self._rings.get(name)

@@ -119,7 +119,8 @@ class Dashboard:
     def publish(self, snapshot: dict[str, Any], now: float | None = None, stages: Sequence[StageState] = ()) -> None:
         """Show ``snapshot`` (``PipelineSummary.snapshot``) and close a history point: the verdicts since the
         previous one, their end-to-end p50/p99 (None without verdicts), and the cameras' verdict rate.
-        ``stages`` (the supervisor's) are what the metrics report of each process, from its heartbeat."""
+        The metrics take ``stages`` (the supervisor's: each process and its heartbeat's counters) and the
+        snapshot's camera health (whether each camera is up)."""
         now = time.time() if now is None else now
         self.metrics.update(stages, snapshot.get("health", {}).get("cameras", {}))
         latencies, self._interval = self._interval, []

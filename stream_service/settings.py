@@ -14,6 +14,7 @@ against the working directory by the module that opens them.
 from __future__ import annotations
 
 import importlib.resources
+import itertools
 import os
 import re
 import types
@@ -250,6 +251,18 @@ class DashboardSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    # The upper bounds of /metrics' stream_service_latency_seconds buckets: 1 ms to 10 s, finer at 10-100 ms.
+    latency_buckets_s: tuple[PositiveFloat, ...] = Field(
+        (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        min_length=1,
+    )
+
+    @field_validator("latency_buckets_s")
+    @classmethod
+    def _increasing(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise FieldError("bucket bounds in increasing order", list(value))
+        return value
 
 
 class LoggingSettings(Section):

@@ -1,4 +1,5 @@
-"""Shared fixtures: the DeepPCB data set, its manifest, real pairs, and a tiny exported model.
+"""Shared fixtures: the DeepPCB data set, its manifest, real pairs, a tiny exported model, and Prometheus' tools
+(promtool, a real Prometheus server on loopback).
 
 The GPU machine runs ``tests/test_soartc*.py`` without pydantic, zmq, torch or onnxruntime, so this
 module imports none of them at module level: every such import happens inside the fixture that needs it.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -183,3 +184,108 @@ def make_verdict() -> Callable[..., Verdict]:
         return Verdict(camera_id=camera, seq=seq, **(neutral | fields))
 
     return make
+
+
+# -- Prometheus' tools (Debian's `prometheus` package): skipped without them, unless CI requires them -----------
+REQUIRE_PROMETHEUS = "STREAM_SERVICE_REQUIRE_PROMETHEUS"
+
+
+def prometheus_tool(name: str) -> str:
+    """The path of ``name`` (``promtool``, ``prometheus``); the test is skipped when it is not on PATH,
+    and fails instead when $STREAM_SERVICE_REQUIRE_PROMETHEUS is 1 (as .ci/run sets it)."""
+    import shutil
+
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get(REQUIRE_PROMETHEUS) == "1":
+            pytest.fail(f"{REQUIRE_PROMETHEUS}=1 but no {name} on PATH (apt-get install prometheus)")
+        pytest.skip(f"no {name} on PATH: this test needs Debian's prometheus package (apt-get install prometheus)")
+    return found
+
+
+@pytest.fixture
+def promtool() -> str:
+    return prometheus_tool("promtool")
+
+
+@dataclass(frozen=True)
+class PrometheusServer:
+    """A Prometheus server started by a test on loopback: its URL and ``query`` over its HTTP API."""
+
+    url: str
+    log: Path
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """The result vector of an instant query (AssertionError when Prometheus refuses the query)."""
+        import urllib.parse
+        import urllib.request
+
+        address = self.url + "api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(address, timeout=10) as answer:
+            body = json.loads(answer.read())
+        assert body["status"] == "success", (promql, body)
+        return list(body["data"]["result"])
+
+
+@pytest.fixture
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str, float], PrometheusServer]]:
+    """``start(target, scrape_interval_s)``: a real Prometheus (Debian's) scraping ``target`` (host:port) on
+    a free loopback port, with its config and storage under ``tmp_path``; ready when returned, stopped
+    (by its pid) at teardown."""
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    binary = prometheus_tool("prometheus")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(target: str, scrape_interval_s: float) -> PrometheusServer:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        config = tmp_path / "prometheus.yml"
+        config.write_text(
+            json.dumps(  # JSON is YAML
+                {
+                    "global": {"scrape_interval": f"{round(scrape_interval_s * 1000)}ms", "evaluation_interval": "1s"},
+                    "scrape_configs": [{"job_name": "stream-service", "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
+        log = tmp_path / "prometheus.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [
+                    binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(process)
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, f"prometheus exited with {process.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(url + "-/ready", timeout=2) as answer:
+                    if answer.status == 200:
+                        return PrometheusServer(url, log)
+            except OSError:
+                pass  # not listening, or not ready yet
+            assert time.monotonic() < deadline, f"prometheus not ready in 30 s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()

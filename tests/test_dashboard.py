@@ -22,6 +22,7 @@ import pytest
 
 from stream_service.errors import ConfigError
 from stream_service.web.dashboard import Dashboard
+from stream_service.web.prometheus import CONTENT_TYPE
 from stream_service.wire.messages import Verdict, highlight_header, topic_of
 from stream_service.wire.transport import FrameSender
 
@@ -102,17 +103,17 @@ def test_highlights_are_served_per_camera(dashboard: Dashboard) -> None:
     assert get(dashboard.url + "api/highlight/../../etc/passwd.jpg")[0] == 404
 
 
-def test_page_metrics_health_and_unknown_paths(dashboard: Dashboard) -> None:
+def test_page_metrics_health_and_unknown_paths(dashboard: Dashboard, make_verdict: Callable[..., Verdict]) -> None:
     code, kind, page = get(dashboard.url)
     assert (code, kind) == (200, "text/html; charset=utf-8") and b"/api/status" in page
+    dashboard.verdict(make_verdict(seq=1, verdict="fail", latency_ms={"end_to_end": 80.25}), missed=2)
     dashboard.publish(SNAPSHOT)
     code, kind, text = get(dashboard.url + "metrics")
-    assert code == 200 and kind.startswith("text/plain")
+    assert code == 200 and kind == CONTENT_TYPE and kind.startswith("text/plain")
     lines = text.decode().splitlines()
-    assert "stream_service_verdicts_total 40" in lines
-    assert 'stream_service_camera_failed_total{camera="cam0"} 15' in lines
-    assert 'stream_service_latency_ms{stage="end_to_end",quantile="0.99"} 80.25' in lines
-    assert 'stream_service_process_restarts_total{process="infer",state="running"} 1' in lines
+    assert 'stream_service_verdicts_total{camera="cam0",verdict="fail"} 1.0' in lines
+    assert 'stream_service_latency_seconds_sum{camera="cam0",stage="end_to_end"} 0.08025' in lines
+    assert 'stream_service_subscriber_missed_verdicts_total{camera="cam0"} 2.0' in lines
     assert get(dashboard.url + "healthz")[:1] == (200,)
     dashboard._published = time.monotonic() - 60  # the run loop stopped publishing
     assert get(dashboard.url + "healthz")[0] == 503

@@ -5,7 +5,7 @@ One pipeline runs four cameras side by side: a synthetic camera (always fine; it
 dashboard's list of recent fails), a video file that does not exist yet, an RTSP URL on a closed port,
 and a folder of frames whose size is not the reference's. What a line engineer relies on is checked
 where they would look: `/api/status`, `/healthz` (503 naming the camera), the `status.<camera>` messages
-on the PUB socket, the dashboard in a browser, and recovery without restarting anything.
+on the PUB socket, the dashboard in a browser, its /metrics, and recovery without restarting anything.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from test_pipeline_e2e import CLI, MODEL_DIR, STARTUP_S, alive, free_ports, rendered_page
 
 from stream_service.model.references import build_reference, save_reference
@@ -188,6 +189,27 @@ def test_frames_of_the_wrong_size_are_refused_at_the_capture_with_the_reason(lin
     assert not soartc["stats"]["stage"].get("errors"), soartc  # never fed onward to fail there
     capture = json.loads((line.directory / "run" / "capture-small.json").read_text())
     assert capture["stats"]["capture"]["refused"] > 0 and capture["stats"]["capture"]["sent"] == 0
+
+
+def metric(line: Line, name: str, **labels: str) -> float | None:
+    """One sample of the dashboard's /metrics (None when it is not there)."""
+    with urllib.request.urlopen(line.dashboard + "metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
+    return next((s.value for s in samples if s.labels == labels), None)
+
+
+def test_the_metrics_say_which_cameras_are_up_and_count_the_refused_frames(line: Line) -> None:
+    line.until("camera small failed", lambda: line.camera("small").get("state") == "failed")
+    line.until("camera file failed", lambda: line.camera("file").get("state") == "failed")
+    up = {camera: metric(line, "stream_service_camera_up", camera=camera) for camera in ("synth", "file", "small")}
+    assert up == {"synth": 1.0, "file": 0.0, "small": 0.0}
+    line.until("rtsp down on /metrics", lambda: metric(line, "stream_service_camera_up", camera="rtsp") == 0.0)
+    refused = {"stage": "capture", "process": "capture-small", "camera": "small", "reason": "wrong_size"}
+    line.until(
+        "refused frames on /metrics", lambda: (metric(line, "stream_service_frames_dropped_total", **refused) or 0) > 0
+    )
+    assert (metric(line, "stream_service_camera_errors_total", camera="file") or 0) > 0  # it could not be opened
 
 
 def test_a_file_that_appears_brings_its_camera_online_and_one_that_is_deleted_fails_it(line: Line) -> None:

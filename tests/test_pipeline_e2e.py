@@ -2,8 +2,9 @@
 
 One pipeline (a 256x256 synthetic camera at 6 fps, pixels through shared memory as the default config
 sends them on one host, the dashboard on) serves the tests in order: verdicts against the synthetic
-ground truth, the dashboard in a browser, a malformed message at the infer stage, a slow subscriber, a
-killed stage, and SIGTERM last. Overloaded pipelines (pixels over tcp and through shared memory) check
+ground truth, the dashboard in a browser, its /metrics checked by promtool and scraped by a real
+Prometheus server, a malformed message at the infer stage, a slow subscriber, a killed stage, and
+SIGTERM last. Overloaded pipelines (pixels over tcp and through shared memory) check
 drop-oldest, and a soartc stage runs alone. Ports are picked free; every process started here is
 stopped in teardown, by pid, even when a test fails.
 Skipped only when the bundled model (models/soartc-vit) is missing.
@@ -24,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -38,6 +39,9 @@ from stream_service.sources.synthetic import SyntheticCamera
 from stream_service.wire.messages import FeaturesHeader, FrameHeader, Stamp, Verdict, encode
 from stream_service.wire.shm_ring import ring_directory
 from stream_service.wire.transport import FrameReceiver, open_socket
+
+if TYPE_CHECKING:
+    from conftest import PrometheusServer
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "stream_service.cli"]
@@ -290,6 +294,63 @@ def test_the_dashboard_shows_live_verdicts_latency_and_processes_in_a_browser(
     with urllib.request.urlopen(pipeline.endpoints["dashboard"] + "api/highlight/cam0.jpg", timeout=10) as answer:
         picture = answer.read()
     assert answer.headers["Content-Type"] == "image/jpeg" and picture[:2] == b"\xff\xd8"  # a JPEG
+
+
+def live_metrics(pipeline: Pipeline) -> str:
+    """The dashboard's /metrics, once the run loop has published the stages' heartbeats to it."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        with urllib.request.urlopen(pipeline.endpoints["dashboard"] + "metrics", timeout=10) as answer:
+            assert answer.headers["Content-Type"].startswith("text/plain; version=")
+            text = str(answer.read().decode())
+        if 'stream_service_frames_captured_total{camera="cam0"}' in text:
+            return text
+        assert time.monotonic() < deadline, f"no stage counters on /metrics in {WAIT_S} s:\n{text}"
+        time.sleep(0.5)
+
+
+def test_promtool_accepts_the_live_metrics_of_the_pipeline(pipeline: Pipeline, promtool: str) -> None:
+    pipeline.verdicts(6)
+    text = live_metrics(pipeline)
+    done = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not (done.stdout + done.stderr).strip(), done.stdout + done.stderr
+    lines = text.splitlines()
+    assert 'stream_service_camera_up{camera="cam0"} 1.0' in lines
+    for name in ("infer", "soartc-0", "capture-cam0"):
+        assert f'stream_service_process_restarts_total{{process="{name}"}} 0.0' in lines, name
+    for stage in ("soartc", "infer", "end_to_end"):
+        assert re.search(rf'^stream_service_latency_seconds_count{{camera="cam0",stage="{stage}"}} [1-9]', text, re.M)
+    assert re.search(r'^stream_service_verdicts_total{camera="cam0",verdict="(pass|fail)"} [1-9]', text, re.M)
+
+
+def grafana_queries(rate_interval: str) -> list[str]:
+    """The Grafana dashboard's queries as Grafana sends them with every camera selected."""
+    dashboard = json.loads((REPO / "deploy" / "grafana-dashboard.json").read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    return [q.replace("$__rate_interval", rate_interval).replace("$camera", ".*") for q in queries]
+
+
+def test_a_real_prometheus_scrapes_the_pipeline_and_reports_the_verdict_rate(
+    pipeline: Pipeline, start_prometheus: Callable[[str, float], PrometheusServer]
+) -> None:
+    prometheus = start_prometheus(pipeline.endpoints["dashboard"].removeprefix("http://").rstrip("/"), 0.5)
+    deadline, rate = time.monotonic() + 45, 0.0
+    while rate <= 0:
+        assert time.monotonic() < deadline, f"no verdict rate in 45 s:\n{prometheus.log.read_text()[-3000:]}"
+        time.sleep(1.0)
+        result = prometheus.query("sum(rate(stream_service_verdicts_total[10s]))")
+        rate = float(result[0]["value"][1]) if result else 0.0
+    assert 0 < rate < 20, rate  # a 6 fps camera
+    assert [r["value"][1] for r in prometheus.query('up{job="stream-service"}')] == ["1"]
+    p99 = prometheus.query(
+        'histogram_quantile(0.99, sum by (le) (rate(stream_service_latency_seconds_bucket{stage="end_to_end"}[10s])))'
+    )
+    assert p99 and 0 < float(p99[0]["value"][1]) <= 10, p99
+    answered = {q: prometheus.query(q) for q in grafana_queries("10s")}  # each one valid PromQL, and
+    # each one charts data, but those of counters that have no series until their first event.
+    eventless = ("stream_service_messages_rejected_total", "stream_service_processing_errors_total", "_missed_")
+    empty = [q for q, result in answered.items() if not result and not any(e in q for e in eventless)]
+    assert not empty, f"no data for {empty}"
 
 
 def test_a_malformed_message_is_rejected_counted_and_the_stage_keeps_serving(pipeline: Pipeline) -> None:

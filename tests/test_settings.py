@@ -168,6 +168,8 @@ BROKEN = [
     ),
     (section("dashboard", port=70000), "dashboard.port", "<= 65535", "70000"),
     (section("dashboard", enabled="perhaps"), "dashboard.enabled", "true or false", "'perhaps'"),
+    (section("dashboard", latency_buckets_s=[0.1, 0.01]), "dashboard.latency_buckets_s", "increasing", "[0.1, 0.01]"),
+    (section("dashboard", latency_buckets_s=[0, 1]), "dashboard.latency_buckets_s.0", "a number > 0", "0"),
     (section("highlight", jpeg_quality=0), "highlight.jpeg_quality", ">= 1 and <= 100", "0"),
     (section("supervisor", heartbeat_s=-1), "supervisor.heartbeat_s", "a number > 0", "-1"),
     (section("logging", level="loud"), "logging.level", "'DEBUG', 'INFO'", "'loud'"),

@@ -108,7 +108,7 @@ def _dashboard_or_none(settings: Settings) -> Dashboard | None:
     if not settings.dashboard.enabled:
         return None
     try:
-        return Dashboard(settings.dashboard.host, settings.dashboard.port)
+        return Dashboard.from_settings(settings)
     except ConfigError as exc:  # the pipeline matters more than its dashboard: run on without it
         typer.echo(f"error: {exc}; running without the dashboard", err=True)
         return None
@@ -193,7 +193,7 @@ def dashboard_command(
     settings = _load(config)
     endpoint = endpoint or connectable(settings.transport.verdicts_pub)
     try:
-        dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port)
+        dashboard = Dashboard.from_settings(settings)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     try:

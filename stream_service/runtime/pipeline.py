@@ -182,7 +182,7 @@ class RunLoop:
                 next_dashboard += DASHBOARD_EVERY_S
                 if self.dashboard is not None:
                     status = self.snapshot()
-                    self.dashboard.publish(status)
+                    self.dashboard.publish(status, stages=self.supervisor.stages if self.supervisor else ())
             if report is not None and every_s is not None and now >= next_report:
                 next_report += every_s
                 report(status or self.snapshot(), now - self.started)

@@ -14,7 +14,8 @@ the newest highlight JPEG of each camera as it arrives. The server only reads wh
   and ``recent_fails`` (the last fails, newest first, each with a caption);
 - ``/api/highlight/<camera>.jpg``: the camera's newest highlight picture (404 before the first one);
 - ``/api/fails/<id>.jpg``: the highlight picture of one of the recent fails;
-- ``/metrics``: the same figures in Prometheus' text format, for an existing monitoring stack;
+- ``/metrics``: the pipeline's Prometheus metrics (``web.prometheus``: verdicts, latency histograms, what
+  the stages count from their heartbeats, camera up, restarts), for an existing monitoring stack;
 - ``/healthz``: JSON ``{ok, problems, cameras}``: 200 when every camera is online and delivering and every
   process runs, 503 naming what is not (or when the run loop has published nothing for 5 s).
 
@@ -32,16 +33,22 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stream_service.errors import ConfigError
 from stream_service.runtime.latency import END_TO_END
 from stream_service.runtime.summary import PipelineSummary
+from stream_service.settings import Settings
+from stream_service.web.prometheus import CONTENT_TYPE, PipelineMetrics
 from stream_service.wire.messages import CameraStatus, Message, Verdict, highlight_jpeg
+
+if TYPE_CHECKING:
+    from stream_service.runtime.supervisor import StageState
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,10 @@ def page() -> bytes:
 class Dashboard:
     """The HTTP server and what it shows; ``publish``/``highlight`` are called from the run loop."""
 
-    def __init__(self, host: str, port: int, history_s: int = HISTORY_S) -> None:
+    def __init__(
+        self, host: str, port: int, history_s: int = HISTORY_S, metrics: PipelineMetrics | None = None
+    ) -> None:
+        self.metrics = metrics if metrics is not None else PipelineMetrics()
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"verdicts": 0, "cameras": {}, "latency_ms": {}, "processes": []}
         self._published = time.monotonic()
@@ -82,9 +92,17 @@ class Dashboard:
         self._thread = threading.Thread(target=self._server.serve_forever, name="dashboard", daemon=True)
         self._thread.start()
 
-    def verdict(self, verdict: Verdict) -> None:
-        """Count ``verdict``'s end-to-end latency in the current history point, keep its caption for its
-        highlight, and a fail in the list of recent fails (called from the run loop)."""
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Dashboard:
+        """The dashboard of ``settings`` (``dashboard.*``; ``health.camera_stale_s`` for its camera metrics)."""
+        metrics = PipelineMetrics(settings.dashboard.latency_buckets_s, settings.health.camera_stale_s)
+        return cls(settings.dashboard.host, settings.dashboard.port, metrics=metrics)
+
+    def verdict(self, verdict: Verdict, missed: int = 0) -> None:
+        """Count ``verdict`` in the metrics (with the ``missed`` verdicts just before it) and its end-to-end
+        latency in the current history point, keep its caption for its highlight, and a fail in the list of
+        recent fails (called from the run loop)."""
+        self.metrics.verdict(verdict, missed)
         e2e = verdict.latency_ms.get(END_TO_END)
         if e2e is not None:
             self._interval.append(e2e)
@@ -98,10 +116,13 @@ class Dashboard:
                     self._fail_pictures.pop(self._fails[0]["id"], None)
                 self._fails.append(caption)
 
-    def publish(self, snapshot: dict[str, Any], now: float | None = None) -> None:
+    def publish(self, snapshot: dict[str, Any], now: float | None = None, stages: Sequence[StageState] = ()) -> None:
         """Show ``snapshot`` (``PipelineSummary.snapshot``) and close a history point: the verdicts since the
-        previous one, their end-to-end p50/p99 (None without verdicts), and the cameras' verdict rate."""
+        previous one, their end-to-end p50/p99 (None without verdicts), and the cameras' verdict rate.
+        The metrics take ``stages`` (the supervisor's: each process and its heartbeat's counters) and the
+        snapshot's camera health (whether each camera is up)."""
         now = time.time() if now is None else now
+        self.metrics.update(stages, snapshot.get("health", {}).get("cameras", {}))
         latencies, self._interval = self._interval, []
         p50, p99 = np.percentile(latencies, [50, 99]) if latencies else (None, None)
         point = {
@@ -171,9 +192,9 @@ def take(message: Message, summary: PipelineSummary, dashboard: Dashboard | None
     if isinstance(header, CameraStatus):
         summary.status(header)
     elif isinstance(header, Verdict):
-        summary.add(header, now_ns)
+        missed = summary.add(header, now_ns)
         if dashboard is not None:
-            dashboard.verdict(header)
+            dashboard.verdict(header, missed)
     elif dashboard is not None and (jpeg := highlight_jpeg(message)) is not None:
         dashboard.highlight(header.camera_id, jpeg, header.seq)
 
@@ -193,42 +214,6 @@ def caption_of(verdict: Verdict) -> dict[str, Any]:
     }
 
 
-def metrics(status: dict[str, Any]) -> str:
-    """The status in Prometheus' text exposition format."""
-    lines = [
-        "# HELP stream_service_verdicts_total Verdicts received by the run loop.",
-        "# TYPE stream_service_verdicts_total counter",
-        f"stream_service_verdicts_total {int(status.get('verdicts', 0))}",
-    ]
-    per_camera = (
-        ("fps", "gauge", "Verdicts per second"),
-        ("passed", "counter", "Parts judged pass"),
-        ("failed", "counter", "Parts judged fail"),
-        ("dropped", "counter", "Frames the pipeline dropped to stay fresh"),
-        ("missed", "counter", "Verdicts the run loop missed"),
-    )
-    for key, kind, text in per_camera:
-        name = f"stream_service_camera_{key}" + ("_total" if kind == "counter" else "")
-        lines += [f"# HELP {name} {text}.", f"# TYPE {name} {kind}"]
-        lines += [f'{name}{{camera="{cid}"}} {c.get(key, 0)}' for cid, c in status.get("cameras", {}).items()]
-    lines += [
-        "# HELP stream_service_latency_ms Latency of each stage and end to end, milliseconds.",
-        "# TYPE stream_service_latency_ms gauge",
-    ]
-    for stage, p in status.get("latency_ms", {}).items():
-        for q in ("p50", "p99"):
-            lines.append(f'stream_service_latency_ms{{stage="{stage}",quantile="0.{q[1:]}"}} {p[q]}')
-    lines += [
-        "# HELP stream_service_process_restarts_total Restarts of each stage process.",
-        "# TYPE stream_service_process_restarts_total counter",
-    ]
-    lines += [
-        f'stream_service_process_restarts_total{{process="{p["name"]}",state="{p["state"]}"}} {p["restarts"]}'
-        for p in status.get("processes", [])
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "stream-service-dashboard"
@@ -240,7 +225,7 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
             elif path == "/api/status":
                 self._send(200, "application/json", json.dumps(dashboard.status()).encode())
             elif path == "/metrics":
-                self._send(200, "text/plain; version=0.0.4", metrics(dashboard.status()).encode())
+                self._send(200, CONTENT_TYPE, dashboard.metrics.exposition())
             elif path == "/healthz":
                 health = dashboard.health()
                 self._send(200 if health["ok"] else 503, "application/json", json.dumps(health).encode())

@@ -33,10 +33,11 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
@@ -57,6 +58,7 @@ STALE_S = 5.0  # /healthz turns 503 when the run loop has not published for this
 _HIGHLIGHT = re.compile(r"^/api/highlight/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
 _FAIL_PICTURE = re.compile(r"^/api/fails/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
 RECENT_FAILS = 12  # the dashboard's list of recent fails, each with its highlight picture
+PICTURES_KEPT = 8  # per camera, the newest highlight pictures by frame number
 RECENT_CAPTIONS = 256  # verdicts remembered until their highlight (published after them) arrives
 
 
@@ -77,6 +79,8 @@ class Dashboard:
         self._published = time.monotonic()
         self._history: deque[dict[str, Any]] = deque(maxlen=history_s)
         self._highlights: dict[str, bytes] = {}
+        # The last few pictures per camera by frame: the page asks for the one its caption describes.
+        self._by_seq: dict[str, OrderedDict[int, bytes]] = {}
         self._captions: dict[str, dict[str, Any]] = {}  # each camera's newest highlight: what it shows
         self._recent: OrderedDict[tuple[str, int], dict[str, Any]] = OrderedDict()  # captions of recent verdicts
         self._fails: deque[dict[str, Any]] = deque(maxlen=RECENT_FAILS)
@@ -142,6 +146,11 @@ class Dashboard:
         the verdict of frame ``seq`` was seen), and as the picture of that verdict when it is a recent fail."""
         with self._lock:
             self._highlights[camera_id] = jpeg
+            if seq is not None:
+                kept = self._by_seq.setdefault(camera_id, OrderedDict())
+                kept[seq] = jpeg
+                while len(kept) > PICTURES_KEPT:
+                    kept.popitem(last=False)
             caption = self._recent.get((camera_id, seq)) if seq is not None else None
             if caption is not None:
                 self._captions[camera_id] = caption
@@ -163,9 +172,11 @@ class Dashboard:
                 "history": list(self._history),
             }
 
-    def picture(self, camera_id: str) -> bytes | None:
+    def picture(self, camera_id: str, seq: int | None = None) -> bytes | None:
+        """The highlight of frame ``seq`` of ``camera_id`` while it is kept, else the camera's newest."""
         with self._lock:
-            return self._highlights.get(camera_id)
+            kept: Mapping[int, bytes] = self._by_seq.get(camera_id, {})
+            return kept[seq] if seq is not None and seq in kept else self._highlights.get(camera_id)
 
     def fresh(self) -> bool:
         with self._lock:
@@ -236,7 +247,8 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
                 else:
                     self._send(200, "image/jpeg", picture)
             elif (match := _HIGHLIGHT.match(path)) is not None:
-                jpeg = dashboard.picture(match.group(1))
+                asked = parse_qs(urlsplit(self.path).query).get("seq", [""])[0]
+                jpeg = dashboard.picture(match.group(1), int(asked) if asked.isdigit() else None)
                 if jpeg is None:
                     self._error(404, f"no highlight yet for camera {match.group(1)!r}")
                 else:

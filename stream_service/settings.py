@@ -251,6 +251,10 @@ class DashboardSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    # Host-header names answered besides loopback, `host` and this machine's name ("*": any; web/access.py).
+    allowed_hosts: list[str] = Field(default_factory=list)
+    token: str | None = Field(None, min_length=16)  # when set, every request needs it (Bearer, or /?token= once)
+    request_timeout_s: PositiveFloat = 10.0  # a client silent for this long is disconnected
     # The upper bounds of /metrics' stream_service_latency_seconds buckets: 1 ms to 10 s, finer at 10-100 ms.
     latency_buckets_s: tuple[PositiveFloat, ...] = Field(
         (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),

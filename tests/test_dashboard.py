@@ -197,3 +197,89 @@ def test_the_dashboard_command_serves_verdicts_published_by_a_pipeline_elsewhere
         publisher.close()
     assert process.returncode == 0, output
     assert f"dashboard on {url}" in output
+
+
+# -- on a line network ------------------------------------------------------------------------------------------
+def request(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    """GET ``url`` with ``headers`` (no redirects followed); (status, headers, body)."""
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=10) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers, exc.read()
+
+
+TOKEN = "line-7-secret-token-0123"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def guarded() -> Iterator[Dashboard]:
+    from stream_service.web.access import AccessPolicy
+
+    token = "line-7-secret-token-0123"
+    board = Dashboard(
+        "127.0.0.1", 0, access=AccessPolicy("127.0.0.1", ["inspect.line7.local"], token), request_timeout_s=0.5
+    )
+    board.publish(SNAPSHOT)
+    try:
+        yield board
+    finally:
+        board.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "code"),
+    [("127.0.0.1", 200), ("localhost:8080", 200), ("inspect.line7.local", 200), ("evil.example", 421), ("", 421)],
+)
+def test_only_this_dashboards_names_are_answered(guarded: Dashboard, host: str, code: int) -> None:
+    status, _, body = request(
+        guarded.url + "api/status", {"Host": host, "Authorization": "Bearer line-7-secret-token-0123"}
+    )
+    assert status == code, body
+    if code == 421:
+        assert b"dashboard.allowed_hosts" in body
+
+
+def test_the_token_is_needed_and_a_first_visit_keeps_it_in_a_cookie(guarded: Dashboard) -> None:
+    assert request(guarded.url + "api/status")[0] == 401
+    assert request(guarded.url + "api/status", {"Authorization": "Bearer wrong-token-of-some-length"})[0] == 401
+    assert request(guarded.url + "metrics", BEARER)[0] == 200
+    status, headers, _ = request(guarded.url + f"?token={TOKEN}")
+    assert status == 303 and headers["Location"] == "/"
+    cookie = headers["Set-Cookie"].split(";", 1)[0]
+    assert "HttpOnly" in headers["Set-Cookie"] and "SameSite=Strict" in headers["Set-Cookie"]
+    assert request(guarded.url + "api/status", {"Cookie": cookie})[0] == 200
+    code, _, body = request(guarded.url + "healthz")  # open to probes, but says only whether all is well
+    assert code in (200, 503) and set(json.loads(body)) == {"ok"}
+
+
+def test_answers_carry_security_headers_and_no_version_banner(guarded: Dashboard) -> None:
+    _, headers, _ = request(guarded.url, BEARER)
+    assert headers["Server"] == "stream-service" and "Python" not in headers["Server"]
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+
+
+def test_a_silent_client_is_disconnected_and_a_vanished_one_is_not_an_error(
+    guarded: Dashboard, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = int(guarded.url.rsplit(":", 1)[1].strip("/"))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as silent:
+        started = time.monotonic()
+        assert silent.recv(1024) == b""  # closed by the server after request_timeout_s
+        assert time.monotonic() - started < 4
+    for _ in range(20):  # ask and hang up at once
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as rude:
+            rude.sendall(
+                b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer line-7-secret-token-0123\r\n\r\n"
+            )
+    time.sleep(0.5)
+    assert request(guarded.url + "metrics", BEARER)[0] == 200
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]

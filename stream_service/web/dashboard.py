@@ -30,6 +30,7 @@ import importlib.resources
 import json
 import logging
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict, deque
@@ -45,6 +46,7 @@ from stream_service.errors import ConfigError
 from stream_service.runtime.latency import END_TO_END
 from stream_service.runtime.summary import PipelineSummary
 from stream_service.settings import Settings
+from stream_service.web.access import AccessPolicy
 from stream_service.web.prometheus import CONTENT_TYPE, PipelineMetrics
 from stream_service.wire.messages import CameraStatus, Message, Verdict, highlight_jpeg
 
@@ -59,7 +61,8 @@ _HIGHLIGHT = re.compile(r"^/api/highlight/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
 _FAIL_PICTURE = re.compile(r"^/api/fails/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
 RECENT_FAILS = 12  # the dashboard's list of recent fails, each with its highlight picture
 PICTURES_KEPT = 8  # per camera, the newest highlight pictures by frame number
-RECENT_CAPTIONS = 256  # verdicts remembered until their highlight (published after them) arrives
+RECENT_CAPTIONS = 256
+REQUEST_TIMEOUT_S = 10.0  # verdicts remembered until their highlight (published after them) arrives
 
 
 def page() -> bytes:
@@ -71,9 +74,16 @@ class Dashboard:
     """The HTTP server and what it shows; ``publish``/``highlight`` are called from the run loop."""
 
     def __init__(
-        self, host: str, port: int, history_s: int = HISTORY_S, metrics: PipelineMetrics | None = None
+        self,
+        host: str,
+        port: int,
+        history_s: int = HISTORY_S,
+        metrics: PipelineMetrics | None = None,
+        access: AccessPolicy | None = None,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
     ) -> None:
         self.metrics = metrics if metrics is not None else PipelineMetrics()
+        self.access = access if access is not None else AccessPolicy(host)
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"verdicts": 0, "cameras": {}, "latency_ms": {}, "processes": []}
         self._published = time.monotonic()
@@ -88,7 +98,7 @@ class Dashboard:
         self._interval: list[float] = []  # end-to-end latencies since the last history point (run loop only)
         self._page = page()
         try:
-            self._server = ThreadingHTTPServer((host, port), _handler(self))
+            self._server = _Server((host, port), _handler(self, request_timeout_s))
         except OSError as exc:
             raise ConfigError(f"dashboard.port: expected a free port on {host}, found {port} taken ({exc})") from exc
         self._server.daemon_threads = True
@@ -99,8 +109,10 @@ class Dashboard:
     @classmethod
     def from_settings(cls, settings: Settings) -> Dashboard:
         """The dashboard of ``settings`` (``dashboard.*``; ``health.camera_stale_s`` for its camera metrics)."""
-        metrics = PipelineMetrics(settings.dashboard.latency_buckets_s, settings.health.camera_stale_s)
-        return cls(settings.dashboard.host, settings.dashboard.port, metrics=metrics)
+        d = settings.dashboard
+        metrics = PipelineMetrics(d.latency_buckets_s, settings.health.camera_stale_s)
+        access = AccessPolicy(d.host, d.allowed_hosts, d.token)
+        return cls(d.host, d.port, metrics=metrics, access=access, request_timeout_s=d.request_timeout_s)
 
     def verdict(self, verdict: Verdict, missed: int = 0) -> None:
         """Count ``verdict`` in the metrics (with the ``missed`` verdicts just before it) and its end-to-end
@@ -225,12 +237,59 @@ def caption_of(verdict: Verdict) -> dict[str, Any]:
     }
 
 
-def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
+# Sent with every answer: no sniffing, no framing, no referrer, scripts and pictures from this origin only.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+    ),
+}
+# A client that drops its connection is no error of the dashboard's.
+_GONE = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, _GONE):
+            log.debug("dashboard %s: connection closed (%s)", client_address, exc)
+        else:  # logged in one line: a hostile client must not fill the log with tracebacks
+            log.warning("dashboard %s: %s: %s", client_address, type(exc).__name__, exc)
+
+
+def _handler(dashboard: Dashboard, request_timeout_s: float) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        server_version = "stream-service-dashboard"
+        server_version = "stream-service"
+        sys_version = ""  # no Python version in the Server header
+
+        def version_string(self) -> str:
+            return self.server_version
+
+        timeout = request_timeout_s  # a client that sends nothing for this long is disconnected
 
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            url = urlsplit(self.path)
+            token = parse_qs(url.query).get("token", [None])[0]
+            decision = dashboard.access.check(url.path, self.headers, token)
+            if decision.code != 200:
+                self._error(decision.code, decision.reason)
+            elif token is not None and dashboard.access.token is not None:
+                # The token leaves the address bar (and the history) at once, kept in an HttpOnly cookie.
+                self.send_response(303)
+                self.send_header("Location", url.path or "/")
+                self.send_header("Set-Cookie", dashboard.access.cookie_header())
+                self.send_header("Content-Length", "0")
+                self._common_headers()
+                self.end_headers()
+            else:
+                self._route(url.path, url.query, decision.authenticated)
+
+        def _route(self, path: str, query: str, authenticated: bool) -> None:
             if path in ("/", "/index.html"):
                 self._send(200, "text/html; charset=utf-8", dashboard._page)
             elif path == "/api/status":
@@ -239,7 +298,8 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
                 self._send(200, CONTENT_TYPE, dashboard.metrics.exposition())
             elif path == "/healthz":
                 health = dashboard.health()
-                self._send(200 if health["ok"] else 503, "application/json", json.dumps(health).encode())
+                body = health if authenticated else {"ok": health["ok"]}
+                self._send(200 if health["ok"] else 503, "application/json", json.dumps(body).encode())
             elif (match := _FAIL_PICTURE.match(path)) is not None:
                 picture = dashboard.fail_picture(match.group(1))
                 if picture is None:
@@ -247,7 +307,7 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
                 else:
                     self._send(200, "image/jpeg", picture)
             elif (match := _HIGHLIGHT.match(path)) is not None:
-                asked = parse_qs(urlsplit(self.path).query).get("seq", [""])[0]
+                asked = parse_qs(query).get("seq", [""])[0]
                 jpeg = dashboard.picture(match.group(1), int(asked) if asked.isdigit() else None)
                 if jpeg is None:
                     self._error(404, f"no highlight yet for camera {match.group(1)!r}")
@@ -256,14 +316,25 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
             else:
                 self._error(404, f"no such page: {path}")
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except _GONE as exc:
+                log.debug("dashboard %s: connection closed (%s)", self.client_address, exc)
+
         def _error(self, code: int, message: str) -> None:
             self._send(code, "application/json", json.dumps({"error": message}).encode())
+
+        def _common_headers(self) -> None:
+            self.send_header("Cache-Control", "no-store")
+            for name, value in SECURITY_HEADERS.items():
+                self.send_header(name, value)
 
         def _send(self, code: int, content_type: str, body: bytes) -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
+            self._common_headers()
             self.end_headers()
             self.wfile.write(body)
 

@@ -245,6 +245,8 @@ class SupervisorSettings(Section):
     max_restarts: int = Field(5, ge=0)
     shutdown_deadline_s: PositiveFloat = 5.0
     startup_timeout_s: PositiveFloat = 60.0  # from start to a stage's first heartbeat (imports, model, JIT)
+    log_max_bytes: PositiveInt = 10_000_000  # a stage's log is rotated past this size ...
+    log_backups: int = Field(3, ge=0)  # ... keeping this many older ones (<name>.log.1 is the newest)
 
 
 class DashboardSettings(Section):

@@ -36,7 +36,8 @@ def beat(state):
     os.replace(stats + ".tmp", stats)
 
 beat("starting")
-if mode == "crash":
+flag = os.path.join(os.path.dirname(os.path.dirname(stats)), "broken.flag")
+if mode == "crash" or (mode == "flaky" and os.path.exists(flag)):
     time.sleep(0.1)
     sys.exit(3)
 if mode == "silent":
@@ -130,10 +131,12 @@ def test_a_killed_stage_is_restarted(make_supervisor: Callable[..., Supervisor])
     assert first is not None and stage.heartbeat is not None and stage.heartbeat.pid == first
     os.kill(first, signal.SIGKILL)
     poll_until(supervisor, lambda: stage.state == "running" and stage.pid != first)
-    assert stage.restarts == 1 and stage.exit_codes == [-signal.SIGKILL] and supervisor.failure is None
+    assert stage.restarts == 1 and stage.exit_codes == [-signal.SIGKILL]
 
 
-def test_a_crashing_stage_backs_off_then_the_supervisor_gives_up(make_supervisor: Callable[..., Supervisor]) -> None:
+def test_a_crashing_stage_backs_off_then_is_failed_and_retried_at_the_capped_backoff(
+    make_supervisor: Callable[..., Supervisor],
+) -> None:
     supervisor = make_supervisor("crash")
     supervisor.start()
     (stage,) = supervisor.stages
@@ -144,17 +147,34 @@ def test_a_crashing_stage_backs_off_then_the_supervisor_gives_up(make_supervisor
         if stage.pid is not None and stage.pid not in pids:
             pids.add(stage.pid)
             starts.append(time.monotonic())
-        return supervisor.failure is not None
+        return stage.state == "failed"
 
     poll_until(supervisor, watch)
-    assert stage.state == "failed" and stage.exit_codes == [3, 3, 3] and stage.restarts == 2
+    assert stage.exit_codes == [3, 3, 3] and stage.restarts == 2 and stage.process is None
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(gaps) == 2 and gaps[0] >= 0.2 and gaps[1] >= 0.4  # restart_backoff_s, doubled
-    assert "crash-0 failed 3 times in a row" in supervisor.failure  # type: ignore[operator]
-    assert "supervisor.max_restarts = 2" in supervisor.failure  # type: ignore[operator]
-    assert str(supervisor.log_path("crash-0")) in supervisor.failure  # type: ignore[operator]
-    supervisor.poll()
-    assert stage.process is None  # no more restarts
+    assert stage.reason is not None and "crash-0 failed 3 times in a row" in stage.reason
+    assert "supervisor.max_restarts = 2" in stage.reason and str(supervisor.log_path("crash-0")) in stage.reason
+    failed_at = time.monotonic()
+    poll_until(supervisor, lambda: stage.restarts == 3)  # still retried, at restart_backoff_s x 16
+    assert time.monotonic() - failed_at >= 0.2 * 16 - 0.5
+    poll_until(supervisor, lambda: len(stage.exit_codes) == 4)
+    assert stage.state == "failed"  # failed until it runs again
+
+
+def test_a_failed_stage_that_comes_back_is_running_again_without_a_manual_step(
+    make_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.flag"
+    broken.touch()  # the stage crashes while this exists (a camera unplugged, a disk full...)
+    fast = FAST.model_copy(update={"restart_backoff_s": 0.05})
+    supervisor = make_supervisor("flaky", settings=fast)
+    supervisor.start()
+    (stage,) = supervisor.stages
+    poll_until(supervisor, lambda: stage.state == "failed")
+    broken.unlink()
+    poll_until(supervisor, lambda: stage.state == "running")
+    assert stage.reason is None and len(stage.exit_codes) >= 3
 
 
 @pytest.mark.parametrize(("mode", "why"), [("hang", "last heartbeat"), ("silent", "startup_timeout_s")])
@@ -192,3 +212,25 @@ def test_stop_is_prompt_when_stages_comply(make_supervisor: Callable[..., Superv
     supervisor.stop()
     assert time.monotonic() - started < 1.0
     assert all(s.process is not None and s.process.returncode == 0 for s in supervisor.stages)
+
+
+def test_a_big_log_is_rotated_in_place_and_the_writer_goes_on_appending(tmp_path: Path) -> None:
+    from stream_service.runtime.supervisor import rotate_log
+
+    log = tmp_path / "soartc-0.log"
+    with log.open("ab") as writer:  # as the supervisor hands it to a stage: O_APPEND
+        writer.write(b"x" * 100 + b"\n")
+        writer.flush()
+        assert not rotate_log(log, 200, 2)
+        writer.write(b"y" * 150 + b"\n")
+        writer.flush()
+        assert rotate_log(log, 200, 2)
+        assert log.stat().st_size == 0 and (tmp_path / "soartc-0.log.1").stat().st_size == 252
+        writer.write(b"after\n")
+        writer.flush()
+        assert log.read_bytes() == b"after\n"  # at the start of the emptied file, no hole before it
+        writer.write(b"z" * 300 + b"\n")
+        writer.flush()
+        assert rotate_log(log, 200, 2)
+    assert (tmp_path / "soartc-0.log.2").stat().st_size == 252  # the older one moved up
+    assert (tmp_path / "soartc-0.log.1").read_bytes().startswith(b"after\n")

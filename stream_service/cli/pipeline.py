@@ -65,8 +65,9 @@ def run_command(
     with RunLoop(subscriber, supervisor, dashboard, camera_stale_s=settings.health.camera_stale_s) as loop:
         every = summary_every if summary_every is not None else (1.0 if terminal.tty else 60.0)
         code = loop.run(stop, duration, every, lambda status, elapsed: terminal.report(loop, status, elapsed))
-        if loop.failure is not None:
-            typer.echo(f"error: {loop.failure}", err=True)
+        for stage in loop.failed_stages():
+            typer.echo(f"error: stage {stage}", err=True)
+            code = 1
         for camera in loop.failed_cameras():
             typer.echo(f"error: camera {camera}", err=True)
             code = 1

@@ -115,7 +115,6 @@ class RunLoop:
     ) -> None:
         self.subscriber, self.supervisor, self.dashboard = subscriber, supervisor, dashboard
         self.summary = PipelineSummary(stale_s=camera_stale_s)
-        self.failure: str | None = None
         self._clock = clock
         self.started = clock()
 
@@ -132,6 +131,11 @@ class RunLoop:
         """The closing summary, as the terminal shows it."""
         stages = self.supervisor.stages if self.supervisor is not None else []
         return self.summary.render(stages, time.monotonic_ns(), self.elapsed_s)
+
+    def failed_stages(self) -> list[str]:
+        """``"<stage>: <reason>"`` of each stage process that is ``failed`` (retried, but not running)."""
+        stages = self.supervisor.stages if self.supervisor is not None else []
+        return [f"{st.name}: {st.reason}" for st in stages if st.state == "failed"]
 
     def failed_cameras(self) -> list[str]:
         """``"<camera>: <reason>"`` of each camera whose capture has given up on it (state ``failed``)."""
@@ -161,10 +165,8 @@ class RunLoop:
         every_s: float | None = None,
         report: Report | None = None,
     ) -> int:
-        """Tick until ``stop``, ``duration_s`` or a stage the supervisor gave up on (``failure``; returns 1).
-
-        ``report(status, elapsed_s)`` is called every ``every_s`` seconds; returns the exit code (0 or 1).
-        """
+        """Tick until ``stop`` or ``duration_s``; ``report(status, elapsed_s)`` is called every ``every_s``
+        seconds. A failing stage does not end the loop: the supervisor retries it and the health shows it."""
         if self.supervisor is not None:
             self.supervisor.start()
         next_dashboard = self.started + DASHBOARD_EVERY_S
@@ -172,9 +174,6 @@ class RunLoop:
         while not stop.is_set():
             if self.supervisor is not None:
                 self.supervisor.poll()
-                if self.supervisor.failure is not None:
-                    self.failure = self.supervisor.failure
-                    return 1
             self.drain()
             now = self._clock()
             status = None  # this tick's snapshot, computed once for the dashboard and the report

@@ -134,9 +134,10 @@ class PipelineSummary:
             elif age is not None and age > self.stale_s:
                 problems.append(f"camera {cid}: no frame for {age:.0f} s (health.camera_stale_s = {self.stale_s:g})")
         # "stopped" is the end of a run asked for; "pending" the moment before the first start.
-        problems += [
-            f"process {st.name} {st.state}" for st in stages if st.state not in ("running", "stopped", "pending")
-        ]
+        for st in stages:
+            if st.state not in ("running", "stopped", "pending"):
+                reason = getattr(st, "reason", None)  # a failed stage's exit code and log
+                problems.append(f"process {st.name} {st.state}" + (f": {reason}" if reason else ""))
         return {"ok": not problems, "problems": problems, "cameras": cameras}
 
     def __post_init__(self) -> None:

@@ -14,8 +14,10 @@ counters to ``<run_dir>/<name>.json`` every ``supervisor.heartbeat_s``. ``poll()
   killed), or that did not report running within ``startup_timeout_s``, is restarted after
   ``restart_backoff_s`` doubling with each failure in a row (at most ``_BACKOFF_FACTOR_MAX`` times);
 - a failure in a row is one within ``STABLE_S`` of the stage's start: a stage that ran that long starts
-  its count afresh; after ``max_restarts`` restarts in a row the supervisor gives up (``failure``
-  names the stage, its exit code and its log) and the caller stops the pipeline.
+  its count afresh; after ``max_restarts`` restarts in a row the stage is ``failed`` (its ``reason``
+  names its exit code and its log) and is retried every ``restart_backoff_s * _BACKOFF_FACTOR_MAX``
+  for as long as it takes: one camera's crashing stage never stops the others, and a stage that comes
+  back (a camera fixed, a disk freed) is ``running`` again without a manual step.
 
 ``stop()`` sends SIGTERM to every stage (captures first, so no new frames enter), waits for them up to
 ``shutdown_deadline_s`` in all, then kills what is left. Stages started with ``--exit-with-parent``
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +49,29 @@ STABLE_S = 60.0
 # The restart delay doubles with each failure in a row, up to this many times restart_backoff_s.
 _BACKOFF_FACTOR_MAX = 16.0
 _LOG_TAIL_BYTES = 2000
+_ROTATE_EVERY_S = 5.0
+
+
+def rotate_log(path: Path, max_bytes: int, backups: int) -> bool:
+    """Once ``path`` is over ``max_bytes``: shift ``path.1..`` up (keeping ``backups``), copy it to
+    ``path.1`` and truncate it in place. The stage keeps writing to its open descriptor, which appends
+    (O_APPEND), so its next line lands at the start of the emptied file: nothing is lost or overwritten."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except OSError:
+        return False
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    if backups > 0:
+        shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    with path.open("r+b") as fh:
+        fh.truncate(0)
+    return True
+
+
 CLI = (sys.executable, "-m", "stream_service.cli")
 
 
@@ -82,6 +108,7 @@ class StageState:
     next_start: float | None = 0.0
     exit_codes: list[int] = field(default_factory=list)
     heartbeat: HeartbeatRecord | None = None
+    reason: str | None = None  # why it is failed
 
     @property
     def name(self) -> str:
@@ -111,11 +138,11 @@ class Supervisor:
         self.command = tuple(command)
         self.env = {**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"}
         self.stages = [StageState(spec) for spec in specs]
-        self.failure: str | None = None
         self._clock, self._wall = clock, wall
         self._logs: dict[str, IO[bytes]] = {}
         self._stopped = False
         self._started: float | None = None
+        self._next_rotation = 0.0
         run_dir.mkdir(parents=True, exist_ok=True)
 
     def heartbeat_path(self, name: str) -> Path:
@@ -153,7 +180,7 @@ class Supervisor:
             st.restarts += 1
         st.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         st.state, st.started, st.running_since, st.next_start, st.heartbeat = (
-            "starting",
+            "failed" if st.state == "failed" else "starting",  # failed until it runs again
             self._clock(),
             None,
             None,
@@ -162,16 +189,20 @@ class Supervisor:
         log.info("started %s (pid %d)", st.name, st.process.pid)
 
     def poll(self) -> None:
-        """Reap dead stages, kill hung ones, restart them when their backoff has passed."""
+        """Reap dead stages, kill hung ones, restart them when their backoff has passed; rotate big logs."""
         if self._stopped:
             return
         now = self._clock()
         self._start_captures(now)
+        if now >= self._next_rotation:
+            self._next_rotation = now + _ROTATE_EVERY_S
+            for st in self.stages:
+                rotate_log(self.log_path(st.name), self.settings.log_max_bytes, self.settings.log_backups)
         for st in self.stages:
             if st.state == "pending":
                 continue
             if st.process is None:
-                if st.next_start is not None and now >= st.next_start and self.failure is None:
+                if st.next_start is not None and now >= st.next_start:
                     self._launch(st)
                 continue
             code = st.process.poll()
@@ -189,9 +220,9 @@ class Supervisor:
         beat = self._read_heartbeat(st)
         if beat is not None:
             st.heartbeat = beat
-            if st.state == "starting" and beat.state == "running":
-                st.state, st.running_since = "running", now
-        if st.state == "starting":
+            if st.running_since is None and beat.state == "running":
+                st.state, st.running_since, st.reason = "running", now, None
+        if st.running_since is None:
             if now - st.started > self.settings.startup_timeout_s:
                 return f"not running after supervisor.startup_timeout_s = {self.settings.startup_timeout_s} s"
             return None
@@ -209,20 +240,28 @@ class Supervisor:
     def _died(self, st: StageState, code: int, now: float) -> None:
         st.exit_codes.append(code)
         st.process = None
+        from stream_service.wire.shm_ring import remove_stale_rings
+
+        # A killed capture cannot unlink its shared-memory ring: remove it before the stage starts anew.
+        remove_stale_rings()
         if st.running_since is not None and now - st.started >= STABLE_S:
             st.failures = 0
         st.failures += 1
         tail = self.log_tail(st.name)
-        if st.failures > self.settings.max_restarts:
-            st.state = "failed"
-            self.failure = (
-                f"stage {st.name} failed {st.failures} times in a row (last exit code {code}), more than "
-                f"supervisor.max_restarts = {self.settings.max_restarts}; its log: {self.log_path(st.name)}"
-                + (f"\n{tail}" if tail else "")
-            )
-            log.error("%s", self.failure)
-            return
         delay = self.settings.restart_backoff_s * min(2.0 ** (st.failures - 1), _BACKOFF_FACTOR_MAX)
+        if st.failures > self.settings.max_restarts:
+            first = st.state != "failed"
+            st.state, st.next_start = "failed", now + self.settings.restart_backoff_s * _BACKOFF_FACTOR_MAX
+            st.reason = (
+                f"stage {st.name} failed {st.failures} times in a row (last exit code {code}), more than "
+                f"supervisor.max_restarts = {self.settings.max_restarts}; its log: {self.log_path(st.name)}; "
+                f"retried every {self.settings.restart_backoff_s * _BACKOFF_FACTOR_MAX:g} s"
+            )
+            if first:
+                log.error("%s%s", st.reason, f"\n{tail}" if tail else "")
+            else:
+                log.warning("%s exited with code %d again; still failed", st.name, code)
+            return
         st.state, st.next_start = "restarting", now + delay
         log.error("%s exited with code %d; restarting in %.1f s. Log tail:\n%s", st.name, code, delay, tail)
 

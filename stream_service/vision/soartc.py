@@ -151,7 +151,7 @@ def _kernel(block: int) -> Callable[..., None]:  # pragma: no cover - compiled b
     # only use this one's definitions (the infer stage, the card) must not pay for it.
     import numba
 
-    return numba.njit(nogil=True, fastmath={"reassoc", "contract"})(kernel)
+    return numba.njit(nogil=True, fastmath={"reassoc", "contract"}, cache=True)(kernel)
 
 
 def _check_pair(reference: np.ndarray, frame: np.ndarray, block: int, variant: str) -> None:

@@ -18,7 +18,7 @@ import itertools
 import os
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -205,6 +205,11 @@ class TransportSettings(Section):
             return self.shared_memory
         return endpoint.startswith("ipc://") or bool(_LOOPBACK.match(endpoint))
 
+    def endpoints(self, cameras: Sequence[CameraSettings]) -> dict[str, str]:
+        """Every endpoint of the pipeline by its setting: the captures', features_out, verdicts_pub."""
+        found = {f"transport.capture_out ({c.id})": self.capture_endpoint(i, c.id) for i, c in enumerate(cameras)}
+        return found | {"transport.features_out": self.features_out, "transport.verdicts_pub": self.verdicts_pub}
+
     def capture_endpoint(self, index: int, camera_id: str) -> str:
         """The capture endpoint of the camera at ``index`` in ``Settings.cameras``."""
         if isinstance(self.capture_out, list):
@@ -271,6 +276,14 @@ class DashboardSettings(Section):
         return value
 
 
+class SecuritySettings(Section):
+    """CURVE on every tcp hop (``keys``: a folder made by ``stream-service keys generate``)."""
+
+    keys: Path | None = None
+    # A tcp endpoint off this host without keys: anyone on the network reads and forges verdicts.
+    allow_plaintext: bool = False
+
+
 class LoggingSettings(Section):
     level: LogLevel = "INFO"
 
@@ -299,6 +312,7 @@ class Settings(Section):
     supervisor: SupervisorSettings = SupervisorSettings()
     dashboard: DashboardSettings = DashboardSettings()
     health: HealthSettings = HealthSettings()
+    security: SecuritySettings = SecuritySettings()
     logging: LoggingSettings = LoggingSettings()
 
     @model_validator(mode="after")
@@ -311,6 +325,15 @@ class Settings(Section):
         out = self.transport.capture_out
         if isinstance(out, list) and len(out) != len(self.cameras):
             raise FieldError(f"one capture endpoint per camera ({len(self.cameras)})", out, "transport.capture_out")
+        if self.security.keys is None and not self.security.allow_plaintext:
+            for key, endpoint in self.transport.endpoints(self.cameras).items():
+                if endpoint.startswith("tcp://") and not _LOOPBACK.match(endpoint):
+                    raise FieldError(
+                        "a keys folder (stream-service keys generate DIR) for an endpoint off this host, or "
+                        "security.allow_plaintext: true",
+                        f"{endpoint} ({key}) without keys",
+                        "security.keys",
+                    )
         return self
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from stream_service.cli import pipeline  # noqa: F401
 from stream_service.cli import reference  # noqa: F401
 from stream_service.cli import model  # noqa: F401
+from stream_service.cli import keys  # noqa: F401
 
 # isort: on
 from stream_service.cli.app import app

@@ -13,10 +13,16 @@ import typer
 
 from stream_service.cli.app import ConfigOption, ExitWithParentOption, StatsOption, _fail, _load, app
 
+KeysOption = Annotated[
+    Path | None,
+    typer.Option("--keys", help="CURVE keys folder (stream-service keys generate; default: security.keys)."),
+]
+
 if TYPE_CHECKING:
     from stream_service.runtime.heartbeat import Heartbeat, StageKind
     from stream_service.runtime.pipeline import RunLoop
     from stream_service.settings import Settings
+    from stream_service.web.archive import HighlightArchive
     from stream_service.web.dashboard import Dashboard
 
 
@@ -42,11 +48,12 @@ def run_command(
     """Run the whole pipeline under a supervisor, with a live summary; Ctrl-C or SIGTERM stops it cleanly."""
     from stream_service.errors import StreamServiceError
     from stream_service.runtime.pipeline import RunLoop, open_subscriber, prepare_run
-    from stream_service.runtime.service import install_stop_signals
+    from stream_service.runtime.service import apply_security, install_stop_signals
     from stream_service.runtime.supervisor import Supervisor
 
     settings = _load(config)
     try:
+        apply_security(settings)
         planned = prepare_run(settings, config, run_dir)
         subscriber = open_subscriber(settings, planned.endpoint, highlights=settings.dashboard.enabled)
     except StreamServiceError as exc:
@@ -134,22 +141,25 @@ def subscribe_command(
         typer.Option("--save-highlights", help="Also save each verdict's highlight JPEG under this directory."),
     ] = None,
     fails_only: Annotated[bool, typer.Option("--fails-only", help="With --save-highlights: fails only.")] = False,
+    keys: KeysOption = None,
 ) -> None:
     """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
     from stream_service.errors import StreamServiceError
-    from stream_service.runtime.service import connectable
+    from stream_service.runtime.service import apply_security, connectable
     from stream_service.runtime.subscriber import VerdictSubscriber, subscribe_topics
     from stream_service.runtime.summary import verdict_line
     from stream_service.web.archive import HighlightArchive
     from stream_service.wire.transport import FrameReceiver, terminate_context
 
-    hwm = 1000
-    if endpoint is None:
-        settings = _load(config)
-        endpoint, hwm = connectable(settings.transport.verdicts_pub), settings.transport.publish_hwm
+    settings = _load(config) if endpoint is None or config is not None else None
+    if endpoint is None and settings is not None:
+        endpoint = connectable(settings.transport.verdicts_pub)
+    assert endpoint is not None
     try:
+        apply_security(settings, keys)
         archive = HighlightArchive(save_highlights, fails_only) if save_highlights is not None else None
         topics = subscribe_topics(camera, highlights=archive is not None)
+        hwm = settings.transport.publish_hwm if settings is not None else 1000
         receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
@@ -168,14 +178,17 @@ def subscribe_command(
             "and is the endpoint right?",
             err=True,
         )
+    _subscribe_notes(archive, subscriber.missed)
+    raise typer.Exit(0 if silence is None else 1)
+
+
+def _subscribe_notes(archive: HighlightArchive | None, missed: int) -> None:
     if archive is not None:
         typer.echo(f"saved {archive.saved} highlight(s) under {archive.directory}", err=True)
-    if subscriber.missed:
+    if missed:
         typer.echo(
-            f"note: this subscriber missed {subscriber.missed} verdict(s) (sequence gaps not reported as dropped)",
-            err=True,
+            f"note: this subscriber missed {missed} verdict(s) (sequence gaps not reported as dropped)", err=True
         )
-    raise typer.Exit(0 if silence is None else 1)
 
 
 @app.command("dashboard")
@@ -184,11 +197,12 @@ def dashboard_command(
     endpoint: Annotated[
         str | None, typer.Option("--endpoint", help="Verdict PUB endpoint (default: transport.verdicts_pub).")
     ] = None,
+    keys: KeysOption = None,
 ) -> None:
     """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
     from stream_service.errors import StreamServiceError
     from stream_service.runtime.pipeline import RunLoop, open_subscriber
-    from stream_service.runtime.service import connectable, install_stop_signals
+    from stream_service.runtime.service import apply_security, connectable, install_stop_signals
     from stream_service.web.dashboard import Dashboard
 
     settings = _load(config)
@@ -198,6 +212,7 @@ def dashboard_command(
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     try:
+        apply_security(settings, keys)
         subscriber = open_subscriber(settings, endpoint, highlights=True)
     except StreamServiceError as exc:
         dashboard.close()
@@ -219,7 +234,7 @@ def _serve(
     """Run one stage process until SIGTERM/SIGINT; exit 1 with the error when it cannot start."""
     from stream_service.errors import StreamServiceError
     from stream_service.runtime.heartbeat import Heartbeat
-    from stream_service.runtime.service import install_stop_signals
+    from stream_service.runtime.service import apply_security, install_stop_signals
 
     settings = _load(config)
     stop = threading.Event()
@@ -227,6 +242,7 @@ def _serve(
     name = stats.stem if stats is not None else kind
     heartbeat = Heartbeat(stats, name, kind, settings.supervisor.heartbeat_s, stop, exit_with_parent)
     try:
+        apply_security(settings)
         body(settings, stop, heartbeat)
     except StreamServiceError as exc:
         raise _fail(exc) from exc

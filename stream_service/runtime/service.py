@@ -29,6 +29,7 @@ import re
 import signal
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any, cast
 
@@ -63,6 +64,14 @@ def check_topology(settings: Settings) -> None:
     for key, endpoint in endpoints.items():
         if endpoint.endswith(":*"):
             raise ConfigError(f"{key}: expected a fixed port that other stages can connect to, found {endpoint}")
+
+
+def apply_security(settings: Settings | None, keys: Path | None = None) -> None:
+    """CURVE on every tcp socket this process opens, with ``keys`` or ``security.keys`` (none: plaintext)."""
+    from stream_service.wire.transport import CurveKeys, use_curve
+
+    folder = keys if keys is not None else (settings.security.keys if settings is not None else None)
+    use_curve(CurveKeys.load(folder) if folder is not None else None)
 
 
 def camera_at(settings: Settings, camera_id: str | None) -> tuple[int, CameraSettings]:

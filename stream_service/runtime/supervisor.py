@@ -143,7 +143,8 @@ class Supervisor:
         self._stopped = False
         self._started: float | None = None
         self._next_rotation = 0.0
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(run_dir, 0o700)  # logs and heartbeats name files, hosts and counters: for this user only
 
     def heartbeat_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.json"
@@ -175,10 +176,14 @@ class Supervisor:
         argv = [*self.command, *st.spec.args, "--stats", str(heartbeat), "--exit-with-parent"]
         out = self._logs.get(st.name)
         if out is None:
-            out = self._logs[st.name] = self.log_path(st.name).open("ab")
+            fd = os.open(self.log_path(st.name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            out = self._logs[st.name] = os.fdopen(fd, "ab")
         if st.process is not None or st.exit_codes:
             st.restarts += 1
-        st.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        # umask 077: what a stage creates (heartbeats, ipc socket files, journal) is its user's alone.
+        st.process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True, umask=0o077
+        )
         st.state, st.started, st.running_since, st.next_start, st.heartbeat = (
             "failed" if st.state == "failed" else "starting",  # failed until it runs again
             self._clock(),

@@ -30,11 +30,14 @@ import errno
 import logging
 import os
 import re
+import shutil
 import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Literal, Self, TypeVar
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Self, TypeVar
 
 import zmq
 from pydantic import ValidationError
@@ -82,7 +85,135 @@ def terminate_context() -> None:
     Call it last in a process that sent with ``copy=False``: ZeroMQ reads the arrays' memory until the
     messages are out, so the interpreter must not tear the arrays down before.
     """
+    stop_authenticator()
     zmq.Context.instance().term()
+
+
+# -- CURVE: every tcp hop authenticated and encrypted ------------------------------------------------------
+SERVER_KEY, CLIENT_KEY, AUTHORIZED = "server", "client", "authorized"
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A pipeline's CURVE keys, from a folder that ``generate_keys`` made.
+
+    Every socket that binds a tcp endpoint is a CURVE server with the pipeline's server key pair and admits
+    only the client public keys in ``authorized/`` (ZAP); every socket that connects pins the server's
+    public key and presents a client key pair. ``server.key_secret`` may be absent on a host that only
+    connects (a subscriber's machine).
+    """
+
+    server_public: bytes
+    server_secret: bytes | None
+    client_public: bytes
+    client_secret: bytes
+    authorized: Path
+
+    @classmethod
+    def load(cls, directory: Path) -> CurveKeys:
+        """Read the keys of ``directory``; ``ConfigError`` naming the file that is missing or unreadable."""
+        import zmq.auth
+
+        def pair(name: str, secret: bool) -> tuple[bytes, bytes | None]:
+            path = directory / (f"{name}.key_secret" if secret else f"{name}.key")
+            if not path.is_file():
+                if secret and name == SERVER_KEY:
+                    return cls._public(directory / f"{name}.key"), None
+                raise ConfigError(
+                    f"security.keys: expected {path} (stream-service keys generate {directory}), found none"
+                )
+            try:
+                public, secret_key = zmq.auth.load_certificate(str(path))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"security.keys: expected a CURVE key in {path}, found {exc}") from exc
+            return public, secret_key
+
+        server_public, server_secret = pair(SERVER_KEY, True)
+        client_public, client_secret = pair(CLIENT_KEY, True)
+        if client_secret is None:
+            raise ConfigError(f"security.keys: expected a secret key in {directory / 'client.key_secret'}, found none")
+        authorized = directory / AUTHORIZED
+        if not authorized.is_dir():
+            raise ConfigError(f"security.keys: expected the folder {authorized} of admitted public keys, found none")
+        return cls(server_public, server_secret, client_public, client_secret, authorized)
+
+    @staticmethod
+    def _public(path: Path) -> bytes:
+        import zmq.auth
+
+        if not path.is_file():
+            raise ConfigError(f"security.keys: expected {path} (the server's public key), found none")
+        public, _ = zmq.auth.load_certificate(str(path))
+        return public
+
+
+def generate_keys(directory: Path) -> list[Path]:
+    """A new key folder: the server and the client key pairs (secret files 0600), and ``authorized/`` with
+    the client's public key; the folder is 0700. Refuses to overwrite existing keys."""
+    import zmq.auth
+
+    if (directory / f"{SERVER_KEY}.key_secret").exists():
+        raise ConfigError(f"keys folder: expected one without keys, found {directory / 'server.key_secret'}")
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    made = []
+    for name in (SERVER_KEY, CLIENT_KEY):
+        public, secret = zmq.auth.create_certificates(str(directory), name)
+        os.chmod(secret, 0o600)
+        made += [Path(public), Path(secret)]
+    authorized = directory / AUTHORIZED
+    authorized.mkdir(mode=0o700, exist_ok=True)
+    shutil.copyfile(directory / f"{CLIENT_KEY}.key", authorized / f"{CLIENT_KEY}.key")
+    return [*made, authorized / f"{CLIENT_KEY}.key"]
+
+
+_curve: CurveKeys | None = None
+_authenticator: Any = None
+_admitting: Path | None = None  # the authorized/ folder the authenticator reads
+
+
+def use_curve(keys: CurveKeys | None) -> None:
+    """CURVE for every tcp socket this process opens from now on (None: plaintext)."""
+    global _curve
+    _curve = keys
+
+
+def _secure(sock: Socket, endpoint: str, bind: bool, ctx: zmq.Context[Socket]) -> None:
+    if _curve is None or not endpoint.startswith("tcp://"):
+        return  # ipc:// stays on this host: its socket file is owner-only
+    if bind:
+        if _curve.server_secret is None:
+            raise ConfigError(
+                f"security.keys: expected server.key_secret to bind {endpoint} as a CURVE server, found none"
+            )
+        _start_authenticator(ctx, _curve.authorized)
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, _curve.server_public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, _curve.server_secret)
+    else:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, _curve.server_public)  # pinned: an impostor cannot answer
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, _curve.client_public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, _curve.client_secret)
+
+
+def _start_authenticator(ctx: zmq.Context[Socket], authorized: Path) -> None:
+    """The ZAP handler of this process (one thread): admits the CURVE clients whose public key is in ``authorized``."""
+    global _authenticator, _admitting
+    if _authenticator is None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        _authenticator = ThreadAuthenticator(ctx, log=logging.getLogger("stream_service.wire.zap"))
+        _authenticator.start()
+    if _admitting != authorized:
+        _authenticator.configure_curve(domain="*", location=str(authorized))
+        _admitting = authorized
+
+
+def stop_authenticator() -> None:
+    global _authenticator, _admitting
+    if _authenticator is not None:
+        _authenticator.stop()
+        _authenticator, _admitting = None, None
 
 
 def open_socket(
@@ -109,6 +240,7 @@ def open_socket(
         if kind == "sub":
             for topic in topics or ("",):
                 sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        _secure(sock, endpoint, bind, ctx or context())
         (sock.bind if bind else sock.connect)(endpoint)
     except zmq.ZMQError as exc:
         sock.close(linger=0)

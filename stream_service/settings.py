@@ -327,7 +327,8 @@ class Settings(Section):
             raise FieldError(f"one capture endpoint per camera ({len(self.cameras)})", out, "transport.capture_out")
         if self.security.keys is None and not self.security.allow_plaintext:
             for key, endpoint in self.transport.endpoints(self.cameras).items():
-                if endpoint.startswith("tcp://") and not _LOOPBACK.match(endpoint):
+                # (":*", a port picked at bind, is refused by the topology check: no peer could find it.)
+                if endpoint.startswith("tcp://") and not _LOOPBACK.match(endpoint) and not endpoint.endswith(":*"):
                     raise FieldError(
                         "a keys folder (stream-service keys generate DIR) for an endpoint off this host, or "
                         "security.allow_plaintext: true",

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from stream_service.cli import app
 from stream_service.runtime.summary import PipelineSummary
-from stream_service.wire.messages import Region, Verdict, highlight_header
+from stream_service.wire.messages import Region, Verdict, VerdictIds, highlight_header, utc_time
 from stream_service.wire.transport import FrameReceiver, FrameSender
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,12 +40,17 @@ LineVerdict = Callable[..., Verdict]
 def verdict(make_verdict: Callable[..., Verdict]) -> LineVerdict:
     """``verdict(camera, seq, regions=1)``: every third one a fail, with regions, stage latencies and truth."""
 
+    ids = VerdictIds()
+
     def make(camera: str, seq: int, regions: int = 1) -> Verdict:
         boxes = tuple(Region(x1=i, y1=i, x2=i + 9, y2=i + 9, score=0.9, area=50) for i in range(regions))
+        now_ns = time.time_ns()
         return make_verdict(
             camera,
             seq,
-            capture_ns=time.time_ns(),
+            verdict_id=ids.new(now_ns),
+            time=utc_time(now_ns),
+            capture_ns=now_ns,
             verdict="fail" if seq % 3 == 0 else "pass",
             score=0.7 if seq % 3 == 0 else 0.2,
             regions=boxes,
@@ -131,7 +136,7 @@ def test_subscribe_saves_the_highlight_pictures_of_the_fails(publisher: str, tmp
     fails = [v for v in map(Verdict.model_validate_json, done.stdout.splitlines()) if v.verdict == "fail"]
     assert len(fails) >= 2  # every third verdict of the publisher is a fail
     pictures = sorted((out / "cam0").iterdir())
-    assert [p.name for p in pictures] == [f"cam0-{v.seq:08d}-fail.jpg" for v in fails]  # the last one too
+    assert [p.name for p in pictures] == [f"{v.verdict_id}-fail.jpg" for v in fails]  # the last one too
     assert all(p.read_bytes() == jpeg("cam0", v.seq) for p, v in zip(pictures, fails, strict=True))
     assert f"saved {len(fails)} highlight(s) under {out}" in done.stderr
 

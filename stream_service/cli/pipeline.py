@@ -16,6 +16,7 @@ from stream_service.cli.app import ConfigOption, ExitWithParentOption, StatsOpti
 if TYPE_CHECKING:
     from stream_service.runtime.heartbeat import Heartbeat, StageKind
     from stream_service.runtime.pipeline import RunLoop
+    from stream_service.runtime.subscriber import VerdictSubscriber
     from stream_service.settings import Settings
     from stream_service.web.dashboard import Dashboard
 
@@ -128,48 +129,91 @@ def subscribe_command(
         typer.Option("--save-highlights", help="Also save each verdict's highlight JPEG under this directory."),
     ] = None,
     fails_only: Annotated[bool, typer.Option("--fails-only", help="With --save-highlights: fails only.")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="First replay the journal after this verdict_id, or from this ISO 8601 time "
+            "(2026-12-02T15:40:00Z), then go on live: no gap, no duplicate.",
+        ),
+    ] = None,
+    journal: Annotated[
+        str | None, typer.Option("--journal", help="Journal replay endpoint (default: transport.journal_rep).")
+    ] = None,
 ) -> None:
     """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
     from stream_service.errors import StreamServiceError
-    from stream_service.runtime.service import connectable
-    from stream_service.runtime.subscriber import VerdictSubscriber, subscribe_topics
     from stream_service.runtime.summary import verdict_line
-    from stream_service.web.archive import HighlightArchive
-    from stream_service.wire.transport import FrameReceiver, terminate_context
+    from stream_service.wire.transport import terminate_context
 
-    hwm = 1000
-    if endpoint is None:
-        settings = _load(config)
-        endpoint, hwm = connectable(settings.transport.verdicts_pub), settings.transport.publish_hwm
+    settings = _load(config)
     try:
-        archive = HighlightArchive(save_highlights, fails_only) if save_highlights is not None else None
-        topics = subscribe_topics(camera, highlights=archive is not None)
-        receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
+        subscriber = _subscriber(
+            settings, endpoint, camera, count, timeout, save_highlights, fails_only, since, journal
+        )
     except StreamServiceError as exc:
         raise _fail(exc) from exc
-    subscriber = VerdictSubscriber(receiver, camera, count, timeout, archive)
-    silence = None
+    silence, failure = None, None
     try:
         silence = subscriber.run(lambda v: typer.echo(v.model_dump_json() if as_json else verdict_line(v)))
     except KeyboardInterrupt:
         pass
+    except StreamServiceError as exc:
+        failure = exc
     finally:
-        receiver.close()
+        subscriber.receiver.close()
         terminate_context()
+    if failure is not None:
+        raise _fail(failure)
+    _subscribe_notes(subscriber, silence, timeout)
+    raise typer.Exit(0 if silence is None else 1)
+
+
+def _subscriber(
+    settings: Settings,
+    endpoint: str | None,
+    camera: str | None,
+    count: int | None,
+    timeout: float,
+    save_highlights: Path | None,
+    fails_only: bool,
+    since: str | None,
+    journal: str | None,
+) -> VerdictSubscriber:
+    """The SUB socket (connected first, so that live verdicts queue during a replay) and its loop."""
+    from stream_service.runtime.replay import JournalClient
+    from stream_service.runtime.service import connectable
+    from stream_service.runtime.subscriber import VerdictSubscriber, subscribe_topics
+    from stream_service.web.archive import HighlightArchive
+    from stream_service.wire.transport import FrameReceiver
+
+    hwm = 1000 if endpoint is not None else settings.transport.publish_hwm
+    endpoint = endpoint or connectable(settings.transport.verdicts_pub)
+    archive = HighlightArchive(save_highlights, fails_only) if save_highlights is not None else None
+    topics = subscribe_topics(camera, highlights=archive is not None)
+    receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
+    client = JournalClient.from_settings(settings, journal) if since is not None else None
+    return VerdictSubscriber(receiver, camera, count, timeout, archive, journal=client, since=since)
+
+
+def _subscribe_notes(subscriber: VerdictSubscriber, silence: str | None, timeout: float) -> None:
+    """What ``subscribe`` says on stderr at the end: silence, pictures saved, replayed and missed verdicts."""
+    endpoint = subscriber.receiver.endpoint
     if silence is not None:
         typer.echo(
             f"error: no verdict on {endpoint} for {timeout:g} s ({silence}); is `stream-service run` running "
             "and is the endpoint right?",
             err=True,
         )
-    if archive is not None:
-        typer.echo(f"saved {archive.saved} highlight(s) under {archive.directory}", err=True)
+    if subscriber.archive is not None:
+        typer.echo(f"saved {subscriber.archive.saved} highlight(s) under {subscriber.archive.directory}", err=True)
+    if subscriber.since is not None:
+        typer.echo(f"replayed {subscriber.replayed} verdict(s) from the journal", err=True)
     if subscriber.missed:
         typer.echo(
             f"note: this subscriber missed {subscriber.missed} verdict(s) (sequence gaps not reported as dropped)",
             err=True,
         )
-    raise typer.Exit(0 if silence is None else 1)
 
 
 @app.command("dashboard")

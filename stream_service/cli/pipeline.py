@@ -99,12 +99,15 @@ class _Terminal:
 def _dashboard_or_none(settings: Settings) -> Dashboard | None:
     """The dashboard when enabled; a taken port is reported and the pipeline runs on without it."""
     from stream_service.errors import ConfigError
+    from stream_service.runtime.replay import JournalClient
     from stream_service.web.dashboard import Dashboard
 
     if not settings.dashboard.enabled:
         return None
     try:
-        return Dashboard(settings.dashboard.host, settings.dashboard.port)
+        return Dashboard(
+            settings.dashboard.host, settings.dashboard.port, journal=JournalClient.from_settings(settings)
+        )
     except ConfigError as exc:  # the pipeline matters more than its dashboard: run on without it
         typer.echo(f"error: {exc}; running without the dashboard", err=True)
         return None
@@ -222,17 +225,23 @@ def dashboard_command(
     endpoint: Annotated[
         str | None, typer.Option("--endpoint", help="Verdict PUB endpoint (default: transport.verdicts_pub).")
     ] = None,
+    journal: Annotated[
+        str | None,
+        typer.Option("--journal", help="Journal replay endpoint for /api/verdicts (default: transport.journal_rep)."),
+    ] = None,
 ) -> None:
     """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
     from stream_service.errors import StreamServiceError
     from stream_service.runtime.pipeline import RunLoop, open_subscriber
+    from stream_service.runtime.replay import JournalClient
     from stream_service.runtime.service import connectable, install_stop_signals
     from stream_service.web.dashboard import Dashboard
 
     settings = _load(config)
     endpoint = endpoint or connectable(settings.transport.verdicts_pub)
     try:
-        dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port)
+        client = JournalClient.from_settings(settings, journal)
+        dashboard = Dashboard(settings.dashboard.host, settings.dashboard.port, journal=client)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     try:

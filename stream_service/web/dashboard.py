@@ -11,6 +11,12 @@ the newest highlight JPEG of each camera as it arrives. The server only reads wh
 - ``/api/status``: the latest snapshot plus ``history`` (one point a second: time, verdicts/s, and the
   end-to-end p50/p99 of that second's verdicts, so the chart shows a spike when it happens);
 - ``/api/highlight/<camera>.jpg``: the camera's newest highlight picture (404 before the first one);
+- ``/api/verdicts?camera=&since=&limit=``: verdicts replayed from the infer stage's journal (through the
+  same request/reply client as ``subscribe --since``, so it works from another host): ``{"verdicts": [...],
+  "more": bool, "next": <since for the next page> | null}``, in publishing order, after the verdict_id or
+  from the ISO 8601 time ``since`` (none: the oldest kept), at most ``limit`` (default 100, at most
+  ``journal.replay_limit``); 400 with ``{"error"}`` for a bad parameter or an unknown id, 503 when the
+  journal does not answer;
 - ``/metrics``: the same figures in Prometheus' text format, for an existing monitoring stack;
 - ``/healthz``: ``ok`` while the run loop keeps publishing (503 when its last snapshot is over 5 s old).
 
@@ -29,18 +35,23 @@ import threading
 import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 import numpy as np
 
-from stream_service.errors import ConfigError
+from stream_service.errors import ConfigError, JournalError, StreamServiceError
 from stream_service.runtime.latency import END_TO_END
 from stream_service.runtime.summary import PipelineSummary
 from stream_service.wire.messages import Message, Verdict, highlight_jpeg
 
+if TYPE_CHECKING:
+    from stream_service.runtime.replay import JournalClient
+
 log = logging.getLogger(__name__)
 
 HISTORY_S = 600  # seconds of one-a-second history points kept for the chart
+DEFAULT_LIMIT = 100  # /api/verdicts without a limit
 STALE_S = 5.0  # /healthz turns 503 when the run loop has not published for this long
 _HIGHLIGHT = re.compile(r"^/api/highlight/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
 
@@ -53,7 +64,8 @@ def page() -> bytes:
 class Dashboard:
     """The HTTP server and what it shows; ``publish``/``highlight`` are called from the run loop."""
 
-    def __init__(self, host: str, port: int, history_s: int = HISTORY_S) -> None:
+    def __init__(self, host: str, port: int, history_s: int = HISTORY_S, journal: JournalClient | None = None) -> None:
+        self.journal = journal
         self._lock = threading.Lock()
         self._snapshot: dict[str, Any] = {"verdicts": 0, "cameras": {}, "latency_ms": {}, "processes": []}
         self._published = time.monotonic()
@@ -117,6 +129,28 @@ class Dashboard:
         self._thread.join(5)
 
 
+def replayed(journal: JournalClient | None, query: str) -> tuple[int, dict[str, Any]]:
+    """The answer to ``/api/verdicts?<query>``: (HTTP status, JSON body); see the module docstring."""
+    if journal is None:
+        return 503, {"error": "journal: expected a journal replay endpoint (transport.journal_rep), found none"}
+    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    unknown = sorted(set(params) - {"camera", "since", "limit"})
+    if unknown:
+        return 400, {"error": f"query parameters: expected camera, since and limit, found {unknown}"}
+    limit_text = params.get("limit") or str(min(DEFAULT_LIMIT, journal.page_size))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= journal.page_size:
+        return 400, {"error": f"limit: expected an integer from 1 to {journal.page_size}, found {limit_text!r}"}
+    try:
+        reply = journal.page(params.get("since") or None, params.get("camera") or None, int(limit_text))
+    except JournalError as exc:  # an unknown id, an unreadable time: what the journal said
+        return 400, {"error": str(exc)}
+    except StreamServiceError as exc:  # the journal did not answer
+        return 503, {"error": str(exc)}
+    verdicts = [json.loads(v.model_dump_json()) for v in reply.verdicts]
+    following = reply.verdicts[-1].verdict_id if reply.more and reply.verdicts else None
+    return 200, {"verdicts": verdicts, "more": reply.more, "next": following}
+
+
 def take(message: Message, summary: PipelineSummary, dashboard: Dashboard | None, now_ns: int) -> None:
     """A message from the verdicts PUB: a verdict is counted in ``summary``, a highlight's JPEG is kept
     as its camera's newest picture by ``dashboard``."""
@@ -170,11 +204,14 @@ def _handler(dashboard: Dashboard) -> type[BaseHTTPRequestHandler]:
         server_version = "stream-service-dashboard"
 
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path in ("/", "/index.html"):
                 self._send(200, "text/html; charset=utf-8", dashboard._page)
             elif path == "/api/status":
                 self._send(200, "application/json", json.dumps(dashboard.status()).encode())
+            elif path == "/api/verdicts":
+                code, body = replayed(dashboard.journal, query)
+                self._send(code, "application/json", json.dumps(body).encode())
             elif path == "/metrics":
                 self._send(200, "text/plain; version=0.0.4", metrics(dashboard.status()).encode())
             elif path == "/healthz":

@@ -4,7 +4,9 @@ slow subscriber on the verdict PUB socket (never blocks the publisher; its misse
 from __future__ import annotations
 
 import json
+import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,9 +18,12 @@ import pytest
 from typer.testing import CliRunner
 
 from stream_service.cli import app
+from stream_service.runtime.journal import Journal, JournaledSink, JournalReader, replay_handler
 from stream_service.runtime.summary import PipelineSummary
+from stream_service.settings import JournalSettings
 from stream_service.wire.messages import Region, Verdict, VerdictIds, highlight_header, utc_time
-from stream_service.wire.transport import FrameReceiver, FrameSender
+from stream_service.wire.replay import error_text
+from stream_service.wire.transport import FrameReceiver, FrameSender, ReplyServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -224,3 +229,87 @@ def test_a_slow_subscriber_never_blocks_the_publisher_and_its_misses_are_counted
     assert 0 < received < count / 2 and tally.missed > 0 and tally.last_seq is not None
     # Every verdict from the first to the last received was either received or counted as missed.
     assert received + tally.missed == tally.last_seq - first + 1
+
+
+@pytest.fixture
+def journaled(verdict: LineVerdict, tmp_path: Path) -> Iterator[tuple[str, str, JournalSettings]]:
+    """An infer stage's outside, in a thread: each verdict journaled, then published, every 20 ms, and the
+    journal served on a REP socket; yields (verdicts endpoint, journal endpoint, journal settings)."""
+    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=7)
+    journal, reader = Journal(settings), JournalReader(settings)
+    server = ReplyServer(rep, replay_handler(reader, 7), error_text, max_request_bytes=4096, linger_ms=0, poll_ms=50)
+    stop, ready = threading.Event(), threading.Event()
+
+    def publish() -> None:
+        with FrameSender(pub, kind="pub", hwm=100, linger_ms=0) as sender:
+            sink = JournaledSink(sender, journal)
+            ready.set()
+            seq = 0
+            while not stop.is_set():
+                sink.send("verdicts.cam0", verdict("cam0", seq))
+                seq += 1
+                time.sleep(0.02)
+
+    server.start()
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield pub, rep, settings
+    stop.set()
+    thread.join(10)
+    server.close()
+    reader.close()
+    journal.close()
+
+
+def journal_ids(settings: JournalSettings) -> list[str]:
+    with sqlite3.connect(settings.resolved_path) as db:
+        return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
+
+
+def test_subscribe_since_an_id_replays_then_goes_on_live_without_gap_or_duplicate(
+    journaled: tuple[str, str, JournalSettings],
+) -> None:
+    pub, rep, settings = journaled
+    time.sleep(1.0)  # about 50 verdicts journaled before this subscriber starts
+    since = journal_ids(settings)[3]
+    done = subscribe("--endpoint", pub, "--journal", rep, "--since", since, "--count", "150", "--json")
+    assert done.returncode == 0, done.stderr
+    got = [Verdict.model_validate_json(line).verdict_id for line in done.stdout.splitlines()]
+    ids = journal_ids(settings)
+    start = ids.index(since) + 1
+    assert got == ids[start : start + 150]  # replayed in pages of 7, then live: each once, in order
+    replayed = int(re.search(r"replayed (\d+) verdict", done.stderr).group(1))  # type: ignore[union-attr]
+    assert 40 <= replayed < 150, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("since", "message"),
+    [
+        ("01a23768-5eba-72a1-8876-7a619778c6d2", "since: expected the verdict_id of a verdict in the journal"),
+        ("tuesday", "since: expected a verdict_id (UUIDv7) or an ISO 8601 time"),
+    ],
+)
+def test_subscribe_since_an_unknown_id_or_a_bad_time_exits_1_naming_it(
+    journaled: tuple[str, str, JournalSettings], since: str, message: str
+) -> None:
+    pub, rep, _ = journaled
+    done = subscribe("--endpoint", pub, "--journal", rep, "--since", since, "--count", "1", "--timeout", "5")
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"error: journal at {rep}: {message}" in done.stderr and repr(since) in done.stderr
+
+
+def test_subscribe_since_without_a_journal_exits_1_naming_the_endpoint(publisher: str) -> None:
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    done = subscribe("--endpoint", publisher, "--journal", nobody, "--since", "2026-12-02T00:00:00Z", "--count", "1")
+    assert done.returncode == 1 and f"request to {nobody}: expected a reply within" in done.stderr
+
+
+def test_run_refuses_a_corrupt_journal_naming_journal_path(tmp_path: Path) -> None:
+    bad = tmp_path / "journal.sqlite"
+    bad.write_bytes(b"not a database " * 200)
+    config = write_config(tmp_path, f"journal: {{path: {bad}}}\n")
+    done = subprocess.run([*CLI, "run", "--config", str(config)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1
+    assert f"journal.path {bad}: expected a stream-service journal (SQLite), found" in done.stderr

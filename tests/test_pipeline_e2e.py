@@ -39,7 +39,7 @@ from stream_service.settings import load_settings
 from stream_service.sources.synthetic import SyntheticCamera
 from stream_service.wire.messages import FeaturesHeader, FrameHeader, Stamp, Verdict, encode
 from stream_service.wire.shm_ring import ring_directory
-from stream_service.wire.transport import FrameReceiver, open_socket
+from stream_service.wire.transport import FrameReceiver, open_socket, request
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "stream_service.cli"]
@@ -144,11 +144,19 @@ class Pipeline:
         with sqlite3.connect(self.journal) as db:
             return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
 
-    def drain(self) -> None:
-        """Take what the test's subscriber holds into ``seen``."""
-        while (message := self.subscriber.receive(0.5)) is not None:
-            if isinstance(message.header, Verdict):
+    def drain(self, until: str | None = None) -> None:
+        """Take what the test's subscriber holds into ``seen`` (verdicts keep coming: stop once its queue is
+        empty), and wait for the verdict ``until`` when given."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            message = self.subscriber.receive(0.0 if until is None else 0.5)
+            if message is not None and isinstance(message.header, Verdict):
                 self.seen.append(message.header)
+                if message.header.verdict_id == until:
+                    until = None
+            elif message is None and until is None:
+                return
+            assert time.monotonic() < deadline, f"verdict {until} never reached the test's subscriber"
 
     def heartbeat(self, name: str) -> dict[str, Any]:
         try:
@@ -374,7 +382,7 @@ def test_a_subscriber_down_for_30_s_backfills_every_missed_verdict_exactly_once(
     assert got == journal[start : start + wanted]  # every verdict after the last one it had, once, in order
     replayed = int(re.search(r"replayed (\d+) verdict", again.stderr).group(1))  # type: ignore[union-attr]
     assert missed <= replayed < wanted, again.stderr  # from the journal first, then live
-    pipeline.drain()  # the test's own subscriber never stopped: it received the very same verdicts
+    pipeline.drain(until=got[-1])  # the test's own subscriber never stopped: it received the very same verdicts
     reference = [v.verdict_id for v in pipeline.seen]
     at = reference.index(last) + 1
     assert reference[at : at + wanted] == got
@@ -393,6 +401,10 @@ def test_api_verdicts_replays_the_journal(pipeline: Pipeline) -> None:
         raise AssertionError("an unknown id was accepted")
     except urllib.error.HTTPError as exc:
         assert exc.code == 400 and "since: expected the verdict_id" in json.loads(exc.read())["error"]
+    infer_pid = pipeline.pids()["infer"]
+    for body in (b"\xff\xfe", b'{"limit": 1e9}', b"[]"):  # malformed requests: answered, never fatal
+        assert json.loads(request(pipeline.endpoints["journal"], body, timeout_ms=10_000))["error"]
+    assert pipeline.pids()["infer"] == infer_pid and len(pipeline.verdicts(2, after_ns=time.time_ns())) == 2
 
 
 def test_a_slow_subscriber_drops_and_counts_without_holding_back_the_pipeline(pipeline: Pipeline) -> None:
@@ -573,3 +585,36 @@ def test_the_soartc_stage_runs_alone_rejects_malformed_frames_and_keeps_serving(
             process.wait()
         capture.close()
         features.close()
+
+
+def test_an_infer_stage_with_a_corrupt_journal_runs_on_and_says_why_to_replay_clients(tmp_path: Path) -> None:
+    config, endpoints = write_config(tmp_path, fps=5, defect_rate=0.5)
+    (tmp_path / "journal.sqlite").write_bytes(b"garbage, not SQLite " * 500)  # the path write_config sets
+    stats = tmp_path / "infer.json"
+    process = subprocess.Popen(
+        [*CLI, "infer", "--config", str(config), "--stats", str(stats)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not (stats.exists() and json.loads(stats.read_text()).get("state") == "running"):
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[0][-3000:]
+            time.sleep(0.2)
+        assert "expected a stream-service journal" in json.loads(stats.read_text())["stats"]["journal"]["off"]
+        for body in (b'{"since": null}', b"{garbage", b'{"limit": -3}'):
+            reply = json.loads(request(endpoints["journal"], body, timeout_ms=10_000))
+            assert reply["verdicts"] == [] and reply["error"], reply
+        assert (
+            f"journal.path {tmp_path / 'journal.sqlite'}: expected a stream-service journal"
+            in json.loads(request(endpoints["journal"], b"{}", timeout_ms=10_000))["error"]
+        )
+        assert process.poll() is None  # still serving
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

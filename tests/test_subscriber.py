@@ -115,3 +115,9 @@ def test_without_since_nothing_is_asked_from_the_journal(line: list[Verdict]) ->
     journal = Journal(line, visible=60)
     got, _ = run(journal, line[50:60], since=None)
     assert got == line[50:60] and journal.requests == []
+
+
+def test_a_catch_up_that_reaches_the_count_hands_on_nothing_more(line: list[Verdict]) -> None:
+    journal = Journal(line, visible=10, grows=50)
+    got, _ = run(journal, line[30:60], since=line[4].verdict_id, count=12)
+    assert got == line[5:17]

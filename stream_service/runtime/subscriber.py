@@ -131,8 +131,8 @@ class VerdictSubscriber:
             if finishing is not None:
                 continue  # past --count: only highlights now
             last = now
-            if self.since is not None and self._replayed_already(header):
-                continue
+            if self.since is not None and (self._replayed_already(header) or self._done(None) is not None):
+                continue  # handed on from the journal already, or a catch-up reached the count
             self._hand(header, live=True)
 
     def _replay(self) -> Iterable[Verdict]:

@@ -344,18 +344,21 @@ def main() -> None:
 
     if journal_cost is not None:
         print(
-            f"\n{'journal':<8}{'verdicts/s':>11}{'e2e p50':>9}{'e2e p99':>9}   (640x640, 1 camera, 10 fps offered; ms)"
+            f"\n{'journal':<8}{'verdicts/s':>11}{'e2e p50':>9}{'e2e p99':>9}{'made->recv p50':>15}{'p99':>7}"
+            "   (640x640, 1 camera, 10 fps offered; ms)"
         )
         for r in journal_cost["rows"]:
-            e2e = r["e2e_received_ms"]
+            e2e, hop = r["e2e_received_ms"], r["made_to_received_ms"]
             print(
                 f"{'on' if r['journal'] else 'off':<8}{r['throughput_fps']:>11.2f}"
                 f"{e2e['p50'] or float('nan'):>9.1f}{e2e['p99'] or float('nan'):>9.1f}"
+                f"{hop['p50'] or float('nan'):>15.2f}{hop['p99'] or float('nan'):>7.2f}"
             )
         append = journal_cost["append_ms"]
         print(
-            f"p50 added by the journal (median of rounds): {journal_cost['p50_added_ms']:.2f} ms; "
-            f"Journal.append alone p50 {append['p50']:.3f} ms, p99 {append['p99']:.3f} ms"
+            f"p50 added by the journal (median of rounds): e2e {journal_cost['p50_added_ms']:.2f} ms, made->received "
+            f"{journal_cost['made_to_received_p50_added_ms']:.2f} ms; Journal.append alone p50 {append['p50']:.3f} ms, "
+            f"p99 {append['p99']:.3f} ms"
         )
     print(
         f"\n{'frames':<10}{'cams':>5}{'pixels':>7}{'soartc':>7}{'offered/s':>10}{'verdicts/s':>11}{'dropped':>9}"

@@ -18,7 +18,7 @@ from stream_service.runtime.runner import MemorySink
 from stream_service.settings import JournalSettings, default_journal_path
 from stream_service.wire.messages import Verdict, VerdictIds, utc_time
 from stream_service.wire.replay import ReplayRequest, decode_reply, encode_request, error_text
-from stream_service.wire.transport import ReplyServer, request
+from stream_service.wire.transport import ReplyServer, open_socket, request
 
 T0_NS = 1_796_226_000_000_000_000  # 2026-12-02T15:40:00Z
 IDS = VerdictIds()
@@ -242,3 +242,36 @@ def test_a_request_to_nobody_times_out_naming_the_endpoint() -> None:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     with pytest.raises(TransportError, match=f"request to {endpoint}: expected a reply within 200 ms"):
         request(endpoint, b"{}", timeout_ms=200)
+
+
+def test_a_request_of_several_parts_or_over_the_size_bound_never_stops_the_server(
+    server: tuple[str, list[Verdict]],
+) -> None:
+    endpoint, made = server
+    req = open_socket("req", endpoint, bind=False, hwm=1, linger_ms=0)
+    try:
+        req.send_multipart([b"{}", b"{}"])
+        assert req.poll(5000)
+        reply = decode_reply(req.recv())
+    finally:
+        req.close()
+    assert reply.error == "replay request: expected 1 part, found 2"
+    with pytest.raises(TransportError, match="expected a reply within 500 ms"):
+        request(endpoint, b" " * 10_000, timeout_ms=500)  # over max_request_bytes: refused unread
+    assert decode_reply(request(endpoint, encode_request(ReplayRequest(limit=2)), timeout_ms=5000)).verdicts == tuple(
+        made[:2]
+    )
+
+
+def test_retention_runs_at_start_and_then_every_prune_every_s(
+    settings: JournalSettings, verdicts: Callable[[int, int], list[Verdict]]
+) -> None:
+    day = 86_400 * 10**9
+    journal = Journal(settings.model_copy(update={"max_age_days": 1.0, "prune_every_s": 3600.0}), clock(T0_NS))
+    for v in verdicts(3, T0_NS - 2 * day):
+        journal.append(v)
+    assert journal.maybe_prune() == 0  # it ran at start; the next run is an hour away
+    assert journal.prune() == 3
+    journal.close()
+    reopened = Journal(settings.model_copy(update={"max_age_days": 1.0}), clock(T0_NS))
+    assert reopened.count() == 0

@@ -94,12 +94,15 @@ def open_socket(
     hwm: int,
     linger_ms: int,
     topics: Sequence[str] = (),
+    max_message_bytes: int = -1,
     ctx: zmq.Context[Socket] | None = None,
 ) -> Socket:
     """A socket of ``kind`` bound or connected to ``endpoint`` with high-water mark ``hwm`` (messages).
 
     ``tcp://127.0.0.1:*`` binds a free port (see ``endpoint_of``). A SUB socket subscribes to each topic
-    prefix in ``topics`` (``verdicts.cam0``), or to everything when there are none.
+    prefix in ``topics`` (``verdicts.cam0``), or to everything when there are none. ``max_message_bytes``
+    (-1: no bound): ZeroMQ drops a peer that sends a larger message (set before the bind: a listener
+    copies the options it has then).
     """
     op = "bind" if bind else "connect"
     sock = (ctx or context()).socket(_ZMQ_TYPES[kind])
@@ -107,6 +110,7 @@ def open_socket(
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if kind == "sub":
             for topic in topics or ("",):
                 sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
@@ -467,8 +471,9 @@ class ReplyServer:
         poll_ms: int,
         ctx: zmq.Context[Socket] | None = None,
     ) -> None:
-        self._sock = open_socket("rep", endpoint, bind=True, hwm=1, linger_ms=linger_ms, ctx=ctx)
-        self._sock.setsockopt(zmq.MAXMSGSIZE, max_request_bytes)
+        self._sock = open_socket(
+            "rep", endpoint, bind=True, hwm=1, linger_ms=linger_ms, max_message_bytes=max_request_bytes, ctx=ctx
+        )
         self.endpoint = endpoint_of(self._sock)
         self._handler, self._malformed, self._poll_ms = handler, malformed, poll_ms
         self._thread: threading.Thread | None = None

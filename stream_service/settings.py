@@ -262,6 +262,7 @@ class JournalSettings(Section):
     max_mb: PositiveFloat = 1024.0
     prune_every_s: PositiveFloat = 60.0  # how often retention runs (and once at start)
     synchronous: Literal["normal", "full"] = "normal"  # normal: survives a crash of the process; full: of the host
+    busy_timeout_ms: PositiveInt = 1000  # how long a write or read waits for another process's lock on the file
     replay_limit: PositiveInt = 1000  # the most verdicts one replay reply carries (clients ask page by page)
     replay_timeout_ms: PositiveInt = 5000  # how long a client waits for a reply
     max_request_bytes: PositiveInt = 4096  # a longer replay request is refused unread

@@ -58,7 +58,7 @@ CREATE INDEX IF NOT EXISTS verdicts_by_camera ON verdicts (camera_id, id);
 _ID = re.compile(VERDICT_ID_PATTERN)
 
 
-def _connect(path: Path, synchronous: str, *, reader: bool) -> sqlite3.Connection:
+def _connect(path: Path, synchronous: str, busy_timeout_ms: int, *, reader: bool) -> sqlite3.Connection:
     """A connection to the journal at ``path`` in WAL mode, its schema checked (and made, for the writer)."""
     where = f"journal.path {path}"
     try:
@@ -66,7 +66,7 @@ def _connect(path: Path, synchronous: str, *, reader: bool) -> sqlite3.Connectio
     except OSError as exc:
         raise JournalError(f"{where}: expected a writable folder, found {exc}") from exc
     try:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
     except sqlite3.Error as exc:
         raise JournalError(f"{where}: expected a SQLite database that can be opened, found {exc}") from exc
     try:
@@ -102,7 +102,7 @@ class Journal:
     def __init__(self, settings: JournalSettings, clock_ns: Callable[[], int] = time.time_ns) -> None:
         self.settings = settings
         self.path = settings.resolved_path
-        self._db = _connect(self.path, settings.synchronous, reader=False)
+        self._db = _connect(self.path, settings.synchronous, settings.busy_timeout_ms, reader=False)
         self._clock_ns = clock_ns
         # The WAL is cut back to this size after checkpoints: a sixteenth of the data limit, at most 64 MiB.
         wal_limit = min(64 << 20, int(settings.max_mb * (1 << 20)) // 16)
@@ -151,7 +151,8 @@ class Journal:
                 ).rowcount
             if deleted:
                 self._db.executescript("PRAGMA incremental_vacuum;")  # stepped to the end: each step frees a page
-                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                # PASSIVE: never waits for a replay in progress (journal_size_limit trims the WAL later)
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
             raise JournalError(f"journal.path {self.path}: expected retention to run, found {exc}") from exc
         self.pruned += deleted
@@ -179,7 +180,7 @@ class JournalReader:
 
     def __init__(self, settings: JournalSettings) -> None:
         self.path = settings.resolved_path
-        self._db = _connect(self.path, settings.synchronous, reader=True)
+        self._db = _connect(self.path, settings.synchronous, settings.busy_timeout_ms, reader=True)
         self._db.execute("PRAGMA query_only = 1")
 
     def after(self, since: str | None, camera: str | None, limit: int) -> tuple[list[str], bool]:

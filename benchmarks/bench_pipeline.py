@@ -13,10 +13,16 @@ for a fixed time:
 An offered rate above what the machine sustains is on purpose: throughput is then the capacity, and the
 latency is that of fresh frames, the older ones dropped and counted.
 
+The journal's cost (``--journal-cost``): the 640x640 pipeline, one camera at 10 fps, with the journal
+(``journal.enabled``) on and off, alternated ``--journal-rounds`` times in the same run, end-to-end p50/p99
+of each (received here, so the journal write before the publish is inside), and the append alone
+(``Journal.append`` of the verdicts received, timed in this process on a fresh journal).
+
 Part 2, frame transport alone (``bench_transport.py``'s harness, same frames, same machine, separate
 processes): our tcp and shared-memory transports against imagezmq, 1920x1080 and 640x640 BGR frames.
 
     python benchmarks/bench_pipeline.py [--seconds 30] [--warmup 8] [--out bench_out/bench_pipeline.json]
+    python benchmarks/bench_pipeline.py --journal-cost --skip-pipeline --skip-transport [--journal-rounds 2]
 
 Prints tables and writes JSON with the machine, versions and parameters.
 """
@@ -97,9 +103,17 @@ def running_pipeline(
 
 
 def pipeline_config(
-    width: int, height: int, fps: float, cameras: int, threads: int, shared_memory: bool, device: str
+    width: int,
+    height: int,
+    fps: float,
+    cameras: int,
+    threads: int,
+    shared_memory: bool,
+    device: str,
+    journal: Path | None = None,
 ) -> tuple[dict[str, Any], str]:
-    ports = free_ports(cameras + 2)
+    """The config and its verdicts endpoint; ``journal``: the journal's path (None: the journal off)."""
+    ports = free_ports(cameras + 3)
     verdicts = f"tcp://127.0.0.1:{ports[-1]}"
     config = {
         "cameras": [
@@ -113,10 +127,12 @@ def pipeline_config(
             "capture_out": [f"tcp://127.0.0.1:{p}" for p in ports[:cameras]],
             "features_out": f"tcp://127.0.0.1:{ports[-2]}",
             "verdicts_pub": verdicts,
+            "journal_rep": f"tcp://127.0.0.1:{ports[-3]}",
             "shared_memory": shared_memory,
         },
         "soartc": {"device": device},
         "inference": {"device": "cpu", "threads": threads},
+        "journal": {"enabled": journal is not None} | ({"path": str(journal)} if journal is not None else {}),
         "supervisor": {"startup_timeout_s": STARTUP_S, "heartbeat_timeout_s": 30.0},
         "dashboard": {"enabled": False},
     }
@@ -140,12 +156,15 @@ def run_pipeline(
     device: str,
     workdir: Path,
     offered_fps: float | None = None,
+    journal: bool = True,
+    name: str = "",
 ) -> dict[str, Any]:
     width, height, fps = SIZES[size]
     fps = offered_fps or fps
-    config, endpoint = pipeline_config(width, height, fps, cameras, threads, shared_memory, device)
-    folder = workdir / f"{size}-{cameras}-{'shm' if shared_memory else 'tcp'}-{device}"
+    folder = workdir / f"{size}-{cameras}-{'shm' if shared_memory else 'tcp'}-{device}{name}"
     folder.mkdir(parents=True)
+    journal_path = folder / "journal.sqlite" if journal else None
+    config, endpoint = pipeline_config(width, height, fps, cameras, threads, shared_memory, device, journal_path)
     samples: list[tuple[Verdict, int]] = []
     with running_pipeline(config, folder, endpoint, warmup) as (_, subscriber):
         end = time.monotonic() + seconds
@@ -155,6 +174,13 @@ def run_pipeline(
                 samples.append((message.header, time.time_ns()))
         heartbeats = {p.stem: json.loads(p.read_text()) for p in (folder / "run").glob("*.json")}
     received = [(received_ns - v.capture_ns) / 1e6 for v, received_ns in samples]
+    # From the verdict made (its end_to_end is taken then) to received here: the journal write (when on),
+    # the PUB/SUB hop and this process's wake-up; the part of the latency the journal can add to.
+    after_made = [
+        r - v.latency_ms["end_to_end"]
+        for r, (v, _) in zip(received, samples, strict=True)
+        if "end_to_end" in v.latency_ms
+    ]
     stages: dict[str, list[float]] = {}
     for v, _ in samples:
         for stage, ms in v.latency_ms.items():
@@ -164,6 +190,8 @@ def run_pipeline(
     return {
         "size": size,
         "cameras": cameras,
+        "journal": journal,
+        **({"verdicts_json": [v.model_dump_json() for v, _ in samples]} if name else {}),
         "pixels": "shm" if shared_memory else "tcp",
         "soartc_device": device,
         "offered_fps_per_camera": fps,
@@ -174,8 +202,63 @@ def run_pipeline(
         "dropped_fraction": dropped / (dropped + len(samples)) if samples else None,
         "frames_captured_total": captured,
         "e2e_received_ms": percentiles(received),
+        "made_to_received_ms": percentiles(after_made),
         "stages_ms": {stage: percentiles(values) for stage, values in sorted(stages.items())},
         "fail_fraction": sum(v.verdict == "fail" for v, _ in samples) / len(samples) if samples else None,
+    }
+
+
+def append_cost(verdicts_json: list[str], folder: Path) -> dict[str, float | None]:
+    """p50/p99 (ms) of ``Journal.append`` for these verdicts, on a fresh journal in ``folder``."""
+    from stream_service.runtime.journal import Journal
+    from stream_service.settings import JournalSettings
+
+    journal = Journal(JournalSettings(path=folder / "append-cost.sqlite"))
+    took = []
+    for text in verdicts_json:
+        verdict = Verdict.model_validate_json(text)
+        started = time.perf_counter_ns()
+        journal.append(verdict)
+        took.append((time.perf_counter_ns() - started) / 1e6)
+    journal.close()
+    return percentiles(took)
+
+
+def run_journal_cost(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """640x640, one camera at 10 fps, the journal off and on alternately (see the module docstring)."""
+    rows = []
+    for i in range(args.journal_rounds):
+        for journal in (False, True):
+            print(f"journal cost: round {i + 1}, journal {'on' if journal else 'off'} ...", file=sys.stderr, flush=True)
+            rows.append(
+                run_pipeline(
+                    "640x640",
+                    1,
+                    args.seconds,
+                    args.warmup,
+                    args.threads,
+                    True,
+                    "cpu",
+                    workdir,
+                    10.0,
+                    journal,
+                    f"-journal-{'on' if journal else 'off'}-{i}",
+                )
+            )
+    verdicts = [text for r in rows if r["journal"] for text in r.pop("verdicts_json")]
+    for r in rows:
+        r.pop("verdicts_json", None)
+
+    def added(key: str) -> float:
+        on = [r[key]["p50"] for r in rows if r["journal"]]
+        off = [r[key]["p50"] for r in rows if not r["journal"]]
+        return float(statistics.median(on) - statistics.median(off))
+
+    return {
+        "rows": rows,
+        "append_ms": append_cost(verdicts, workdir),
+        "p50_added_ms": added("e2e_received_ms"),
+        "made_to_received_p50_added_ms": added("made_to_received_ms"),
     }
 
 
@@ -227,6 +310,8 @@ def main() -> None:
         "--soartc-devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"], help="soartc.device of the cases"
     )
     parser.add_argument("--fps", type=float, default=None, help="offered frames/s per camera (default: per size)")
+    parser.add_argument("--journal-cost", action="store_true", help="640x640 at 10 fps, journal on and off")
+    parser.add_argument("--journal-rounds", type=int, default=2, help="off/on pairs of --journal-cost")
     parser.add_argument("--skip-transport", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_pipeline.json"))
@@ -254,8 +339,27 @@ def main() -> None:
                                 args.fps,
                             )
                         )
+        journal_cost = run_journal_cost(args, Path(tmp)) if args.journal_cost else None
     transport = [] if args.skip_transport else run_transport(args.transport_frames, args.transport_runs)
 
+    if journal_cost is not None:
+        print(
+            f"\n{'journal':<8}{'verdicts/s':>11}{'e2e p50':>9}{'e2e p99':>9}{'made->recv p50':>15}{'p99':>7}"
+            "   (640x640, 1 camera, 10 fps offered; ms)"
+        )
+        for r in journal_cost["rows"]:
+            e2e, hop = r["e2e_received_ms"], r["made_to_received_ms"]
+            print(
+                f"{'on' if r['journal'] else 'off':<8}{r['throughput_fps']:>11.2f}"
+                f"{e2e['p50'] or float('nan'):>9.1f}{e2e['p99'] or float('nan'):>9.1f}"
+                f"{hop['p50'] or float('nan'):>15.2f}{hop['p99'] or float('nan'):>7.2f}"
+            )
+        append = journal_cost["append_ms"]
+        print(
+            f"p50 added by the journal (median of rounds): e2e {journal_cost['p50_added_ms']:.2f} ms, made->received "
+            f"{journal_cost['made_to_received_p50_added_ms']:.2f} ms; Journal.append alone p50 {append['p50']:.3f} ms, "
+            f"p99 {append['p99']:.3f} ms"
+        )
     print(
         f"\n{'frames':<10}{'cams':>5}{'pixels':>7}{'soartc':>7}{'offered/s':>10}{'verdicts/s':>11}{'dropped':>9}"
         f"{'e2e p50':>9}{'e2e p99':>9}{'soartc p50':>11}{'infer p50':>10}   (ms; e2e = capture stamp to received)"
@@ -286,6 +390,7 @@ def main() -> None:
         "model": {"name": card["name"], "version": card["version"], "created": card["created"]},
         "params": vars(args) | {"out": str(args.out)},
         "pipeline": rows,
+        "journal_cost": journal_cost,
         "transport": transport,
     }
     write_report(args.out, report)

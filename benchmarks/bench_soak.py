@@ -58,16 +58,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_soak.json"))
     args = parser.parse_args()
 
-    capture, features, verdicts, http = free_ports(4)
+    capture, features, verdicts, http, journal = free_ports(5)
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
     config["transport"] |= {
         "capture_out": [f"tcp://127.0.0.1:{capture}"],
         "features_out": f"tcp://127.0.0.1:{features}",
         "verdicts_pub": f"tcp://127.0.0.1:{verdicts}",
+        "journal_rep": f"tcp://127.0.0.1:{journal}",
     }
     config["dashboard"] |= {"port": http}
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         folder = Path(tmp)
+        config["journal"] |= {"path": str(folder / "journal.sqlite")}
         samples: list[dict[str, Any]] = []
         endpoint = f"tcp://127.0.0.1:{verdicts}"  # the embedded default with its ports moved
         with running_pipeline(config, folder, endpoint, args.warmup) as (process, subscriber):

@@ -11,6 +11,7 @@
     ├── DeviceError            the requested compute device (CUDA) is not available
     ├── MessageError           a wire message is malformed (bad header, size or version)
     ├── TransportError         a ZeroMQ socket failed (bind, connect, send, receive)
+    ├── JournalError           the verdict journal cannot be opened or read, or a replay request is bad
     └── CameraError            a camera source cannot be opened or stopped delivering frames
 
 Messages name the thing, the expected value and what was found. Third-party exceptions are
@@ -66,6 +67,10 @@ class TransportError(StreamServiceError):
 
 class SharedMemoryError(TransportError):
     """A shared-memory frame ring could not be created (no room in ``/dev/shm``, no permission)."""
+
+
+class JournalError(StreamServiceError):
+    """The verdict journal (SQLite) cannot be opened, written or read, or a replay request is malformed."""
 
 
 class CameraError(StreamServiceError):

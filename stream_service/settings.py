@@ -178,6 +178,7 @@ class TransportSettings(Section):
     capture_port: int = Field(57100, ge=1, le=65535)
     features_out: Endpoint = "tcp://127.0.0.1:57200"
     verdicts_pub: Endpoint = "tcp://127.0.0.1:57300"
+    journal_rep: Endpoint = "tcp://127.0.0.1:57301"  # the infer stage's journal replay (request/reply)
     capture_hwm: PositiveInt = 4
     features_hwm: PositiveInt = 4
     publish_hwm: PositiveInt = 100
@@ -254,6 +255,32 @@ class SupervisorSettings(Section):
     log_backups: int = Field(3, ge=0)  # ... keeping this many older ones (<name>.log.1 is the newest)
 
 
+def default_journal_path() -> Path:
+    """``$XDG_STATE_HOME/stream-service/journal.sqlite`` (default ``~/.local/state``): persistent, per user."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "stream-service" / "journal.sqlite"
+
+
+class JournalSettings(Section):
+    """The verdict journal of the infer stage (``runtime.journal``): SQLite in WAL mode, kept by age and size."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: default_journal_path()
+    max_age_days: PositiveFloat = 30.0
+    max_mb: PositiveFloat = 1024.0
+    prune_every_s: PositiveFloat = 60.0  # how often retention runs (and once at start)
+    synchronous: Literal["normal", "full"] = "normal"  # normal: survives a crash of the process; full: of the host
+    busy_timeout_ms: PositiveInt = 1000  # how long a write or read waits for another process's lock on the file
+    replay_limit: PositiveInt = 1000  # the most verdicts one replay reply carries (clients ask page by page)
+    replay_timeout_ms: PositiveInt = 5000  # how long a client waits for a reply
+    max_request_bytes: PositiveInt = 4096  # a longer replay request is refused unread
+
+    @property
+    def resolved_path(self) -> Path:
+        """``path``, or the per-user default."""
+        return self.path if self.path is not None else default_journal_path()
+
+
 class DashboardSettings(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -310,6 +337,7 @@ class Settings(Section):
     inference: InferenceSettings = InferenceSettings()
     highlight: HighlightSettings = HighlightSettings()
     supervisor: SupervisorSettings = SupervisorSettings()
+    journal: JournalSettings = JournalSettings()
     dashboard: DashboardSettings = DashboardSettings()
     health: HealthSettings = HealthSettings()
     security: SecuritySettings = SecuritySettings()

@@ -32,6 +32,13 @@ def dataset_root() -> Path:
     return Path(os.environ.get("STREAM_SERVICE_DATASETS", REPO.parent / "shared" / "datasets"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _journal_state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """$XDG_STATE_HOME in a temporary folder: no test (nor a process it starts) writes the default journal
+    (``journal.path`` unset) into the real per-user state folder."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state-home"))
+
+
 @pytest.fixture(scope="session")
 def deeppcb() -> Path:
     """The DeepPCB folder (with manifest.jsonl); the test is skipped when it is absent."""

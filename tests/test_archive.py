@@ -10,7 +10,7 @@ import pytest
 
 from stream_service.errors import InputError
 from stream_service.web.archive import HighlightArchive
-from stream_service.wire.messages import Message, Verdict, highlight_header
+from stream_service.wire.messages import Message, Verdict, VerdictIds, highlight_header, utc_time
 
 
 @pytest.fixture
@@ -22,7 +22,25 @@ def highlight(v: Verdict, picture: bytes) -> Message:
     return Message("highlights.cam0", highlight_header(v, picture), [np.frombuffer(picture, np.uint8)])
 
 
-def test_every_highlight_with_its_verdict_in_the_name(tmp_path: Path, verdict: Callable[[int, str], Verdict]) -> None:
+def test_pictures_are_named_by_verdict_id_so_a_restarted_capture_overwrites_nothing(
+    tmp_path: Path, make_verdict: Callable[..., Verdict]
+) -> None:
+    archive = HighlightArchive(tmp_path)
+    ids, t_ns = VerdictIds(), 1_796_226_000_000_000_000
+    # the capture restarted: seq 1 twice, two different verdicts
+    first, again = (
+        make_verdict(seq=1, verdict="fail", verdict_id=ids.new(t_ns + i), time=utc_time(t_ns + i)) for i in (0, 10**9)
+    )
+    for v in (first, again):
+        archive.verdict(v)
+    assert archive.highlight(highlight(again, b"\xff\xd8again")) == tmp_path / f"cam0/{again.verdict_id}-fail.jpg"
+    assert archive.highlight(highlight(first, b"\xff\xd8first")) == tmp_path / f"cam0/{first.verdict_id}-fail.jpg"
+    assert sorted(p.read_bytes() for p in (tmp_path / "cam0").iterdir()) == [b"\xff\xd8again", b"\xff\xd8first"]
+
+
+def test_a_verdict_without_an_id_is_named_by_camera_and_seq(
+    tmp_path: Path, verdict: Callable[[int, str], Verdict]
+) -> None:
     archive = HighlightArchive(tmp_path / "pictures")
     passed, failed = verdict(7, "pass"), verdict(8, "fail")
     for v in (passed, failed):

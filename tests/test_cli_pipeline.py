@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,9 +19,12 @@ import pytest
 from typer.testing import CliRunner
 
 from stream_service.cli import app
+from stream_service.runtime.journal import Journal, JournaledSink, JournalReader, replay_handler
 from stream_service.runtime.summary import PipelineSummary
-from stream_service.wire.messages import Region, Verdict, highlight_header
-from stream_service.wire.transport import FrameReceiver, FrameSender
+from stream_service.settings import JournalSettings
+from stream_service.wire.messages import Region, Verdict, VerdictIds, highlight_header, utc_time
+from stream_service.wire.replay import error_text
+from stream_service.wire.transport import FrameReceiver, FrameSender, ReplyServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,12 +46,17 @@ LineVerdict = Callable[..., Verdict]
 def verdict(make_verdict: Callable[..., Verdict]) -> LineVerdict:
     """``verdict(camera, seq, regions=1)``: every third one a fail, with regions, stage latencies and truth."""
 
+    ids = VerdictIds()
+
     def make(camera: str, seq: int, regions: int = 1) -> Verdict:
         boxes = tuple(Region(x1=i, y1=i, x2=i + 9, y2=i + 9, score=0.9, area=50) for i in range(regions))
+        now_ns = time.time_ns()
         return make_verdict(
             camera,
             seq,
-            capture_ns=time.time_ns(),
+            verdict_id=ids.new(now_ns),
+            time=utc_time(now_ns),
+            capture_ns=now_ns,
             verdict="fail" if seq % 3 == 0 else "pass",
             score=0.7 if seq % 3 == 0 else 0.2,
             regions=boxes,
@@ -132,7 +142,7 @@ def test_subscribe_saves_the_highlight_pictures_of_the_fails(publisher: str, tmp
     fails = [v for v in map(Verdict.model_validate_json, done.stdout.splitlines()) if v.verdict == "fail"]
     assert len(fails) >= 2  # every third verdict of the publisher is a fail
     pictures = sorted((out / "cam0").iterdir())
-    assert [p.name for p in pictures] == [f"cam0-{v.seq:08d}-fail.jpg" for v in fails]  # the last one too
+    assert [p.name for p in pictures] == [f"{v.verdict_id}-fail.jpg" for v in fails]  # the last one too
     assert all(p.read_bytes() == jpeg("cam0", v.seq) for p, v in zip(pictures, fails, strict=True))
     assert f"saved {len(fails)} highlight(s) under {out}" in done.stderr
 
@@ -285,3 +295,87 @@ def test_a_camera_without_a_reference_is_refused_with_how_to_make_one(tmp_path: 
     )
     assert done.returncode == 1 and "expected the file reference.json, found none" in done.stderr
     assert "stream-service reference grab --config FILE --camera cam0" in done.stderr
+
+
+@pytest.fixture
+def journaled(verdict: LineVerdict, tmp_path: Path) -> Iterator[tuple[str, str, JournalSettings]]:
+    """An infer stage's outside, in a thread: each verdict journaled, then published, every 20 ms, and the
+    journal served on a REP socket; yields (verdicts endpoint, journal endpoint, journal settings)."""
+    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=7)
+    journal, reader = Journal(settings), JournalReader(settings)
+    server = ReplyServer(rep, replay_handler(reader, 7), error_text, max_request_bytes=4096, linger_ms=0, poll_ms=50)
+    stop, ready = threading.Event(), threading.Event()
+
+    def publish() -> None:
+        with FrameSender(pub, kind="pub", hwm=100, linger_ms=0) as sender:
+            sink = JournaledSink(sender, journal)
+            ready.set()
+            seq = 0
+            while not stop.is_set():
+                sink.send("verdicts.cam0", verdict("cam0", seq))
+                seq += 1
+                time.sleep(0.02)
+
+    server.start()
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield pub, rep, settings
+    stop.set()
+    thread.join(10)
+    server.close()
+    reader.close()
+    journal.close()
+
+
+def journal_ids(settings: JournalSettings) -> list[str]:
+    with sqlite3.connect(settings.resolved_path) as db:
+        return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
+
+
+def test_subscribe_since_an_id_replays_then_goes_on_live_without_gap_or_duplicate(
+    journaled: tuple[str, str, JournalSettings],
+) -> None:
+    pub, rep, settings = journaled
+    time.sleep(1.0)  # about 50 verdicts journaled before this subscriber starts
+    since = journal_ids(settings)[3]
+    done = subscribe("--endpoint", pub, "--journal", rep, "--since", since, "--count", "150", "--json")
+    assert done.returncode == 0, done.stderr
+    got = [Verdict.model_validate_json(line).verdict_id for line in done.stdout.splitlines()]
+    ids = journal_ids(settings)
+    start = ids.index(since) + 1
+    assert got == ids[start : start + 150]  # replayed in pages of 7, then live: each once, in order
+    replayed = int(re.search(r"replayed (\d+) verdict", done.stderr).group(1))  # type: ignore[union-attr]
+    assert 40 <= replayed < 150, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("since", "message"),
+    [
+        ("01a23768-5eba-72a1-8876-7a619778c6d2", "since: expected the verdict_id of a verdict in the journal"),
+        ("tuesday", "since: expected a verdict_id (UUIDv7) or an ISO 8601 time"),
+    ],
+)
+def test_subscribe_since_an_unknown_id_or_a_bad_time_exits_1_naming_it(
+    journaled: tuple[str, str, JournalSettings], since: str, message: str
+) -> None:
+    pub, rep, _ = journaled
+    done = subscribe("--endpoint", pub, "--journal", rep, "--since", since, "--count", "1", "--timeout", "5")
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"error: journal at {rep}: {message}" in done.stderr and repr(since) in done.stderr
+
+
+def test_subscribe_since_without_a_journal_exits_1_naming_the_endpoint(publisher: str) -> None:
+    nobody = f"tcp://127.0.0.1:{free_port()}"
+    done = subscribe("--endpoint", publisher, "--journal", nobody, "--since", "2026-12-02T00:00:00Z", "--count", "1")
+    assert done.returncode == 1 and f"request to {nobody}: expected a reply within" in done.stderr
+
+
+def test_run_refuses_a_corrupt_journal_naming_journal_path(tmp_path: Path) -> None:
+    bad = tmp_path / "journal.sqlite"
+    bad.write_bytes(b"not a database " * 200)
+    config = write_config(tmp_path, f"journal: {{path: {bad}}}\n")
+    done = subprocess.run([*CLI, "run", "--config", str(config)], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1
+    assert f"journal.path {bad}: expected a stream-service journal (SQLite), found" in done.stderr

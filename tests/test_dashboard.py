@@ -21,10 +21,13 @@ from typing import Any
 import pytest
 
 from stream_service.errors import ConfigError
+from stream_service.runtime.journal import Journal, JournalReader, replay_handler
+from stream_service.settings import JournalSettings
 from stream_service.web.dashboard import Dashboard
 from stream_service.web.prometheus import CONTENT_TYPE
-from stream_service.wire.messages import Verdict, highlight_header, topic_of
-from stream_service.wire.transport import FrameSender
+from stream_service.wire.messages import Verdict, VerdictIds, highlight_header, topic_of, utc_time
+from stream_service.wire.replay import error_text
+from stream_service.wire.transport import FrameSender, ReplyServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -283,3 +286,83 @@ def test_a_silent_client_is_disconnected_and_a_vanished_one_is_not_an_error(
     time.sleep(0.5)
     assert request(guarded.url + "metrics", BEARER)[0] == 200
     assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+def test_api_verdicts_replays_the_journal_of_an_infer_stage_on_another_host(
+    tmp_path: Path, make_verdict: Callable[..., Verdict]
+) -> None:
+    """`stream-service dashboard` asks the journal over transport.journal_rep, as from another host: here the
+    journal and its replay server run in this process, the dashboard in its own."""
+    pub, rep, http = free_port(), free_port(), free_port()
+    settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=50)
+    journal, reader, ids = Journal(settings), JournalReader(settings), VerdictIds()
+    made = []
+    for seq in range(30):
+        t_ns = time.time_ns() + seq * 1_000_000
+        made.append(make_verdict(f"cam{seq % 2}", seq, verdict_id=ids.new(t_ns), time=utc_time(t_ns)))
+        journal.append(made[-1])
+    server = ReplyServer(
+        f"tcp://127.0.0.1:{rep}",
+        replay_handler(reader, 50),
+        error_text,
+        max_request_bytes=4096,
+        linger_ms=0,
+        poll_ms=50,
+    )
+    server.start()
+    config = tmp_path / "line.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+                "transport": {"verdicts_pub": f"tcp://127.0.0.1:{pub}", "journal_rep": f"tcp://127.0.0.1:{rep}"},
+                "journal": {"replay_limit": 50, "replay_timeout_ms": 3000},
+                "dashboard": {"enabled": True, "host": "127.0.0.1", "port": http},
+            }
+        )
+    )
+    url = f"http://127.0.0.1:{http}/api/verdicts"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stream_service.cli", "dashboard", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                code, kind, body = get(url + "?limit=10")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "the dashboard did not start"
+                time.sleep(0.2)
+        page = json.loads(body)
+        assert (code, kind) == (200, "application/json") and page["more"] is True
+        assert [v["verdict_id"] for v in page["verdicts"]] == [v.verdict_id for v in made[:10]]
+        assert page["next"] == made[9].verdict_id
+        code, _, body = get(f"{url}?camera=cam1&since={page['next']}&limit=50")
+        rest = json.loads(body)
+        assert code == 200 and rest["more"] is False and rest["next"] is None
+        assert [Verdict.model_validate(v) for v in rest["verdicts"]] == made[11::2]
+        code, _, body = get(f"{url}?since={made[20].time}")
+        assert [v["verdict_id"] for v in json.loads(body)["verdicts"]][:1] == [made[20].verdict_id]
+        for query, status, message in [
+            ("since=01a23768-5eba-72a1-8876-7a619778c6d2", 400, "since: expected the verdict_id of a verdict"),
+            ("since=yesterday", 400, "since: expected a verdict_id (UUIDv7) or an ISO 8601 time"),
+            ("limit=0", 400, "limit: expected an integer from 1 to 50, found '0'"),
+            ("limit=500", 400, "limit: expected an integer from 1 to 50, found '500'"),
+            ("cam=cam0", 400, "query parameters: expected camera, since and limit, found ['cam']"),
+        ]:
+            code, _, body = get(f"{url}?{query}")
+            assert code == status and message in json.loads(body)["error"], body
+        server.close()  # the infer stage is gone: 503, naming the endpoint
+        code, _, body = get(url)
+        assert code == 503 and f"request to tcp://127.0.0.1:{rep}" in json.loads(body)["error"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=15)[0]
+        server.close()
+        reader.close()
+        journal.close()
+    assert process.returncode == 0, output

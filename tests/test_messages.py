@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from pathlib import Path
 from typing import Any, get_args
 
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from stream_service.errors import MessageError
 from stream_service.wire.messages import (
     SCHEMA_VERSION,
+    VERDICT_ID_PATTERN,
     ArraySpec,
     DType,
     FeaturesHeader,
@@ -22,15 +25,19 @@ from stream_service.wire.messages import (
     Registration,
     Stamp,
     Verdict,
+    VerdictIds,
     add_stamp,
     decode,
     encode,
     highlight_header,
     highlight_jpeg,
+    parse_utc_time,
     rejection_reason,
     topic_of,
+    utc_time,
     verdict_json_schema,
     verdict_schema_text,
+    verdict_time_ns,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,3 +268,67 @@ def test_the_jpeg_of_a_highlight_message_and_of_nothing_else() -> None:
     message = decode(encode(topic_of(highlight_header(v, picture)), highlight_header(v, picture), [picture]))
     assert highlight_jpeg(message) == picture
     assert highlight_jpeg(decode(encode(topic_of(v), v))) is None
+
+
+# --- verdict identity (schema 1.2) ---------------------------------------------------------------------------
+def test_verdict_ids_are_uuid7_unique_and_in_time_order_even_when_the_clock_steps_back() -> None:
+    ids = VerdictIds()
+    t_ns = 1_796_000_000_123_456_789
+    made = [ids.new(t_ns) for _ in range(3000)] + [ids.new(t_ns - 10**9)] + [ids.new(t_ns + 10**9)]
+    assert made == sorted(made) and len(set(made)) == len(made)
+    assert all(re.match(VERDICT_ID_PATTERN, i) for i in made)
+    assert all(uuid.UUID(i).version == 7 for i in made)
+    # the first 48 bits are the Unix milliseconds
+    assert int(made[0].replace("-", "")[:12], 16) == t_ns // 1_000_000
+    # two generators (two processes, two hosts) never collide
+    other = VerdictIds()
+    assert not set(made) & {other.new(t_ns) for _ in range(3000)}
+
+
+@pytest.mark.parametrize(
+    ("text", "t_ns"),
+    [
+        ("2026-12-02T15:40:00.123Z", 1796226000_123_000_000),
+        ("2026-12-02T15:40:00Z", 1796226000_000_000_000),
+        ("2026-12-02T16:40:00.5+01:00", 1796226000_500_000_000),
+        ("2026-12-02T15:40:00", 1796226000_000_000_000),
+    ],
+)
+def test_utc_times_parse_with_or_without_an_offset(text: str, t_ns: int) -> None:
+    assert parse_utc_time(text) == t_ns
+
+
+def test_utc_time_is_iso_8601_with_milliseconds_and_round_trips() -> None:
+    assert utc_time(1796226000_123_999_999) == "2026-12-02T15:40:00.123Z"
+    assert parse_utc_time(utc_time(1796226000_123_999_999)) == 1796226000_123_000_000
+
+
+@pytest.mark.parametrize("old", ["1.0", "1.1"])
+def test_a_1_2_decoder_accepts_verdicts_of_1_0_and_1_1_without_an_id(old: str) -> None:
+    parts = encode("verdicts.cam0", verdict())
+    obj = json.loads(bytes(parts[1]))
+    obj = {k: v for k, v in obj.items() if k not in ("verdict_id", "time")} | {"schema_version": old}
+    _, header, _ = decode([parts[0], json.dumps(obj).encode()])
+    assert isinstance(header, Verdict) and header.verdict_id is None and header.time is None
+    assert verdict_time_ns(header) is None
+
+
+def test_a_verdict_with_an_id_and_its_highlight_carry_the_same_id() -> None:
+    v = verdict(verdict_id=VerdictIds().new(1796226000_123_000_000), time="2026-12-02T15:40:00.123Z")
+    _, decoded, _ = decode(encode(topic_of(v), v))
+    assert isinstance(decoded, Verdict) and decoded.verdict_id == v.verdict_id
+    assert verdict_time_ns(decoded) == 1796226000_123_000_000
+    highlight = highlight_header(v, b"\xff\xd8\xff\xd9")
+    assert highlight.verdict_id == v.verdict_id
+    _validate(json.loads(v.model_dump_json()), json.loads(SCHEMA_FILE.read_text(encoding="utf-8")))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("verdict_id", "not-a-uuid"), ("verdict_id", str(uuid.uuid4())), ("time", "yesterday")],
+)
+def test_a_malformed_verdict_id_or_time_is_rejected_naming_the_field(field: str, value: str) -> None:
+    parts = encode("verdicts.cam0", verdict())
+    obj = json.loads(bytes(parts[1])) | {field: value}
+    with pytest.raises(MessageError, match=f"header field '{field}'"):
+        decode([parts[0], json.dumps(obj).encode()])

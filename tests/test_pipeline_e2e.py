@@ -18,12 +18,14 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +40,7 @@ from stream_service.settings import load_settings
 from stream_service.sources.synthetic import SyntheticCamera
 from stream_service.wire.messages import FeaturesHeader, FrameHeader, Stamp, Verdict, encode
 from stream_service.wire.shm_ring import ring_directory
-from stream_service.wire.transport import FrameReceiver, open_socket
+from stream_service.wire.transport import FrameReceiver, open_socket, request
 
 if TYPE_CHECKING:
     from conftest import PrometheusServer
@@ -82,12 +84,13 @@ def write_config(
 ) -> tuple[Path, dict[str, str]]:
     """A pipeline config on free loopback ports: the synthetic camera at ``fps``, or ``camera`` when given;
     with ``dashboard``, the dashboard on a free port too (``endpoints["dashboard"]``: its URL)."""
-    capture, features, verdicts, http = free_ports(4)
+    capture, features, verdicts, http, journal = free_ports(5)
     endpoints = {
         "capture": f"tcp://127.0.0.1:{capture}",
         "features": f"tcp://127.0.0.1:{features}",
         "verdicts": f"tcp://127.0.0.1:{verdicts}",
         "dashboard": f"http://127.0.0.1:{http}/",
+        "journal": f"tcp://127.0.0.1:{journal}",
     }
     timing = {"heartbeat_s": 0.2, "heartbeat_timeout_s": 30.0, "restart_backoff_s": 0.5, "max_restarts": 5}
     timing |= {"shutdown_deadline_s": 4.0, "startup_timeout_s": STARTUP_S} | supervisor
@@ -98,10 +101,12 @@ def write_config(
             "capture_out": [endpoints["capture"]],
             "features_out": endpoints["features"],
             "verdicts_pub": endpoints["verdicts"],
+            "journal_rep": endpoints["journal"],
             "shared_memory": shared_memory,
         },
         "soartc": {"device": "cpu"},
         "inference": {"device": "cpu", "threads": 1},
+        "journal": {"path": str(directory / "journal.sqlite")},
         "supervisor": timing,
         "dashboard": {"enabled": dashboard, "host": "127.0.0.1", "port": http},
     }
@@ -132,6 +137,30 @@ class Pipeline:
     config: Path
     endpoints: dict[str, str]
     subscriber: FrameReceiver
+    seen: list[Verdict] = field(default_factory=list)  # every verdict the test's subscriber received
+
+    @property
+    def journal(self) -> Path:
+        return self.config.parent / "journal.sqlite"
+
+    def journal_ids(self) -> list[str]:
+        """The verdict ids in the journal, in publishing order (read while the infer stage writes: WAL)."""
+        with sqlite3.connect(self.journal) as db:
+            return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
+
+    def drain(self, until: str | None = None) -> None:
+        """Take what the test's subscriber holds into ``seen`` (verdicts keep coming: stop once its queue is
+        empty), and wait for the verdict ``until`` when given."""
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            message = self.subscriber.receive(0.0 if until is None else 0.5)
+            if message is not None and isinstance(message.header, Verdict):
+                self.seen.append(message.header)
+                if message.header.verdict_id == until:
+                    until = None
+            elif message is None and until is None:
+                return
+            assert time.monotonic() < deadline, f"verdict {until} never reached the test's subscriber"
 
     def heartbeat(self, name: str) -> dict[str, Any]:
         try:
@@ -149,8 +178,10 @@ class Pipeline:
             assert time.monotonic() < deadline, f"only {len(out)} of {n} verdicts in {timeout_s} s\n{self.logs()}"
             assert self.process.poll() is None, f"`run` exited with {self.process.returncode}\n{self.logs()}"
             message = self.subscriber.receive(0.2)
-            if message is not None and isinstance(message.header, Verdict) and message.header.capture_ns > after_ns:
-                out.append(message.header)
+            if message is not None and isinstance(message.header, Verdict):
+                self.seen.append(message.header)
+                if message.header.capture_ns > after_ns:
+                    out.append(message.header)
         return out
 
     def output(self) -> str:
@@ -385,6 +416,58 @@ def test_a_malformed_message_is_rejected_counted_and_the_stage_keeps_serving(pip
     assert pipeline.pids()["infer"] == infer_pid  # the same process, still serving
 
 
+def subscribe(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [*CLI, "subscribe", "--config", str(pipeline.config), "--json", "--timeout", "60", *args],
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_S,
+    )
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_a_subscriber_down_for_30_s_backfills_every_missed_verdict_exactly_once(pipeline: Pipeline) -> None:
+    first = subscribe(pipeline, "--count", "3")
+    last = Verdict.model_validate_json(first.stdout.splitlines()[-1]).verdict_id
+    assert last is not None
+    time.sleep(30)  # the subscriber is down; the line goes on
+    journal = pipeline.journal_ids()
+    missed = len(journal) - journal.index(last) - 1
+    assert missed >= 30, f"only {missed} verdicts in 30 s"
+    wanted = missed + 40  # what it missed, then a few seconds of live verdicts
+    again = subscribe(pipeline, "--since", last, "--count", str(wanted))
+    got = [Verdict.model_validate_json(line).verdict_id for line in again.stdout.splitlines()]
+    journal = pipeline.journal_ids()
+    start = journal.index(last) + 1
+    assert got == journal[start : start + wanted]  # every verdict after the last one it had, once, in order
+    replayed = int(re.search(r"replayed (\d+) verdict", again.stderr).group(1))  # type: ignore[union-attr]
+    assert missed <= replayed < wanted, again.stderr  # from the journal first, then live
+    pipeline.drain(until=got[-1])  # the test's own subscriber never stopped: it received the very same verdicts
+    reference = [v.verdict_id for v in pipeline.seen]
+    at = reference.index(last) + 1
+    assert reference[at : at + wanted] == got
+
+
+def test_api_verdicts_replays_the_journal(pipeline: Pipeline) -> None:
+    journal = pipeline.journal_ids()
+    url = pipeline.endpoints["dashboard"] + "api/verdicts"
+    with urllib.request.urlopen(f"{url}?camera=cam0&limit=5", timeout=30) as answer:
+        page = json.loads(answer.read())
+    assert [v["verdict_id"] for v in page["verdicts"]] == journal[:5] and page["more"] is True
+    with urllib.request.urlopen(f"{url}?camera=cam0&since={page['next']}&limit=3", timeout=30) as answer:
+        assert [v["verdict_id"] for v in json.loads(answer.read())["verdicts"]] == journal[5:8]
+    try:
+        urllib.request.urlopen(f"{url}?since=01a23768-5eba-72a1-8876-7a619778c6d2", timeout=30)
+        raise AssertionError("an unknown id was accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 400 and "since: expected the verdict_id" in json.loads(exc.read())["error"]
+    infer_pid = pipeline.pids()["infer"]
+    for body in (b"\xff\xfe", b'{"limit": "many"}', b"[]"):  # malformed requests: answered, never fatal
+        assert json.loads(request(pipeline.endpoints["journal"], body, timeout_ms=10_000))["error"]
+    assert pipeline.pids()["infer"] == infer_pid and len(pipeline.verdicts(2, after_ns=time.time_ns())) == 2
+
+
 def test_a_slow_subscriber_drops_and_counts_without_holding_back_the_pipeline(pipeline: Pipeline) -> None:
     infer_pid = pipeline.pids()["infer"]
     rss_before = rss_mib(infer_pid)
@@ -406,8 +489,13 @@ def test_a_slow_subscriber_drops_and_counts_without_holding_back_the_pipeline(pi
     assert rss_mib(infer_pid) - rss_before < 50
 
 
-@pytest.mark.parametrize("stage", ["soartc-0", "infer"])
+@pytest.mark.parametrize("stage", ["soartc-0", "infer", "capture-cam0"])
 def test_a_killed_stage_is_restarted_by_the_supervisor_and_verdicts_resume(pipeline: Pipeline, stage: str) -> None:
+    """kill -9 of any stage: restarted, verdicts resume; every verdict received, before and after, is in the
+    journal (the infer stage writes it before publishing it); the journal survives its writer's kill -9
+    intact; verdict ids stay unique when the capture restarts its sequence numbers."""
+    pipeline.drain()
+    before = list(pipeline.seen)
     pid = pipeline.pids()[stage]
     os.kill(pid, signal.SIGKILL)
     killed_ns = time.time_ns()
@@ -422,6 +510,18 @@ def test_a_killed_stage_is_restarted_by_the_supervisor_and_verdicts_resume(pipel
     resumed = pipeline.verdicts(5, timeout_s=STARTUP_S, after_ns=killed_ns)
     assert all(v.capture_ns > killed_ns for v in resumed)
     assert f"{stage} exited with code -9; restarting" in pipeline.output()
+    received = [v.verdict_id for v in pipeline.seen]
+    assert None not in received and len(set(received)) == len(received), "a verdict id was repeated"
+    journal = pipeline.journal_ids()
+    assert set(received) <= set(journal), f"{len(set(received) - set(journal))} received verdicts not journaled"
+    order = {vid: i for i, vid in enumerate(journal)}
+    assert [order[v] for v in received] == sorted(order[v] for v in received)  # journaled in publishing order
+    with sqlite3.connect(pipeline.journal) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) = COUNT(DISTINCT verdict_id) FROM verdicts").fetchone()[0] == 1
+    if stage == "capture-cam0":  # the new capture numbers its frames from the start again; the ids differ
+        assert min(v.seq for v in resumed) < max(v.seq for v in before)
+        assert not {v.verdict_id for v in resumed} & {v.verdict_id for v in before}
 
 
 def test_sigterm_stops_every_process_within_5_s(pipeline: Pipeline) -> None:
@@ -546,3 +646,36 @@ def test_the_soartc_stage_runs_alone_rejects_malformed_frames_and_keeps_serving(
             process.wait()
         capture.close()
         features.close()
+
+
+def test_an_infer_stage_with_a_corrupt_journal_runs_on_and_says_why_to_replay_clients(tmp_path: Path) -> None:
+    config, endpoints = write_config(tmp_path, fps=5, defect_rate=0.5)
+    (tmp_path / "journal.sqlite").write_bytes(b"garbage, not SQLite " * 500)  # the path write_config sets
+    stats = tmp_path / "infer.json"
+    process = subprocess.Popen(
+        [*CLI, "infer", "--config", str(config), "--stats", str(stats)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while not (stats.exists() and json.loads(stats.read_text()).get("state") == "running"):
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[0][-3000:]
+            time.sleep(0.2)
+        assert "expected a stream-service journal" in json.loads(stats.read_text())["stats"]["journal"]["off"]
+        for body in (b'{"since": null}', b"{garbage", b'{"limit": -3}'):
+            reply = json.loads(request(endpoints["journal"], body, timeout_ms=10_000))
+            assert reply["verdicts"] == [] and reply["error"], reply
+        assert (
+            f"journal.path {tmp_path / 'journal.sqlite'}: expected a stream-service journal"
+            in json.loads(request(endpoints["journal"], b"{}", timeout_ms=10_000))["error"]
+        )
+        assert process.poll() is None  # still serving
+        process.send_signal(signal.SIGTERM)
+        process.wait(10)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -369,6 +369,17 @@ def test_infer_publishes_a_verdict_and_a_highlight_jpeg() -> None:
     assert picture.shape == (SIZE, SIZE, 3)
 
 
+def test_infer_gives_every_verdict_an_id_and_a_utc_time_and_its_highlight_the_same_id() -> None:
+    message = features_message()
+    made_ns = 1_796_226_000_123_456_789  # 2026-12-02T15:40:00.123Z
+    stage = inference_stage(clock_ns=lambda: made_ns)
+    outputs = [through(stage, message) for _ in range(3)]  # the same frame three times (a capture restart)
+    ids = [v.header.verdict_id for v, _ in outputs]  # type: ignore[union-attr]
+    assert len(set(ids)) == 3 and ids == sorted(ids)
+    assert all(h.header.verdict_id == v.header.verdict_id for v, h in outputs)  # type: ignore[union-attr]
+    assert {v.header.time for v, _ in outputs} == {"2026-12-02T15:40:00.123Z"}  # type: ignore[union-attr]
+
+
 def test_infer_sends_the_raw_mask_on_request() -> None:
     _, highlight_msg = through(inference_stage(send_mask=True), features_message())
     assert [a.name for a in highlight_msg.header.arrays] == ["jpeg", "mask"]  # type: ignore[union-attr]

@@ -21,8 +21,8 @@ KeysOption = Annotated[
 if TYPE_CHECKING:
     from stream_service.runtime.heartbeat import Heartbeat, StageKind
     from stream_service.runtime.pipeline import RunLoop
+    from stream_service.runtime.subscriber import VerdictSubscriber
     from stream_service.settings import Settings
-    from stream_service.web.archive import HighlightArchive
     from stream_service.web.dashboard import Dashboard
 
 
@@ -111,12 +111,13 @@ class _Terminal:
 def _dashboard_or_none(settings: Settings) -> Dashboard | None:
     """The dashboard when enabled; a taken port is reported and the pipeline runs on without it."""
     from stream_service.errors import ConfigError
+    from stream_service.runtime.replay import JournalClient
     from stream_service.web.dashboard import Dashboard
 
     if not settings.dashboard.enabled:
         return None
     try:
-        return Dashboard.from_settings(settings)
+        return Dashboard.from_settings(settings, journal=JournalClient.from_settings(settings))
     except ConfigError as exc:  # the pipeline matters more than its dashboard: run on without it
         typer.echo(f"error: {exc}; running without the dashboard", err=True)
         return None
@@ -141,53 +142,93 @@ def subscribe_command(
         typer.Option("--save-highlights", help="Also save each verdict's highlight JPEG under this directory."),
     ] = None,
     fails_only: Annotated[bool, typer.Option("--fails-only", help="With --save-highlights: fails only.")] = False,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="First replay the journal after this verdict_id, or from this ISO 8601 time "
+            "(2026-12-02T15:40:00Z), then go on live: no gap, no duplicate.",
+        ),
+    ] = None,
+    journal: Annotated[
+        str | None, typer.Option("--journal", help="Journal replay endpoint (default: transport.journal_rep).")
+    ] = None,
     keys: KeysOption = None,
 ) -> None:
     """Print verdicts as they arrive: a readable line each, or with --json the verdict JSON itself."""
     from stream_service.errors import StreamServiceError
-    from stream_service.runtime.service import apply_security, connectable
-    from stream_service.runtime.subscriber import VerdictSubscriber, subscribe_topics
+    from stream_service.runtime.service import apply_security
     from stream_service.runtime.summary import verdict_line
-    from stream_service.web.archive import HighlightArchive
-    from stream_service.wire.transport import FrameReceiver, terminate_context
+    from stream_service.wire.transport import terminate_context
 
-    settings = _load(config) if endpoint is None or config is not None else None
-    if endpoint is None and settings is not None:
-        endpoint = connectable(settings.transport.verdicts_pub)
-    assert endpoint is not None
+    settings = _load(config)
     try:
         apply_security(settings, keys)
-        archive = HighlightArchive(save_highlights, fails_only) if save_highlights is not None else None
-        topics = subscribe_topics(camera, highlights=archive is not None)
-        hwm = settings.transport.publish_hwm if settings is not None else 1000
-        receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
+        subscriber = _subscriber(
+            settings, endpoint, camera, count, timeout, save_highlights, fails_only, since, journal
+        )
     except StreamServiceError as exc:
         raise _fail(exc) from exc
-    subscriber = VerdictSubscriber(receiver, camera, count, timeout, archive)
-    silence = None
+    silence, failure = None, None
     try:
         silence = subscriber.run(lambda v: typer.echo(v.model_dump_json() if as_json else verdict_line(v)))
     except KeyboardInterrupt:
         pass
+    except StreamServiceError as exc:
+        failure = exc
     finally:
-        receiver.close()
+        subscriber.receiver.close()
         terminate_context()
+    if failure is not None:
+        raise _fail(failure)
+    _subscribe_notes(subscriber, silence, timeout)
+    raise typer.Exit(0 if silence is None else 1)
+
+
+def _subscriber(
+    settings: Settings,
+    endpoint: str | None,
+    camera: str | None,
+    count: int | None,
+    timeout: float,
+    save_highlights: Path | None,
+    fails_only: bool,
+    since: str | None,
+    journal: str | None,
+) -> VerdictSubscriber:
+    """The SUB socket (connected first, so that live verdicts queue during a replay) and its loop."""
+    from stream_service.runtime.replay import JournalClient
+    from stream_service.runtime.service import connectable
+    from stream_service.runtime.subscriber import VerdictSubscriber, subscribe_topics
+    from stream_service.web.archive import HighlightArchive
+    from stream_service.wire.transport import FrameReceiver
+
+    hwm = 1000 if endpoint is not None else settings.transport.publish_hwm
+    endpoint = endpoint or connectable(settings.transport.verdicts_pub)
+    archive = HighlightArchive(save_highlights, fails_only) if save_highlights is not None else None
+    topics = subscribe_topics(camera, highlights=archive is not None)
+    receiver = FrameReceiver(endpoint, kind="sub", topics=topics, hwm=hwm, linger_ms=0)
+    client = JournalClient.from_settings(settings, journal) if since is not None else None
+    return VerdictSubscriber(receiver, camera, count, timeout, archive, journal=client, since=since)
+
+
+def _subscribe_notes(subscriber: VerdictSubscriber, silence: str | None, timeout: float) -> None:
+    """What ``subscribe`` says on stderr at the end: silence, pictures saved, replayed and missed verdicts."""
+    endpoint = subscriber.receiver.endpoint
     if silence is not None:
         typer.echo(
             f"error: no verdict on {endpoint} for {timeout:g} s ({silence}); is `stream-service run` running "
             "and is the endpoint right?",
             err=True,
         )
-    _subscribe_notes(archive, subscriber.missed)
-    raise typer.Exit(0 if silence is None else 1)
-
-
-def _subscribe_notes(archive: HighlightArchive | None, missed: int) -> None:
-    if archive is not None:
-        typer.echo(f"saved {archive.saved} highlight(s) under {archive.directory}", err=True)
-    if missed:
+    if subscriber.archive is not None:
+        typer.echo(f"saved {subscriber.archive.saved} highlight(s) under {subscriber.archive.directory}", err=True)
+    if subscriber.since is not None:
+        typer.echo(f"replayed {subscriber.replayed} verdict(s) from the journal", err=True)
+    if subscriber.missed:
         typer.echo(
-            f"note: this subscriber missed {missed} verdict(s) (sequence gaps not reported as dropped)", err=True
+            f"note: this subscriber missed {subscriber.missed} verdict(s) (sequence gaps not reported as dropped)",
+            err=True,
         )
 
 
@@ -197,18 +238,23 @@ def dashboard_command(
     endpoint: Annotated[
         str | None, typer.Option("--endpoint", help="Verdict PUB endpoint (default: transport.verdicts_pub).")
     ] = None,
+    journal: Annotated[
+        str | None,
+        typer.Option("--journal", help="Journal replay endpoint for /api/verdicts (default: transport.journal_rep)."),
+    ] = None,
     keys: KeysOption = None,
 ) -> None:
     """Serve the live dashboard for a pipeline started stage by stage or on other hosts, until Ctrl-C."""
     from stream_service.errors import StreamServiceError
     from stream_service.runtime.pipeline import RunLoop, open_subscriber
+    from stream_service.runtime.replay import JournalClient
     from stream_service.runtime.service import apply_security, connectable, install_stop_signals
     from stream_service.web.dashboard import Dashboard
 
     settings = _load(config)
     endpoint = endpoint or connectable(settings.transport.verdicts_pub)
     try:
-        dashboard = Dashboard.from_settings(settings)
+        dashboard = Dashboard.from_settings(settings, journal=JournalClient.from_settings(settings, journal))
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     try:

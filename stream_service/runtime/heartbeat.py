@@ -7,7 +7,8 @@ every ``supervisor.heartbeat_s``, atomically (write, then rename). The superviso
 accepts any minor version of its major and ignores fields it does not know.
 
 Only the parts a stage has are present: ``capture`` for a capture process, ``stage`` and
-``receiver`` for the soartc and infer stages, ``features`` for the soartc stage, ``model`` for infer.
+``receiver`` for the soartc and infer stages, ``features`` for the soartc stage, ``model`` and
+``journal`` for infer. History: 1.0 the first record; 1.1 adds ``stats.journal``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_VERSION = "1.0"
+HEARTBEAT_VERSION = "1.1"
 HEARTBEAT_MAJOR = HEARTBEAT_VERSION.split(".", 1)[0]
 
 StageKind = Literal["capture", "soartc", "infer"]
@@ -87,6 +88,18 @@ class FeaturesCounts(_Counts):
     unregistered: dict[str, int] = Field(default_factory=dict)
 
 
+class JournalCounts(_Counts):
+    """The infer stage's verdict journal: where, verdicts appended and deleted by retention, failed writes
+    (the verdict was published anyway) and the last failure; or ``off`` with the reason (disabled, broken)."""
+
+    path: str | None = None
+    appended: int = 0
+    pruned: int = 0
+    errors: int = 0
+    last_error: str | None = None
+    off: str | None = None
+
+
 class Health(_Counts):
     """A camera's or a stage's health: its state, why (the last error, for ``reconnecting``/``failed``), since when."""
 
@@ -104,6 +117,7 @@ class HeartbeatStats(_Counts):
     receiver: ReceiverCounts | None = None
     sender: SenderCounts | None = None
     features: FeaturesCounts | None = None
+    journal: JournalCounts | None = None
     model: str | None = None
     camera: str | None = None  # a capture's camera id
     health: Health | None = None  # a capture: its camera's health; other stages: their own

@@ -61,8 +61,10 @@ class RunPlan:
 
 def prepare_run(settings: Settings, config: Path | None, run_dir: Path | None) -> RunPlan:
     """Check what every stage needs before starting any (``ConfigError``, ``ModelError``,
-    ``GoldenReferenceError`` now, not after ``supervisor.max_restarts`` restarts), and plan the processes."""
+    ``GoldenReferenceError``, ``JournalError`` now, not after ``supervisor.max_restarts`` restarts), and plan
+    the processes."""
     from stream_service.model.card import load_card, resolve_model_dir
+    from stream_service.runtime.journal import Journal
     from stream_service.stages.features import camera_reference
 
     specs = plan(settings, config)
@@ -70,6 +72,8 @@ def prepare_run(settings: Settings, config: Path | None, run_dir: Path | None) -
     load_card(resolve_model_dir(settings.inference.model))
     for camera in settings.cameras:
         camera_reference(camera)
+    if settings.journal.enabled:
+        Journal(settings.journal).close()  # made, or checked: a corrupt file is refused before anything starts
     folder = run_dir if run_dir is not None else Path(tempfile.mkdtemp(prefix="stream-service-run-"))
     return RunPlan(specs, folder, connectable(settings.transport.verdicts_pub), temporary=run_dir is None)
 

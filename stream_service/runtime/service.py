@@ -7,6 +7,10 @@ Topology (endpoints from ``transport``; every hop bounded by its high-water mark
     PUSH bind capture_out[i] ---> PULL connect to every capture_out
                                   PUSH connect features_out ----------> PULL bind features_out
                                                                           PUB bind verdicts_pub --> SUB subscribers
+                                                                          REP bind journal_rep  <-> REQ replay clients
+
+The infer process writes every verdict to its journal (``runtime.journal``, SQLite) before publishing
+it, and answers replay requests from it in a thread of its own (``wire.replay``).
 
 Several soartc workers pull from the same captures (ZeroMQ load-balances PUSH over connected PULLs)
 and push into the one infer process, which owns the features endpoint and the PUB socket. One infer
@@ -31,16 +35,20 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
-from stream_service.errors import ConfigError, SharedMemoryError
+from stream_service.errors import ConfigError, JournalError, SharedMemoryError
 from stream_service.runtime.heartbeat import Heartbeat
 from stream_service.runtime.runner import StageStats, run_stage
 from stream_service.settings import CameraSettings, Settings
 from stream_service.wire.messages import Array, ArraySpec, Header, Part
+
+if TYPE_CHECKING:
+    from stream_service.runtime.journal import Journal, JournalReader
+    from stream_service.wire.transport import FrameSender
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,7 @@ def check_topology(settings: Settings) -> None:
     endpoints = {
         "transport.features_out": settings.transport.features_out,
         "transport.verdicts_pub": settings.transport.verdicts_pub,
+        "transport.journal_rep": settings.transport.journal_rep,
     }
     for i, camera in enumerate(settings.cameras):
         endpoints[f"transport.capture_out ({camera.id})"] = settings.transport.capture_endpoint(i, camera.id)
@@ -238,12 +247,37 @@ def serve_soartc(
         terminate_context()
 
 
+def open_journal(settings: Settings) -> tuple[Journal | None, JournalReader | None, str]:
+    """The infer stage's journal writer and reader, or (None, None, why) when it is off or broken.
+
+    A journal that cannot be opened (a corrupt file, no room, no permission) is logged as an error and
+    the stage runs on without it: verdicts are still published, replay requests answered with the reason."""
+    from stream_service.runtime.journal import Journal, JournalReader
+
+    if not settings.journal.enabled:
+        return None, None, "journal.enabled: expected true for replay, found false"
+    try:
+        journal = Journal(settings.journal)
+    except JournalError as exc:
+        log.error("%s; running without the journal", exc)
+        return None, None, str(exc)
+    try:
+        return journal, JournalReader(settings.journal), ""
+    except JournalError as exc:
+        journal.close()
+        log.error("%s; running without the journal", exc)
+        return None, None, str(exc)
+
+
 def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat) -> None:
-    """The infer process: pull features, publish verdicts and highlights, until ``stop``."""
+    """The infer process: pull features, journal and publish verdicts and highlights, serve the journal
+    on ``transport.journal_rep``, until ``stop``."""
     from stream_service.model.card import resolve_model_dir
     from stream_service.model.session import InspectionModel
+    from stream_service.runtime.journal import JournaledSink, replay_handler
     from stream_service.stages.inference import InferenceStage
-    from stream_service.wire.transport import FrameReceiver, FrameSender, terminate_context
+    from stream_service.wire.replay import error_text
+    from stream_service.wire.transport import FrameReceiver, FrameSender, ReplyServer, terminate_context
 
     t = settings.transport
     check_topology(settings)
@@ -257,25 +291,54 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
     receiver = FrameReceiver(
         t.features_out, bind=True, hwm=t.features_hwm, linger_ms=t.linger_ms, max_drain=t.max_drain
     )
+    journal, reader, why = open_journal(settings)
     try:
         publisher = FrameSender(t.verdicts_pub, kind="pub", bind=True, hwm=t.publish_hwm, linger_ms=t.linger_ms)
+        try:
+            replay = ReplyServer(
+                t.journal_rep,
+                replay_handler(reader, settings.journal.replay_limit, why),
+                error_text,
+                max_request_bytes=settings.journal.max_request_bytes,
+                linger_ms=t.linger_ms,
+                poll_ms=t.recv_timeout_ms,
+            )
+        except BaseException:
+            publisher.close()
+            raise
     except BaseException:
         receiver.close()
+        for part in (journal, reader):
+            if part is not None:
+                part.close()
         raise
+    sink: JournaledSink | FrameSender = publisher if journal is None else JournaledSink(publisher, journal)
     heartbeat.snapshot = lambda: {
         "stage": stats.snapshot(),
         "receiver": _receiver_counters(receiver),
         "sender": {"sent": publisher.sent, "dropped": dict(publisher.dropped)},
+        "journal": sink.counters() if isinstance(sink, JournaledSink) else {"off": why},
         "model": f"{model.card.name} {model.card.version} on {model.providers[0]}",
     }
     try:
         stage.warm_up()
+        replay.start()
         heartbeat.running()
-        log.info("infer: %s -> %s (model %s %s)", t.features_out, t.verdicts_pub, model.card.name, model.card.version)
-        run_stage(
-            stage, receiver, publisher, stop, heartbeat=heartbeat, stats=stats, poll_timeout_s=t.recv_timeout_ms / 1e3
+        log.info(
+            "infer: %s -> %s (model %s %s); journal %s served on %s",
+            t.features_out,
+            t.verdicts_pub,
+            model.card.name,
+            model.card.version,
+            journal.path if journal is not None else f"off ({why})",
+            t.journal_rep,
         )
+        run_stage(stage, receiver, sink, stop, heartbeat=heartbeat, stats=stats, poll_timeout_s=t.recv_timeout_ms / 1e3)
     finally:
+        replay.close()
         receiver.close()
         publisher.close()
+        for part in (journal, reader):
+            if part is not None:
+                part.close()
         terminate_context()

@@ -2,10 +2,11 @@
 
 ``InferenceStage`` turns a features message (see ``stages.features``) into two messages:
 
-- ``verdicts.<camera>``: a ``Verdict`` (the public contract): pass or fail, score and threshold, the
-  model's and the reference's identity, the defect regions in captured-frame pixels, the latency of
-  every stage and ``end_to_end`` (capture stamp to this publish), the frames of this camera dropped
-  since the previous verdict, and the synthetic ground truth when the capture attached it;
+- ``verdicts.<camera>``: a ``Verdict`` (the public contract): its ``verdict_id`` (UUIDv7) and ``time``,
+  pass or fail, score and threshold, the model's and the reference's identity, the defect regions in
+  captured-frame pixels, the latency of every stage and ``end_to_end`` (capture stamp to this publish),
+  the frames of this camera dropped since the previous verdict, and the synthetic ground truth when the
+  capture attached it;
 - ``status.<camera>``: the camera's ``CameraStatus`` from its capture, passed on as it came;
 - ``highlights.<camera>``: a ``Highlight`` whose ``jpeg`` payload is ``highlight.overlay`` of the
   registered frame (highlighted pixels, boxed regions), and with ``highlight.send_mask`` the raw mask
@@ -48,8 +49,10 @@ from stream_service.wire.messages import (
     Part,
     Region,
     Verdict,
+    VerdictIds,
     highlight_header,
     topic_of,
+    utc_time,
 )
 
 STAGE = "infer"
@@ -120,6 +123,7 @@ class InferenceStage:
         inference: InferenceSettings,
         highlight: HighlightSettings,
         clock_ns: Callable[[], int] = time.time_ns,
+        verdict_ids: VerdictIds | None = None,
     ) -> None:
         self.detector = Detector(model, threshold=inference.threshold)
         self.model_id = model.card.name
@@ -127,6 +131,7 @@ class InferenceStage:
         self.channels = len(model.card.features.channels)
         self.highlight = highlight
         self._clock_ns = clock_ns
+        self._ids = verdict_ids if verdict_ids is not None else VerdictIds()
         self._lost: Counter[str] = Counter()
 
     def warm_up(self) -> None:
@@ -197,6 +202,8 @@ class InferenceStage:
         reg = header.registration
         now_ns = self._clock_ns()
         verdict = Verdict(
+            verdict_id=self._ids.new(now_ns),
+            time=utc_time(now_ns),
             camera_id=header.camera_id,
             seq=header.seq,
             capture_ns=header.capture_ns,

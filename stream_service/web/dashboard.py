@@ -9,18 +9,24 @@ the newest highlight JPEG of each camera as it arrives. The server only reads wh
 - ``/``: the page (``static/dashboard.html``: plain HTML and JavaScript, no external assets), which polls
   ``/api/status`` every second and draws the end-to-end latency of the last minutes;
 - ``/api/status``: the latest snapshot plus ``history`` (one point a second: time, verdicts/s, and the
-  end-to-end p50/p99 of that second's verdicts, so the chart shows a spike when it happens);
-  It also holds ``captions`` (per camera, what its newest highlight shows: frame, verdict, score, time)
-  and ``recent_fails`` (the last fails, newest first, each with a caption);
+  end-to-end p50/p99 of that second's verdicts, so the chart shows a spike when it happens). It also
+  holds ``captions`` (per camera, what its newest highlight shows: frame, verdict, score, time) and
+  ``recent_fails`` (the last fails, newest first, each with a caption);
 - ``/api/highlight/<camera>.jpg``: the camera's newest highlight picture (404 before the first one);
+- ``/api/verdicts?camera=&since=&limit=``: verdicts replayed from the infer stage's journal (through the
+  same request/reply client as ``subscribe --since``, so it works from another host): ``{"verdicts": [...],
+  "more": bool, "next": <since for the next page> | null}``, in publishing order, after the verdict_id or
+  from the ISO 8601 time ``since`` (none: the oldest kept), at most ``limit`` (default 100, at most
+  ``journal.replay_limit``); 400 with ``{"error"}`` for a bad parameter or an unknown id, 503 when the
+  journal does not answer;
 - ``/api/fails/<id>.jpg``: the highlight picture of one of the recent fails;
 - ``/metrics``: the pipeline's Prometheus metrics (``web.prometheus``: verdicts, latency histograms, what
   the stages count from their heartbeats, camera up, restarts), for an existing monitoring stack;
 - ``/healthz``: JSON ``{ok, problems, cameras}``: 200 when every camera is online and delivering and every
   process runs, 503 naming what is not (or when the run loop has published nothing for 5 s).
 
-It binds ``dashboard.host:dashboard.port`` (loopback by default: it has no authentication; expose it
-through a reverse proxy if the line needs it remotely). A port that is taken is logged as an error
+It binds ``dashboard.host:dashboard.port`` (loopback by default; on a line network see ``web.access``: the
+Host allowlist and the optional token). A port that is taken is logged as an error
 naming ``dashboard.port`` and the pipeline runs on without a dashboard.
 """
 
@@ -42,7 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from stream_service.errors import ConfigError
+from stream_service.errors import ConfigError, JournalError, StreamServiceError
 from stream_service.runtime.latency import END_TO_END
 from stream_service.runtime.summary import PipelineSummary
 from stream_service.settings import Settings
@@ -53,9 +59,13 @@ from stream_service.wire.messages import CameraStatus, Message, Verdict, highlig
 if TYPE_CHECKING:
     from stream_service.runtime.supervisor import StageState
 
+if TYPE_CHECKING:
+    from stream_service.runtime.replay import JournalClient
+
 log = logging.getLogger(__name__)
 
 HISTORY_S = 600  # seconds of one-a-second history points kept for the chart
+DEFAULT_LIMIT = 100  # /api/verdicts without a limit
 STALE_S = 5.0  # /healthz turns 503 when the run loop has not published for this long
 _HIGHLIGHT = re.compile(r"^/api/highlight/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
 _FAIL_PICTURE = re.compile(r"^/api/fails/([A-Za-z0-9][A-Za-z0-9_-]*)\.jpg$")
@@ -81,7 +91,9 @@ class Dashboard:
         metrics: PipelineMetrics | None = None,
         access: AccessPolicy | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
+        journal: JournalClient | None = None,
     ) -> None:
+        self.journal = journal
         self.metrics = metrics if metrics is not None else PipelineMetrics()
         self.access = access if access is not None else AccessPolicy(host)
         self._lock = threading.Lock()
@@ -107,12 +119,15 @@ class Dashboard:
         self._thread.start()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Dashboard:
-        """The dashboard of ``settings`` (``dashboard.*``; ``health.camera_stale_s`` for its camera metrics)."""
+    def from_settings(cls, settings: Settings, journal: JournalClient | None = None) -> Dashboard:
+        """The dashboard of ``settings`` (``dashboard.*``; ``health.camera_stale_s`` for its camera metrics),
+        answering ``/api/verdicts`` from ``journal``."""
         d = settings.dashboard
         metrics = PipelineMetrics(d.latency_buckets_s, settings.health.camera_stale_s)
         access = AccessPolicy(d.host, d.allowed_hosts, d.token)
-        return cls(d.host, d.port, metrics=metrics, access=access, request_timeout_s=d.request_timeout_s)
+        return cls(
+            d.host, d.port, metrics=metrics, access=access, request_timeout_s=d.request_timeout_s, journal=journal
+        )
 
     def verdict(self, verdict: Verdict, missed: int = 0) -> None:
         """Count ``verdict`` in the metrics (with the ``missed`` verdicts just before it) and its end-to-end
@@ -208,6 +223,28 @@ class Dashboard:
         self._thread.join(5)
 
 
+def replayed(journal: JournalClient | None, query: str) -> tuple[int, dict[str, Any]]:
+    """The answer to ``/api/verdicts?<query>``: (HTTP status, JSON body); see the module docstring."""
+    if journal is None:
+        return 503, {"error": "journal: expected a journal replay endpoint (transport.journal_rep), found none"}
+    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    unknown = sorted(set(params) - {"camera", "since", "limit"})
+    if unknown:
+        return 400, {"error": f"query parameters: expected camera, since and limit, found {unknown}"}
+    limit_text = params.get("limit") or str(min(DEFAULT_LIMIT, journal.page_size))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= journal.page_size:
+        return 400, {"error": f"limit: expected an integer from 1 to {journal.page_size}, found {limit_text!r}"}
+    try:
+        reply = journal.page(params.get("since") or None, params.get("camera") or None, int(limit_text))
+    except JournalError as exc:  # an unknown id, an unreadable time: what the journal said
+        return 400, {"error": str(exc)}
+    except StreamServiceError as exc:  # the journal did not answer
+        return 503, {"error": str(exc)}
+    verdicts = [json.loads(v.model_dump_json()) for v in reply.verdicts]
+    following = reply.verdicts[-1].verdict_id if reply.more and reply.verdicts else None
+    return 200, {"verdicts": verdicts, "more": reply.more, "next": following}
+
+
 def take(message: Message, summary: PipelineSummary, dashboard: Dashboard | None, now_ns: int) -> None:
     """A message from the verdicts PUB: a verdict is counted in ``summary``, a highlight's JPEG is kept
     as its camera's newest picture by ``dashboard``."""
@@ -294,6 +331,9 @@ def _handler(dashboard: Dashboard, request_timeout_s: float) -> type[BaseHTTPReq
                 self._send(200, "text/html; charset=utf-8", dashboard._page)
             elif path == "/api/status":
                 self._send(200, "application/json", json.dumps(dashboard.status()).encode())
+            elif path == "/api/verdicts":
+                code, body = replayed(dashboard.journal, query)
+                self._send(code, "application/json", json.dumps(body).encode())
             elif path == "/metrics":
                 self._send(200, CONTENT_TYPE, dashboard.metrics.exposition())
             elif path == "/healthz":

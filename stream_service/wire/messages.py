@@ -14,10 +14,12 @@ Versioning and compatibility. ``SCHEMA_VERSION`` is ``"MAJOR.MINOR"``. Within a 
 contract only grows: new fields are optional (have defaults), no field is removed, renamed or changes
 type or meaning, so a decoder accepts any minor version of its major and ignores fields it does not
 know. A breaking change bumps the major; a decoder rejects a major it does not know. History: 1.0 the
-first contract; 1.1 adds ``FeaturesHeader.reference_version``; 1.2 adds the ``status`` kind
-(``CameraStatus``). The verdict, the public contract for integrators, is exported as JSON Schema to
-``schemas/verdict.v<MAJOR>.json`` (``export_verdict_schema``); a test keeps the committed file equal to
-the generated one.
+first contract; 1.1 adds ``FeaturesHeader.reference_version``; 1.2 adds ``Verdict.verdict_id`` (a UUIDv7
+string: unique across restarts and hosts, ordered by time) and ``Verdict.time`` (ISO 8601 UTC, when the
+verdict was made), ``Highlight.verdict_id`` (the verdict it belongs to) and the ``status`` kind
+(``CameraStatus``). A 1.0 or 1.1 verdict decodes with both as ``None``. The verdict, the public contract for
+integrators, is exported as JSON Schema to ``schemas/verdict.v<MAJOR>.json`` (``export_verdict_schema``); a
+test keeps the committed file equal to the generated one.
 
 Timestamps are wall-clock ``time.time_ns()``: a monotonic clock is per host (and per boot), so it
 cannot measure latency between stages that run on different hosts; wall clocks there must be
@@ -31,7 +33,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
+import uuid
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -41,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationErr
 
 from stream_service.errors import MessageError
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 SCHEMA_MAJOR = 1
 
 Array = npt.NDArray[Any]
@@ -49,6 +55,15 @@ Part = bytes | bytearray | memoryview
 DType = Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32", "float64", "bool"]
 CameraId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Camera id, [A-Za-z0-9_-]{1,64}.")]
 Shape = Annotated[tuple[NonNegativeInt, ...], Field(max_length=8)]
+VERDICT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+VerdictId = Annotated[str, Field(pattern=VERDICT_ID_PATTERN, description="UUIDv7 (RFC 9562), lower-case.")]
+UtcTime = Annotated[
+    str,
+    Field(
+        pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z$",
+        description='ISO 8601 UTC, e.g. "2026-12-02T15:40:00.123Z".',
+    ),
+]
 
 TOPIC_PREFIXES: dict[str, str] = {
     "frame": "frames",
@@ -165,6 +180,8 @@ class Verdict(_Header):
     )
 
     kind: Literal["verdict"] = "verdict"
+    verdict_id: VerdictId | None = Field(None, description="Unique across restarts and hosts, time-ordered (1.2).")
+    time: UtcTime | None = Field(None, description="When the verdict was made, ISO 8601 UTC (1.2).")
     verdict: Literal["pass", "fail"]
     score: float = Field(description="Model score of the frame; fail when score >= threshold.")
     threshold: float
@@ -184,6 +201,7 @@ class Highlight(_Header):
     """The highlight for a verdict: a JPEG payload (``jpeg``, 1-D uint8) and optionally the raw ``mask``."""
 
     kind: Literal["highlight"] = "highlight"
+    verdict_id: VerdictId | None = Field(None, description="The verdict_id of its verdict (1.2).")
     arrays: tuple[ArraySpec, ...]
 
     def array_specs(self) -> tuple[ArraySpec, ...]:
@@ -228,6 +246,49 @@ class Message(NamedTuple):
     arrays: list[Array]
 
 
+class VerdictIds:
+    """UUIDv7 verdict ids (RFC 9562 section 5.7, with its method 3 of increased clock precision).
+
+    48 bits of Unix milliseconds, 12 bits of the sub-millisecond fraction, 62 random bits: unique
+    across processes and hosts without coordination, and in time order as strings. Within one
+    generator every id is greater than the one before, even when the wall clock steps back.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def new(self, t_ns: int) -> str:
+        """The id of a verdict made at wall-clock ``t_ns`` (``time.time_ns()``)."""
+        ms, sub_ns = divmod(t_ns, 1_000_000)
+        stamp = (ms & (2**48 - 1)) << 12 | sub_ns * 4096 // 1_000_000  # 60 bits: milliseconds, fraction
+        with self._lock:
+            # Never repeat or go back within one generator: step past the last id (a carry moves the ms).
+            stamp = max(stamp, self._last + 1)
+            self._last = stamp
+        time_part = (stamp >> 12) << 16 | 0x7 << 12 | (stamp & 0xFFF)
+        rand = int.from_bytes(os.urandom(8), "big") & (2**62 - 1)
+        return str(uuid.UUID(int=time_part << 64 | 0b10 << 62 | rand))
+
+
+def utc_time(t_ns: int) -> str:
+    """``t_ns`` (``time.time_ns()``) as ISO 8601 UTC with milliseconds: ``2026-12-02T15:40:00.123Z``."""
+    seconds, ns = divmod(t_ns, 1_000_000_000)
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{ns // 1_000_000:03d}Z"
+
+
+def parse_utc_time(text: str) -> int:
+    """An ISO 8601 time (``Z`` or an offset; no offset: UTC) as wall-clock nanoseconds since the epoch.
+
+    Raises ``ValueError`` when ``text`` is not one."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith(("Z", "z")) else text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    since_epoch = moment - datetime(1970, 1, 1, tzinfo=UTC)
+    return (since_epoch.days * 86400 + since_epoch.seconds) * 1_000_000_000 + since_epoch.microseconds * 1000
+
+
 def _reject(thing: str, expected: object, found: object) -> MessageError:
     return MessageError(f"{thing}: expected {expected}, found {found}")
 
@@ -242,12 +303,23 @@ def topic_of(header: Header) -> str:
     return f"{TOPIC_PREFIXES[header.kind]}.{header.camera_id}"
 
 
+def verdict_time_ns(verdict: Verdict) -> int | None:
+    """The verdict's ``time`` as wall-clock nanoseconds (None for a verdict of schema 1.0/1.1)."""
+    return None if verdict.time is None else parse_utc_time(verdict.time)
+
+
 def highlight_header(verdict: Verdict, jpeg: Part, mask: Array | None = None) -> Highlight:
     """The header of the highlight of ``verdict`` for a JPEG of ``len(jpeg)`` bytes and an optional mask."""
     arrays = [ArraySpec(name="jpeg", shape=(memoryview(jpeg).nbytes,), dtype="uint8")]
     if mask is not None:
         arrays.append(ArraySpec.model_validate({"name": "mask", "shape": mask.shape, "dtype": str(mask.dtype)}))
-    return Highlight(camera_id=verdict.camera_id, seq=verdict.seq, capture_ns=verdict.capture_ns, arrays=tuple(arrays))
+    return Highlight(
+        camera_id=verdict.camera_id,
+        seq=verdict.seq,
+        capture_ns=verdict.capture_ns,
+        verdict_id=verdict.verdict_id,
+        arrays=tuple(arrays),
+    )
 
 
 def highlight_jpeg(message: Message) -> bytes | None:

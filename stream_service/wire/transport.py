@@ -21,6 +21,11 @@ do not take a ring: several subscribers would share one lease. On the wire an sh
 ``[topic + SHM_MARKER, header, descriptor]``; topics never contain NUL, so the marker cannot collide,
 and SUB prefix filters still match.
 
+Request/reply (the journal replay): ``ReplyServer`` answers each request on a REP socket with a
+handler's bytes, in a thread of its own; ``request`` sends one request on a fresh REQ socket and waits
+at most a timeout for the reply (a REQ socket that missed a reply cannot be reused, so each request
+gets its own; on loopback a connect costs a fraction of a millisecond).
+
 Sockets are not thread-safe: use a sender or receiver from one thread.
 """
 
@@ -32,6 +37,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -64,8 +70,8 @@ from stream_service.wire.shm_ring import RING_NAME, Reservation, RingReader, Shm
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-SocketKind = Literal["push", "pull", "pub", "sub"]
-_ZMQ_TYPES = {"push": zmq.PUSH, "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB}
+SocketKind = Literal["push", "pull", "pub", "sub", "req", "rep"]
+_ZMQ_TYPES = {"push": zmq.PUSH, "pull": zmq.PULL, "pub": zmq.PUB, "sub": zmq.SUB, "req": zmq.REQ, "rep": zmq.REP}
 Socket = zmq.Socket[bytes]
 
 SHM_MARKER = b"\x00shm1"
@@ -224,12 +230,15 @@ def open_socket(
     hwm: int,
     linger_ms: int,
     topics: Sequence[str] = (),
+    max_message_bytes: int = -1,
     ctx: zmq.Context[Socket] | None = None,
 ) -> Socket:
     """A socket of ``kind`` bound or connected to ``endpoint`` with high-water mark ``hwm`` (messages).
 
     ``tcp://127.0.0.1:*`` binds a free port (see ``endpoint_of``). A SUB socket subscribes to each topic
-    prefix in ``topics`` (``verdicts.cam0``), or to everything when there are none.
+    prefix in ``topics`` (``verdicts.cam0``), or to everything when there are none. ``max_message_bytes``
+    (-1: no bound): ZeroMQ drops a peer that sends a larger message (set before the bind: a listener
+    copies the options it has then).
     """
     op = "bind" if bind else "connect"
     sock = (ctx or context()).socket(_ZMQ_TYPES[kind])
@@ -237,6 +246,7 @@ def open_socket(
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, hwm)
         sock.setsockopt(zmq.LINGER, linger_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if kind == "sub":
             for topic in topics or ("",):
                 sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
@@ -624,3 +634,82 @@ class FrameReceiver:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ReplyServer:
+    """A REP socket bound to ``endpoint`` that answers every request with ``handler(request_bytes)``.
+
+    A request of more than ``max_request_bytes`` is refused unread (ZeroMQ drops the peer); a request of
+    several parts gets ``malformed(text)`` as its answer. ``handler`` must not raise: it turns its errors
+    into a reply. ``start`` serves in a daemon thread until ``stop``; ``close`` joins it.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        handler: Callable[[bytes], bytes],
+        malformed: Callable[[str], bytes],
+        *,
+        max_request_bytes: int,
+        linger_ms: int,
+        poll_ms: int,
+        ctx: zmq.Context[Socket] | None = None,
+    ) -> None:
+        self._sock = open_socket(
+            "rep", endpoint, bind=True, hwm=1, linger_ms=linger_ms, max_message_bytes=max_request_bytes, ctx=ctx
+        )
+        self.endpoint = endpoint_of(self._sock)
+        self._handler, self._malformed, self._poll_ms = handler, malformed, poll_ms
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.served = 0
+
+    def start(self) -> None:
+        """Serve in a thread of its own (the socket is used by that thread only from now on)."""
+        self._thread = threading.Thread(target=self._serve, name=f"reply {self.endpoint}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if not self._sock.poll(self._poll_ms, zmq.POLLIN):
+                    continue
+                parts = self._sock.recv_multipart()
+                if len(parts) != 1:
+                    reply = self._malformed(f"replay request: expected 1 part, found {len(parts)}")
+                else:
+                    reply = self._handler(parts[0])
+                self._sock.send(reply)
+                self.served += 1
+        except zmq.ZMQError as exc:
+            log.error("reply socket %s stopped: %s", self.endpoint, exc)
+        finally:
+            self._sock.close()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop serving and close the socket (waits up to ``timeout_s`` for the thread)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        else:
+            self._sock.close()
+
+
+def request(endpoint: str, body: bytes, *, timeout_ms: int, ctx: zmq.Context[Socket] | None = None) -> bytes:
+    """Send ``body`` to the REP socket at ``endpoint`` and return its reply.
+
+    Raises ``TransportError`` naming the endpoint when no reply comes within ``timeout_ms``.
+    """
+    sock = open_socket("req", endpoint, bind=False, hwm=1, linger_ms=0, ctx=ctx)
+    try:
+        sock.send(body)
+        if not sock.poll(timeout_ms, zmq.POLLIN):
+            raise TransportError(
+                f"request to {endpoint}: expected a reply within {timeout_ms} ms, found none "
+                "(is the infer stage running, and is the endpoint right?)"
+            )
+        return bytes(sock.recv())
+    except zmq.ZMQError as exc:
+        raise TransportError(f"request to {endpoint}: expected a reply, found {exc}") from exc
+    finally:
+        sock.close(linger=0)

@@ -13,6 +13,9 @@ for a fixed time:
 An offered rate above what the machine sustains is on purpose: throughput is then the capacity, and the
 latency is that of fresh frames, the older ones dropped and counted.
 
+CURVE's cost (``--curve-cost``): the same 640x640 pipeline with its pixels over tcp (as across hosts, where
+CURVE encrypts every frame), CURVE off and on alternated ``--curve-rounds`` times in the same run.
+
 The journal's cost (``--journal-cost``): the 640x640 pipeline, one camera at 10 fps, with the journal
 (``journal.enabled``) on and off, alternated ``--journal-rounds`` times in the same run, end-to-end p50/p99
 of each (received here, so the journal write before the publish is inside), and the append alone
@@ -23,6 +26,7 @@ processes): our tcp and shared-memory transports against imagezmq, 1920x1080 and
 
     python benchmarks/bench_pipeline.py [--seconds 30] [--warmup 8] [--out bench_out/bench_pipeline.json]
     python benchmarks/bench_pipeline.py --journal-cost --skip-pipeline --skip-transport [--journal-rounds 2]
+    python benchmarks/bench_pipeline.py --curve-cost --skip-pipeline --skip-transport [--curve-rounds 2]
 
 Prints tables and writes JSON with the machine, versions and parameters.
 """
@@ -49,7 +53,7 @@ import numpy as np
 from _machine import machine, now, write_report
 
 from stream_service.wire.messages import Verdict
-from stream_service.wire.transport import FrameReceiver
+from stream_service.wire.transport import CurveKeys, FrameReceiver, generate_keys, use_curve
 
 HERE = Path(__file__).resolve().parent
 CLI = [sys.executable, "-m", "stream_service.cli"]
@@ -111,8 +115,10 @@ def pipeline_config(
     shared_memory: bool,
     device: str,
     journal: Path | None = None,
+    keys: Path | None = None,
 ) -> tuple[dict[str, Any], str]:
-    """The config and its verdicts endpoint; ``journal``: the journal's path (None: the journal off)."""
+    """The config and its verdicts endpoint; ``journal``: the journal's path (None: the journal off);
+    ``keys``: a CURVE keys folder (None: plaintext)."""
     ports = free_ports(cameras + 3)
     verdicts = f"tcp://127.0.0.1:{ports[-1]}"
     config = {
@@ -135,6 +141,7 @@ def pipeline_config(
         "journal": {"enabled": journal is not None} | ({"path": str(journal)} if journal is not None else {}),
         "supervisor": {"startup_timeout_s": STARTUP_S, "heartbeat_timeout_s": 30.0},
         "dashboard": {"enabled": False},
+        "security": {"keys": str(keys)} if keys is not None else {},
     }
     return config, verdicts
 
@@ -158,21 +165,29 @@ def run_pipeline(
     offered_fps: float | None = None,
     journal: bool = True,
     name: str = "",
+    curve: bool = False,
 ) -> dict[str, Any]:
     width, height, fps = SIZES[size]
     fps = offered_fps or fps
     folder = workdir / f"{size}-{cameras}-{'shm' if shared_memory else 'tcp'}-{device}{name}"
     folder.mkdir(parents=True)
     journal_path = folder / "journal.sqlite" if journal else None
-    config, endpoint = pipeline_config(width, height, fps, cameras, threads, shared_memory, device, journal_path)
+    keys = folder / "keys" if curve else None
+    if keys is not None:
+        generate_keys(keys)
+        use_curve(CurveKeys.load(keys))  # this process's subscriber is a CURVE client too
+    config, endpoint = pipeline_config(width, height, fps, cameras, threads, shared_memory, device, journal_path, keys)
     samples: list[tuple[Verdict, int]] = []
-    with running_pipeline(config, folder, endpoint, warmup) as (_, subscriber):
-        end = time.monotonic() + seconds
-        while (now := time.monotonic()) < end:
-            message = subscriber.receive(end - now)
-            if message is not None and isinstance(message.header, Verdict):
-                samples.append((message.header, time.time_ns()))
-        heartbeats = {p.stem: json.loads(p.read_text()) for p in (folder / "run").glob("*.json")}
+    try:
+        with running_pipeline(config, folder, endpoint, warmup) as (_, subscriber):
+            end = time.monotonic() + seconds
+            while (now := time.monotonic()) < end:
+                message = subscriber.receive(end - now)
+                if message is not None and isinstance(message.header, Verdict):
+                    samples.append((message.header, time.time_ns()))
+            heartbeats = {p.stem: json.loads(p.read_text()) for p in (folder / "run").glob("*.json")}
+    finally:
+        use_curve(None)
     received = [(received_ns - v.capture_ns) / 1e6 for v, received_ns in samples]
     # From the verdict made (its end_to_end is taken then) to received here: the journal write (when on),
     # the PUB/SUB hop and this process's wake-up; the part of the latency the journal can add to.
@@ -191,6 +206,7 @@ def run_pipeline(
         "size": size,
         "cameras": cameras,
         "journal": journal,
+        "curve": curve,
         **({"verdicts_json": [v.model_dump_json() for v, _ in samples]} if name else {}),
         "pixels": "shm" if shared_memory else "tcp",
         "soartc_device": device,
@@ -262,6 +278,37 @@ def run_journal_cost(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
 
 
+def run_curve_cost(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """640x640, one camera at 10 fps, pixels over tcp (the multi-host case, where CURVE encrypts every
+    frame), CURVE off and on alternately; the p50 it adds end to end (median of rounds)."""
+    rows = []
+    for i in range(args.curve_rounds):
+        for curve in (False, True):
+            print(f"CURVE cost: round {i + 1}, CURVE {'on' if curve else 'off'} ...", file=sys.stderr, flush=True)
+            name = f"-curve-{'on' if curve else 'off'}-{i}"
+            rows.append(
+                run_pipeline(
+                    "640x640",
+                    1,
+                    args.seconds,
+                    args.warmup,
+                    args.threads,
+                    False,
+                    "cpu",
+                    workdir,
+                    10.0,
+                    True,
+                    name,
+                    curve,
+                )
+            )
+    on = [r["e2e_received_ms"]["p50"] for r in rows if r["curve"]]
+    off = [r["e2e_received_ms"]["p50"] for r in rows if not r["curve"]]
+    for r in rows:
+        r.pop("verdicts_json", None)
+    return {"rows": rows, "p50_added_ms": float(statistics.median(on) - statistics.median(off))}
+
+
 def load_bench_transport() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_transport", HERE / "bench_transport.py")
     assert spec is not None and spec.loader is not None
@@ -312,6 +359,8 @@ def main() -> None:
     parser.add_argument("--fps", type=float, default=None, help="offered frames/s per camera (default: per size)")
     parser.add_argument("--journal-cost", action="store_true", help="640x640 at 10 fps, journal on and off")
     parser.add_argument("--journal-rounds", type=int, default=2, help="off/on pairs of --journal-cost")
+    parser.add_argument("--curve-cost", action="store_true", help="640x640 at 10 fps over tcp, CURVE on and off")
+    parser.add_argument("--curve-rounds", type=int, default=2, help="off/on pairs of --curve-cost")
     parser.add_argument("--skip-transport", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_pipeline.json"))
@@ -340,6 +389,7 @@ def main() -> None:
                             )
                         )
         journal_cost = run_journal_cost(args, Path(tmp)) if args.journal_cost else None
+        curve_cost = run_curve_cost(args, Path(tmp)) if args.curve_cost else None
     transport = [] if args.skip_transport else run_transport(args.transport_frames, args.transport_runs)
 
     if journal_cost is not None:
@@ -360,6 +410,16 @@ def main() -> None:
             f"{journal_cost['made_to_received_p50_added_ms']:.2f} ms; Journal.append alone p50 {append['p50']:.3f} ms, "
             f"p99 {append['p99']:.3f} ms"
         )
+    if curve_cost is not None:
+        header = f"\n{'CURVE':<8}{'verdicts/s':>11}{'e2e p50':>9}{'e2e p99':>9}"
+        print(header + "   (640x640, 1 camera, 10 fps, pixels over tcp; ms)")
+        for r in curve_cost["rows"]:
+            e2e = r["e2e_received_ms"]
+            print(
+                f"{'on' if r['curve'] else 'off':<8}{r['throughput_fps']:>11.2f}"
+                f"{e2e['p50'] or float('nan'):>9.1f}{e2e['p99'] or float('nan'):>9.1f}"
+            )
+        print(f"p50 added by CURVE (median of rounds): {curve_cost['p50_added_ms']:.2f} ms")
     print(
         f"\n{'frames':<10}{'cams':>5}{'pixels':>7}{'soartc':>7}{'offered/s':>10}{'verdicts/s':>11}{'dropped':>9}"
         f"{'e2e p50':>9}{'e2e p99':>9}{'soartc p50':>11}{'infer p50':>10}   (ms; e2e = capture stamp to received)"
@@ -391,6 +451,7 @@ def main() -> None:
         "params": vars(args) | {"out": str(args.out)},
         "pipeline": rows,
         "journal_cost": journal_cost,
+        "curve_cost": curve_cost,
         "transport": transport,
     }
     write_report(args.out, report)

@@ -51,6 +51,7 @@ class Line:
     video: Path
     subscriber: FrameReceiver
     statuses: list[CameraStatus]
+    mjpeg_port: int
 
     def get(self, path: str) -> tuple[int, Any]:
         try:
@@ -103,7 +104,7 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
     small.mkdir()
     for i in range(3):  # frames of 200x200 against a 256x256 reference
         assert cv2.imwrite(str(small / f"{i}.png"), cv2.resize(board.next_frame()[0], (200, 200)))
-    capture, features, verdicts, http, rtsp = free_ports(5)
+    capture, features, verdicts, http, rtsp, mjpeg = free_ports(6)
     ref = str(directory / "ref")
     cameras = [
         {"id": "synth", "source": {"kind": "synthetic", "width": SIZE, "height": SIZE, "fps": 4, "seed": 11}},
@@ -114,6 +115,19 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
             "reference": ref,
         },
         {"id": "small", "source": {"kind": "folder", "path": str(small), "fps": 4, "loop": True}, "reference": ref},
+        {
+            "id": "net",  # an HTTP MJPEG camera (OpenCV's FFmpeg backend, like RTSP) that is not there yet
+            "source": {
+                "kind": "url",
+                "url": f"http://127.0.0.1:{mjpeg}/stream.mjpg",
+                "retry_backoff_s": 0.2,
+                "retry_backoff_max_s": 1.0,
+                "max_retries": 1000,
+                "open_timeout_ms": 2000,
+                "read_timeout_ms": 2000,
+            },
+            "reference": ref,
+        },
     ]
     config = {
         "cameras": cameras,
@@ -139,7 +153,7 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Line]:
             text=True,
         )
     subscriber = FrameReceiver(f"tcp://127.0.0.1:{verdicts}", kind="sub", topics=["status."], hwm=1000, linger_ms=0)
-    started = Line(process, directory, f"http://127.0.0.1:{http}/", directory / "line.avi", subscriber, [])
+    started = Line(process, directory, f"http://127.0.0.1:{http}/", directory / "line.avi", subscriber, [], mjpeg)
     try:
         started.until(
             "the synthetic camera online", lambda: started.camera("synth").get("state") == "online", STARTUP_S
@@ -269,3 +283,55 @@ def test_a_second_run_on_the_same_endpoints_is_refused_and_the_first_is_undistur
     assert sum(missed_between(a.seq, b.seq, b.dropped) for a, b in itertools.pairwise(got)) == 0
     assert capture_drops() == before
     assert line.camera("synth")["state"] == "online"
+
+
+class MjpegCamera:
+    """An HTTP MJPEG network camera on loopback (multipart/x-mixed-replace), serving one board frame at 5 fps."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        board = SyntheticCamera(width=SIZE, height=SIZE, seed=11, defect_rate=0.0).next_frame()[0]
+        picture = cv2.imencode(".jpg", board)[1].tobytes()
+        self.stop = threading.Event()
+        stop = self.stop
+
+        class Stream(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                try:
+                    while not stop.is_set():
+                        head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(picture)}\r\n\r\n"
+                        self.wfile.write(head.encode() + picture + b"\r\n")
+                        time.sleep(0.2)
+                except OSError:
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Stream)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_network_camera_that_comes_back_is_online_again_without_a_restart(line: Line) -> None:
+    line.until("camera net not online", lambda: line.camera("net").get("state") in ("reconnecting", "failed"))
+    assert "cannot be opened" in line.camera("net")["reason"]
+    restarts = {p["name"]: p["restarts"] for p in line.get("api/status")[1]["processes"]}
+    camera = MjpegCamera(line.mjpeg_port)
+    try:
+        line.until("camera net online", lambda: line.camera("net").get("state") == "online")
+    finally:
+        camera.close()
+    line.until("camera net lost", lambda: line.camera("net").get("state") in ("reconnecting", "failed"))
+    assert {p["name"]: p["restarts"] for p in line.get("api/status")[1]["processes"]} == restarts  # no restart

@@ -679,3 +679,27 @@ def test_an_infer_stage_with_a_corrupt_journal_runs_on_and_says_why_to_replay_cl
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_pipeline_on_a_loaded_machine_gives_verdicts_within_60_s_and_no_stage_is_taken_for_hung(
+    tmp_path: Path,
+) -> None:
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        started = time.monotonic()
+        # The supervisor's own defaults: 5 s without a heartbeat is a hang, 60 s to start.
+        loaded = start_pipeline(
+            tmp_path, fps=5, defect_rate=0.5, heartbeat_s=1.0, heartbeat_timeout_s=5.0, startup_timeout_s=60.0
+        )
+        try:
+            took = time.monotonic() - started
+            loaded.verdicts(5)
+            restarts = [line for line in loaded.output().splitlines() if "restarting in" in line]
+        finally:
+            loaded.stop()
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert took < 60, f"first verdict after {took:.0f} s with every core busy"
+    assert restarts == []

@@ -10,6 +10,13 @@ compares the latency of the first and the last interval: a service meant to run 
 flat memory, no descriptor or ring leak, and no latency drift.
 
     python benchmarks/bench_soak.py [--minutes 10] [--every 10] [--out bench_out/bench_soak.json]
+    python benchmarks/bench_soak.py --faults --minutes 30   # 2 cameras x 10 fps, faults (soak_faults.py)
+
+With ``--faults`` a second camera (a folder replaying frames) joins, and the pipeline is hurt on a schedule:
+each stage killed in turn, the folder camera's frames removed and restored, a subscriber stalled 30 s, a
+burst of hostile messages; the report adds memory growth per process after its own warm-up (a restarted
+process is a new one), the p99 of the first and the last 5 minutes, restarts, and the journal against
+the frames captured (verdicts received but not journaled must be none).
 
 Prints a table and writes JSON with the samples.
 """
@@ -29,6 +36,7 @@ import numpy as np
 import yaml
 from _machine import machine, now, write_report
 from bench_pipeline import free_ports, running_pipeline
+from soak_faults import Faults, account, folder_camera
 
 from stream_service.wire.messages import Verdict
 from stream_service.wire.shm_ring import ring_directory
@@ -44,6 +52,10 @@ def proc_sample(pid: int) -> dict[str, float] | None:
     return {"rss_mib": rss / 1024, "fds": fds}
 
 
+def with_pid(sample: dict[str, float] | None, pid: int) -> dict[str, float] | None:
+    return None if sample is None else {**sample, "pid": pid}
+
+
 def slope_per_hour(times_s: list[float], values: list[float]) -> float:
     if len(times_s) < 2:
         return 0.0
@@ -55,6 +67,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="measured time after the warm-up")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds skipped after the first verdict")
+    parser.add_argument("--faults", action="store_true", help="2 cameras, and the faults of soak_faults.py")
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_soak.json"))
     args = parser.parse_args()
 
@@ -72,12 +85,26 @@ def main() -> None:
         config["journal"] |= {"path": str(folder / "journal.sqlite")}
         samples: list[dict[str, Any]] = []
         endpoint = f"tcp://127.0.0.1:{verdicts}"  # the embedded default with its ports moved
+        faults = None
+        if args.faults:
+            config["cameras"].append(folder_camera(folder, 10.0))
+            config["transport"]["capture_out"].append(f"tcp://127.0.0.1:{free_ports(1)[0]}")
+            faults = Faults(
+                folder / "run", folder / "frames", config["transport"]["features_out"], endpoint, args.minutes
+            )
+        received_ids: set[str] = set()
+        captured: dict[int, int] = {}  # frames read, per capture process (a restarted capture counts afresh)
         with running_pipeline(config, folder, endpoint, args.warmup) as (process, subscriber):
-            pids = {p.stem: int(json.loads(p.read_text())["pid"]) for p in (folder / "run").glob("*.json")}
-            pids["run"] = process.pid
             started = time.monotonic()
             end = started + args.minutes * 60
             while time.monotonic() < end:
+                pids = {p.stem: int(json.loads(p.read_text())["pid"]) for p in (folder / "run").glob("*.json")}
+                pids["run"] = process.pid
+                for beat in (folder / "run").glob("capture-*.json"):
+                    record = json.loads(beat.read_text())
+                    captured[int(record["pid"])] = int(record["stats"]["capture"]["frames"])
+                if faults is not None:
+                    faults.due(time.monotonic() - started)
                 interval_end = min(end, time.monotonic() + args.every)
                 e2e: list[float] = []
                 dropped = 0
@@ -86,6 +113,8 @@ def main() -> None:
                     if message is not None and isinstance(message.header, Verdict):
                         e2e.append((time.time_ns() - message.header.capture_ns) / 1e6)
                         dropped += message.header.dropped
+                        if message.header.verdict_id is not None:
+                            received_ids.add(message.header.verdict_id)
                 sample: dict[str, Any] = {
                     "t_s": round(time.monotonic() - started, 1),
                     "verdicts": len(e2e),
@@ -93,7 +122,10 @@ def main() -> None:
                     "e2e_p50_ms": float(np.percentile(e2e, 50)) if e2e else None,
                     "e2e_p99_ms": float(np.percentile(e2e, 99)) if e2e else None,
                     "rings": len(list(ring_directory().glob("stream-service-ring-*"))),
-                    "processes": {name: proc_sample(pid) for name, pid in pids.items()},
+                    "processes": {
+                        name: proc_sample(pid) | {"pid": pid} if proc_sample(pid) else None
+                        for name, pid in pids.items()
+                    },
                 }
                 samples.append(sample)
                 print(
@@ -103,12 +135,22 @@ def main() -> None:
                     file=sys.stderr,
                     flush=True,
                 )
+            for beat in (folder / "run").glob("capture-*.json"):
+                record = json.loads(beat.read_text())
+                captured[int(record["pid"])] = int(record["stats"]["capture"]["frames"])
         output = (folder / "run.out").read_text()
+        accounting = account(folder / "journal.sqlite", sum(captured.values()), received_ids) if faults else None
 
-    names = sorted(samples[0]["processes"]) if samples else []
+    names = sorted({n for s in samples for n in s["processes"]})
     rows = []
     for name in names:
         points = [(s["t_s"], s["processes"][name]) for s in samples if s["processes"].get(name)]
+        if points:  # the process alive at the end, after its own warm-up (a restarted stage is a new process)
+            final = [(t, p) for t, p in points if p["pid"] == points[-1][1]["pid"]]
+            warm = [(t, p) for t, p in final if t >= final[0][0] + args.warmup] or final[-1:]
+            growth = warm[-1][1]["rss_mib"] - warm[0][1]["rss_mib"]
+        else:
+            growth = None
         times, rss = [t for t, _ in points], [p["rss_mib"] for _, p in points]
         fds = [p["fds"] for _, p in points]
         rows.append(
@@ -121,9 +163,12 @@ def main() -> None:
                 "fds_first": fds[0] if fds else None,
                 "fds_last": fds[-1] if fds else None,
                 "alive_to_the_end": len(points) == len(samples),
+                "rss_growth_after_warmup_mib": growth,
             }
         )
     first, last = samples[0], samples[-1]
+    window = max(1, int(300 / args.every))  # 5 minutes of samples
+    p99 = [s["e2e_p99_ms"] for s in samples if s["e2e_p99_ms"] is not None]
     summary = {
         "minutes": args.minutes,
         "verdicts": sum(s["verdicts"] for s in samples),
@@ -133,13 +178,23 @@ def main() -> None:
         "e2e_p99_first_last_ms": [first["e2e_p99_ms"], last["e2e_p99_ms"]],
         "rings_first_last": [first["rings"], last["rings"]],
         "restarts": output.count("; restarting in"),
+        "e2e_p99_first_last_5min_ms": [statistics.median(p99[:window]), statistics.median(p99[-window:])]
+        if p99
+        else None,
+        "faults": faults.log if faults else None,
+        "stalled_subscriber_missed": faults.stalled_missed if faults else None,
+        "accounting": accounting,
     }
-    print(f"\n{'process':<14}{'RSS first':>10}{'last':>8}{'max':>8}{'MiB/h':>8}{'fds':>9}  (after {args.warmup:.0f} s)")
+    print(
+        f"\n{'process':<14}{'RSS first':>10}{'last':>8}{'max':>8}{'MiB/h':>8}{'growth':>8}{'fds':>9}"
+        f"  (after {args.warmup:.0f} s; growth: the final process, after its own warm-up)"
+    )
     for r in rows:
+        grown = r["rss_growth_after_warmup_mib"]
         print(
             f"{r['process']:<14}{r['rss_first_mib']:>10.1f}{r['rss_last_mib']:>8.1f}{r['rss_max_mib']:>8.1f}"
-            f"{r['rss_slope_mib_per_hour']:>8.1f}{r['fds_first']:>5}->{r['fds_last']:<3}"
-            + ("" if r["alive_to_the_end"] else "  (died)")
+            f"{r['rss_slope_mib_per_hour']:>8.1f}{grown if grown is not None else float('nan'):>8.1f}"
+            f"{r['fds_first']:>5}->{r['fds_last']:<3}" + ("" if r["alive_to_the_end"] else "  (died)")
         )
     print(json.dumps(summary))
     report = {

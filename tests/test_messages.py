@@ -83,8 +83,10 @@ def with_header(**changes: Any) -> list[bytes]:
 # --- round trips -------------------------------------------------------------------------------------
 
 camera_ids = st.text(alphabet="abcXYZ019_-", min_size=1, max_size=12)
-shapes = st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple)
-stamps = st.lists(st.builds(Stamp, stage=st.sampled_from(["capture", "soartc"]), t_ns=st.integers(0, 2**62)))
+shapes = st.lists(st.integers(1, 7), min_size=2, max_size=3).map(tuple)  # (H, W) or (H, W, C)
+stamps = st.lists(
+    st.builds(Stamp, stage=st.sampled_from(["capture", "soartc"]), t_ns=st.integers(0, 2**62)), max_size=16
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -16,6 +16,12 @@ what a full queue refuses is dropped, counted, and reported downstream in ``drop
 ``transport.shared_memory`` the PUSH hops carry pixels through a shared-memory ring (same host only);
 stages never see the difference.
 
+Bounds (``settings.limits``): each receiving socket refuses message parts larger than what it can
+legitimately get (``receive_bound``: its cameras' frames, the token grid, a header, plus a margin),
+headers past the size and depth limits, and cameras it does not serve; a soartc worker has one
+receiver per capture endpoint (``transport.ReceiverSet``), so a frame is accepted only on its own
+camera's endpoint.
+
 Lifecycle: SIGTERM or SIGINT set the stop event; the loop finishes the message in hand, closes its
 sockets (``transport.linger_ms``) and returns. With a heartbeat file the process writes a JSON
 snapshot of its counters there every ``supervisor.heartbeat_s`` (atomically: write, then rename); with
@@ -39,7 +45,7 @@ from stream_service.errors import ConfigError, SharedMemoryError
 from stream_service.runtime.heartbeat import Heartbeat
 from stream_service.runtime.runner import StageStats, run_stage
 from stream_service.settings import CameraSettings, Settings
-from stream_service.wire.messages import Array, ArraySpec, Header, Part
+from stream_service.wire.messages import Array, ArraySpec, Header, HeaderLimits, Part
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +82,26 @@ def camera_at(settings: Settings, camera_id: str | None) -> tuple[int, CameraSet
         raise ConfigError(f"--camera: expected one of {ids}, found {camera_id!r}")
     index = ids.index(camera_id)
     return index, settings.cameras[index]
+
+
+def frame_bytes(settings: Settings, camera: CameraSettings) -> int:
+    """The largest frame part ``camera`` sends: ``(H, W)`` uint8 of its configured size, or
+    ``limits.unsized_frame_bytes`` when the settings do not fix its size (a device without ``frame_size``)."""
+    shape = camera.frame_shape
+    return shape[0] * shape[1] if shape is not None else settings.limits.unsized_frame_bytes
+
+
+def receive_bound(settings: Settings, cameras: Sequence[CameraSettings], token_bytes_per_pixel: float = 0.0) -> int:
+    """``ZMQ_MAXMSGSIZE`` of a socket receiving from ``cameras``: the largest part it can legitimately get
+    (a frame, its token grid at ``token_bytes_per_pixel``, a header) plus ``limits.message_margin_bytes``."""
+    limits = settings.limits
+    largest = max(frame_bytes(settings, c) for c in cameras)
+    return max(largest, int(largest * token_bytes_per_pixel), limits.max_header_bytes) + limits.message_margin_bytes
+
+
+def header_limits(settings: Settings) -> HeaderLimits:
+    """The header bounds of ``settings.limits``."""
+    return HeaderLimits(max_bytes=settings.limits.max_header_bytes, max_depth=settings.limits.max_json_depth)
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -196,7 +222,7 @@ def serve_soartc(
     """A soartc worker: pull frames from the captures, push features to the infer stage, until ``stop``."""
     from stream_service.model.card import load_card, resolve_model_dir
     from stream_service.stages.features import FeaturesStage
-    from stream_service.wire.transport import FrameReceiver, terminate_context
+    from stream_service.wire.transport import FrameReceiver, ReceiverSet, terminate_context
 
     t = settings.transport
     check_topology(settings)
@@ -204,11 +230,29 @@ def serve_soartc(
     heartbeat.write()
     card = load_card(resolve_model_dir(settings.inference.model))
     stage = FeaturesStage.from_settings(settings, card.features.to_spec(), wanted)
-    captures = [
-        connectable(t.capture_endpoint(i, c.id)) for i, c in enumerate(settings.cameras) if c.id in stage.cameras
-    ]
-    stats = StageStats()
-    receiver = FrameReceiver(captures, hwm=t.capture_hwm, linger_ms=t.linger_ms, max_drain=t.max_drain)
+    served = [(i, c) for i, c in enumerate(settings.cameras) if c.id in stage.cameras]
+    captures = [connectable(t.capture_endpoint(i, c.id)) for i, c in served]
+    stats = StageStats(log_every_s=settings.logging.repeat_every_s)
+    receivers: list[FrameReceiver] = []
+    try:
+        for endpoint, (_, camera) in zip(captures, served, strict=True):
+            receivers.append(
+                FrameReceiver(
+                    endpoint,
+                    hwm=t.capture_hwm,
+                    linger_ms=t.linger_ms,
+                    max_drain=t.max_drain,
+                    max_message_bytes=receive_bound(settings, [camera]),
+                    limits=header_limits(settings),
+                    cameras={camera.id},
+                    log_every_s=settings.logging.repeat_every_s,
+                )
+            )
+    except BaseException:
+        for opened in receivers:
+            opened.close()
+        raise
+    receiver = ReceiverSet(receivers)
     sender = LazySender(connectable(t.features_out), bind=False, hwm=t.features_hwm, settings=settings)
     heartbeat.snapshot = lambda: {
         "stage": stats.snapshot(),
@@ -243,10 +287,19 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
     model = InspectionModel.load(
         resolve_model_dir(inference.model), inference.device, inference.threads, spin=inference.spin_threads
     )
-    stage = InferenceStage(model, settings.inference, settings.highlight)
-    stats = StageStats()
+    stage = InferenceStage(model, settings.inference, settings.highlight, max_shift_px=settings.soartc.max_shift_px)
+    stats = StageStats(log_every_s=settings.logging.repeat_every_s)
+    block, channels = model.card.features.block, len(model.card.features.channels)
     receiver = FrameReceiver(
-        t.features_out, bind=True, hwm=t.features_hwm, linger_ms=t.linger_ms, max_drain=t.max_drain
+        t.features_out,
+        bind=True,
+        hwm=t.features_hwm,
+        linger_ms=t.linger_ms,
+        max_drain=t.max_drain,
+        max_message_bytes=receive_bound(settings, settings.cameras, channels * 4 / block**2),
+        limits=header_limits(settings),
+        cameras={c.id for c in settings.cameras},
+        log_every_s=settings.logging.repeat_every_s,
     )
     try:
         publisher = FrameSender(t.verdicts_pub, kind="pub", bind=True, hwm=t.publish_hwm, linger_ms=t.linger_ms)
@@ -257,6 +310,7 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
         "stage": stats.snapshot(),
         "receiver": _receiver_counters(receiver),
         "sender": {"sent": publisher.sent, "dropped": dict(publisher.dropped)},
+        "unscored": dict(stage.unscored),
         "model": f"{model.card.name} {model.card.version} on {model.providers[0]}",
     }
     try:

@@ -55,6 +55,7 @@ def _endpoint(value: str) -> str:
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+FrameSide = Annotated[int, Field(gt=0, le=65535)]  # the wire's bound on a frame side
 
 
 class Section(BaseModel):
@@ -66,8 +67,8 @@ class SyntheticSource(Section):
     """The synthetic PCB camera (``stream_service.sources.synthetic``); it supplies its own reference."""
 
     kind: Literal["synthetic"]
-    width: int = Field(640, ge=72)
-    height: int = Field(640, ge=72)
+    width: int = Field(640, ge=72, le=16384)
+    height: int = Field(640, ge=72, le=16384)
     fps: PositiveFloat = 10.0
     seed: int = 0
     defect_rate: float = Field(0.5, ge=0, le=1)
@@ -150,7 +151,7 @@ class CameraSettings(Section):
     source: Source
     reference: Path | None = None
     polarity: Literal["dark-object", "bright-object"] = "dark-object"
-    frame_size: tuple[PositiveInt, PositiveInt] | None = None  # (width, height) frames are resized to
+    frame_size: tuple[FrameSide, FrameSide] | None = None  # (width, height) frames are resized to
 
     @property
     def frame_shape(self) -> tuple[int, int] | None:

@@ -10,23 +10,30 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from stream_service.errors import MessageError
 from stream_service.wire.messages import (
+    HEADER_KINDS,
     SCHEMA_VERSION,
     ArraySpec,
     DType,
     FeaturesHeader,
     FrameHeader,
+    HeaderLimits,
+    Highlight,
     Region,
     Registration,
     Stamp,
     Verdict,
     add_stamp,
     decode,
+    decode_header,
     encode,
     highlight_header,
     highlight_jpeg,
+    json_depth,
+    payload_views,
     rejection_reason,
     topic_of,
     verdict_json_schema,
@@ -263,3 +270,173 @@ def test_the_jpeg_of_a_highlight_message_and_of_nothing_else() -> None:
     message = decode(encode(topic_of(highlight_header(v, picture)), highlight_header(v, picture), [picture]))
     assert highlight_jpeg(message) == picture
     assert highlight_jpeg(decode(encode(topic_of(v), v))) is None
+
+
+# --- hostile input: what the issue's crashers and a fuzzer send -------------------------------------------
+
+
+def features_json(**changes: Any) -> bytes:
+    """A valid features header (a 32x32 frame, 16-px blocks) as JSON, with top-level ``changes``."""
+    header = FeaturesHeader(
+        camera_id="cam0",
+        seq=3,
+        capture_ns=1_700_000_000_000_000_000,
+        shape=(32, 32),
+        dtype="uint8",
+        arrays=(
+            ArraySpec(name="aligned", shape=(32, 32), dtype="uint8"),
+            ArraySpec(name="tokens", shape=(2, 2, 16), dtype="float32"),
+            ArraySpec(name="open_diff", shape=(32, 32), dtype="uint8"),
+            ArraySpec(name="diff", shape=(32, 32), dtype="uint8"),
+        ),
+        registration=Registration(dx=0.5, dy=-1.0, confidence=0.9),
+    )
+    return json.dumps(json.loads(header.model_dump_json()) | changes).encode()
+
+
+CRASHERS: list[tuple[str, bytes, str]] = [
+    ("'[' x 100,000", b"[" * 100_000, "header size"),
+    ("'[' x 5,000", b"[" * 5_000, "header depth"),
+    ("deep object", b'{"a":' * 40 + b"1" + b"}" * 40, "header depth"),
+    ("deep truth", features_json(truth={"x": json.loads("[" * 40 + "]" * 40)}), "header depth"),
+    ("5,000-digit seq", features_json().replace(b'"seq": 3', b'"seq": ' + b"9" * 5000), "header json"),
+    ("4,000-digit seq", features_json().replace(b'"seq": 3', b'"seq": ' + b"9" * 4000), "header field 'seq'"),
+    ("seq past int64", features_json(seq=2**63), "header field 'seq'"),
+    ("negative capture_ns", features_json(capture_ns=-1), "header field 'capture_ns'"),
+    ("dx: Infinity", features_json().replace(b'"dx": 0.5', b'"dx": Infinity'), "header field 'registration'"),
+    ("dy: NaN", features_json().replace(b'"dy": -1.0', b'"dy": NaN'), "header field 'registration'"),
+    ("a shape of one dimension", features_json(shape=[640]), "header field 'shape'"),
+    ("a 0x0 frame", features_json(shape=[0, 0]), "header field 'shape'"),
+    ("a frame side past the bound", features_json(shape=[70000, 4]), "header field 'shape'"),
+    (
+        "an array of 9 dimensions",
+        features_json(arrays=[{"name": "a", "shape": [1] * 9, "dtype": "uint8"}]),
+        "header field 'arrays'",
+    ),
+    ("too many stamps", features_json(stamps=[{"stage": "x", "t_ns": 1}] * 17), "header field 'stamps'"),
+    (
+        "a bad stamp deep in a list",
+        features_json(stamps=[{"stage": "x", "t_ns": 1}] * 5 + [{"t_ns": 1}]),
+        "header field 'stamps'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "reason"), CRASHERS, ids=[c for c, _, _ in CRASHERS])
+def test_hostile_headers_are_rejected_with_a_bounded_reason(case: str, raw: bytes, reason: str) -> None:
+    with pytest.raises(MessageError) as info:
+        decode_header(raw)
+    assert rejection_reason(info.value) == reason
+    assert "expected" in str(info.value) and "found" in str(info.value)
+
+
+def test_the_header_limits_are_the_callers() -> None:
+    raw = features_json()
+    decode_header(raw, HeaderLimits(max_bytes=len(raw), max_depth=4))
+    with pytest.raises(MessageError, match="header size: expected at most 100 bytes"):
+        decode_header(raw, HeaderLimits(max_bytes=100))
+    with pytest.raises(MessageError, match="header depth: expected JSON nested at most 3 deep"):
+        decode_header(raw, HeaderLimits(max_depth=3))  # registration is 2 deep, arrays[].shape 3, a tree 4
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def nesting(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((nesting(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((nesting(v) for v in value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=json_values)
+def test_json_depth_is_the_nesting_of_the_value(value: Any) -> None:
+    text = json.dumps(value).encode()
+    assert json_depth(text) == nesting(value)
+    assert json_depth(text, stop_above=1) == min(nesting(value), 2) or nesting(value) <= 1
+
+
+FIELDS = sorted({field for model in HEADER_KINDS.values() for field in model.model_fields})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["frame", "features", "verdict", "highlight", "status"]),
+    changes=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=4),
+)
+def test_decode_header_of_mutated_headers_raises_only_message_errors(kind: str, changes: dict[str, Any]) -> None:
+    raw = json.loads(features_json()) | {"kind": kind} | changes
+    try:
+        decode_header(json.dumps(raw).encode())
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS or rejection_reason(exc).startswith("header field '")
+        field = rejection_reason(exc).removeprefix("header field '").rstrip("'")
+        assert field in FIELDS or field in BOUNDED_REASONS
+
+
+BOUNDED_REASONS = {"header size", "header depth", "header json", "schema_version", "kind", "part count", "topic"}
+BOUNDED_REASONS |= {"payload size", "payload shape"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.binary(max_size=300) | st.text(alphabet='[]{}":,0123456789.eE-truefalsn \\', max_size=300).map(str.encode)
+)
+def test_decode_header_of_random_bytes_raises_only_message_errors(raw: bytes) -> None:
+    try:
+        decode_header(raw)
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS or rejection_reason(exc).startswith("header field '")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(st.binary(max_size=64), max_size=6),
+    header=st.sampled_from([None, features_json(), json.dumps(json.loads(good_parts()[1])).encode()]),
+)
+def test_decode_of_random_parts_raises_only_message_errors(parts: list[bytes], header: bytes | None) -> None:
+    if header is not None and len(parts) >= 2:
+        parts[1] = header
+    try:
+        decode(parts)
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS or rejection_reason(exc).startswith("header field '")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=8), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    sizes=st.lists(st.integers(0, 64), min_size=0, max_size=5),
+)
+def test_payload_views_of_random_specs_and_parts_raise_only_message_errors(
+    shapes: list[list[int]], dtype: str, sizes: list[int]
+) -> None:
+    specs = tuple(ArraySpec(name=f"a{i}", shape=tuple(s), dtype=dtype) for i, s in enumerate(shapes))  # type: ignore[arg-type]
+    header = Highlight(camera_id="cam0", seq=0, capture_ns=0, arrays=specs)
+    try:
+        payload_views(header, [bytes(n) for n in sizes])
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS
+
+
+def test_a_verdict_with_a_non_finite_score_is_not_a_verdict() -> None:
+    with pytest.raises(ValidationError):
+        verdict(score=float("nan"))
+    raw = json.dumps(json.loads(verdict().model_dump_json()) | {"score": None}).encode()
+    with pytest.raises(MessageError, match="header field 'score'"):
+        decode_header(raw)
+
+
+def test_an_unscored_verdict_carries_its_reason_and_the_schema_says_so() -> None:
+    v = verdict(verdict="fail", score=1.0, regions=(), reason="features: expected finite token values, found NaN")
+    assert decode(encode(topic_of(v), v)).header == v
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    _validate(json.loads(v.model_dump_json()), schema)
+    assert "never a pass" in schema["properties"]["reason"]["description"]

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.errors import CameraError, FrameShapeError, MessageError
+from stream_service.errors import CameraError, FrameShapeError, InputError, MessageError
 from stream_service.model.references import build_reference, save_reference
 from stream_service.runtime.runner import MemorySink, MemorySource, StageStats, run_stage
 from stream_service.settings import CameraSettings, HighlightSettings, InferenceSettings, Settings
@@ -31,6 +31,7 @@ from stream_service.vision.inspection import FeatureExtractor
 from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
 from stream_service.wire.messages import (
     FEATURES_ARRAYS,
+    ArraySpec,
     CameraStatus,
     FeaturesHeader,
     FrameHeader,
@@ -448,3 +449,79 @@ def test_the_picture_and_the_mask_are_in_the_verdicts_captured_frame_pixels() ->
     for r in verdict.regions:
         inside[r.y1 : r.y2 + 1, r.x1 : r.x2 + 1] = True
     assert inside[ys, xs].all()  # every highlighted pixel lies in one of the verdict's regions
+
+
+# -- fail safe and hostile input at the infer stage -----------------------------------------------------------
+def with_arrays(message: Message, **arrays: np.ndarray) -> Message:
+    """``message`` (features) with some payloads replaced by ``arrays`` (by name), the header to match."""
+    header = message.header
+    assert isinstance(header, FeaturesHeader)
+    named = dict(zip(FEATURES_ARRAYS, message.arrays, strict=True)) | arrays
+    specs = tuple(
+        ArraySpec.model_validate({"name": n, "shape": a.shape, "dtype": str(a.dtype)}) for n, a in named.items()
+    )
+    return Message(message.topic, header.model_copy(update={"arrays": specs}), list(named.values()))
+
+
+class NanModel(FakeModel):
+    def run(self, windows_nggc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, attention = super().run(windows_nggc)
+        return np.full_like(probs, np.nan), attention
+
+
+def nan_tokens(message: Message, fraction: float) -> np.ndarray:
+    tokens = np.array(message.arrays[1], np.float32)
+    flat = tokens.reshape(-1)
+    flat[: max(1, int(flat.size * fraction))] = np.nan if fraction == 1.0 else np.inf
+    return tokens
+
+
+@pytest.mark.parametrize(
+    ("case", "subject"),
+    [
+        ("tokens all NaN", "features"),
+        ("one token infinite", "features"),
+        ("model outputs NaN", "model output"),
+        ("registration shift past max_shift_px", "registration"),
+    ],
+)
+def test_what_the_model_cannot_score_is_a_fail_with_a_reason_never_a_pass(case: str, subject: str) -> None:
+    message = features_message(defect_rate=0.0)  # a clean board: the model would pass it
+    assert through(inference_stage(), message)[0].header.verdict == "pass"  # type: ignore[union-attr]
+    model: FakeModel = NanModel() if case == "model outputs NaN" else FakeModel()
+    stage = InferenceStage(model, InferenceSettings(), HighlightSettings(), max_shift_px=16.0)  # type: ignore[arg-type]
+    if case.startswith("tokens") or case.startswith("one token"):
+        message = with_arrays(message, tokens=nan_tokens(message, 1.0 if "NaN" in case else 0.0))
+    elif case.startswith("registration"):
+        header = message.header
+        assert isinstance(header, FeaturesHeader)
+        moved = header.registration.model_copy(update={"dx": 40.0})
+        message = Message(message.topic, header.model_copy(update={"registration": moved}), message.arrays)
+    verdict_msg, highlight_msg = through(stage, message)  # encoded and decoded: valid on the wire
+    verdict = verdict_msg.header
+    assert isinstance(verdict, Verdict)
+    assert (verdict.verdict, verdict.score, verdict.regions) == ("fail", 1.0, ())
+    assert verdict.reason is not None and verdict.reason.startswith(f"{subject}: expected")
+    assert stage.unscored == {subject: 1}
+    assert cv2.imdecode(np.asarray(highlight_msg.arrays[0]), cv2.IMREAD_COLOR).shape == (SIZE, SIZE, 3)
+    json_schema = json.loads((REPO / "schemas" / "verdict.v1.json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(verdict.model_dump_json()), json_schema)
+
+
+def test_features_that_do_not_fit_their_frame_are_refused_before_the_model() -> None:
+    message = features_message()
+    stage = inference_stage()
+    cases = {
+        "a 0x0 aligned frame": with_arrays(message, aligned=np.zeros((0, 0), np.uint8)),
+        "a 1-D aligned frame": with_arrays(message, aligned=np.zeros(SIZE * SIZE, np.uint8)),
+        "a token grid too small": with_arrays(message, tokens=np.zeros((2, 2, 16), np.float32)),
+        "a token grid too large": with_arrays(message, tokens=np.zeros((160, 16, 16), np.float32)),
+        "float64 tokens": with_arrays(message, tokens=np.asarray(message.arrays[1], np.float64)),
+        "masks of another size": with_arrays(message, diff=np.zeros((SIZE, SIZE - 1), np.uint8)),
+    }
+    for case, bad in cases.items():
+        with pytest.raises(InputError, match="expected") as info:
+            stage.process(*bad)
+        assert "found" in str(info.value), case
+    assert through(stage, message)[0].header.dropped == len(cases)  # type: ignore[union-attr]

@@ -525,3 +525,84 @@ def test_features_that_do_not_fit_their_frame_are_refused_before_the_model() -> 
             stage.process(*bad)
         assert "found" in str(info.value), case
     assert through(stage, message)[0].header.dropped == len(cases)  # type: ignore[union-attr]
+
+
+# -- a running infer stage on real loopback sockets, under the issue's crashers -----------------------------------
+def raw_features(message: Message, text: bytes | None = None, **changes: Any) -> list[bytes]:
+    """The wire parts of a features ``message``, its header JSON with top-level ``changes`` (or ``text``)."""
+    parts = [bytes(p) for p in encode(message.topic, message.header, message.arrays)]
+    parts[1] = text if text is not None else json.dumps(json.loads(parts[1]) | changes).encode()
+    return parts
+
+
+def test_a_running_infer_stage_counts_every_crasher_and_keeps_serving_real_frames() -> None:
+    from stream_service.wire.transport import FrameReceiver, FrameSender, open_socket
+
+    good = features_message(defect_rate=0.0)
+    header_json = json.loads(bytes(encode(good.topic, good.header, good.arrays)[1]))
+    receiver = FrameReceiver(
+        "tcp://127.0.0.1:*", bind=True, hwm=64, linger_ms=0, max_message_bytes=1 << 20, cameras={"cam0"}
+    )
+    publisher = FrameSender("tcp://127.0.0.1:*", kind="pub", bind=True, hwm=100, linger_ms=0)
+    subscriber = FrameReceiver(publisher.endpoint, kind="sub", topics=["verdicts."], hwm=100, linger_ms=0)
+    peer = open_socket("push", receiver.endpoint, bind=False, hwm=64, linger_ms=0)
+    stage = InferenceStage(FakeModel(), InferenceSettings(), HighlightSettings(), max_shift_px=16.0)  # type: ignore[arg-type]
+    stop, stats = threading.Event(), StageStats()
+    thread = threading.Thread(
+        target=run_stage, args=(stage, receiver, publisher, stop), kwargs={"stats": stats}, daemon=True
+    )
+    thread.start()
+
+    def verdicts_until(seq: int) -> list[Verdict]:
+        got: list[Verdict] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = subscriber.receive(0.2)
+            if message is not None and isinstance(message.header, Verdict):
+                got.append(message.header)
+                if message.header.seq == seq:
+                    return got
+            if seq < 0:  # warming up: keep feeding good frames until the subscription is live
+                peer.send_multipart(raw_features(good, seq=0))
+                if got:
+                    return got
+        raise AssertionError(f"no verdict {seq}; got {[v.seq for v in got]}")
+
+    try:
+        verdicts_until(-1)
+        received_before = stats.received  # warm-up frames may still be queued
+        header_json["seq"], header_json["registration"]["dx"] = 0, 0.0
+        with_seq = json.dumps(header_json, separators=(",", ":")).encode()
+        crashers = [
+            raw_features(good, b"[" * 100_000),
+            raw_features(good, with_seq.replace(b'"seq":0', b'"seq":' + b"9" * 5000)),
+            raw_features(good, with_seq.replace(b'"dx":0.0', b'"dx":Infinity')),
+            raw_features(good, shape=[SIZE]),  # a shape of one dimension
+            raw_features(good, camera_id="cam9"),
+            [bytes(p) for p in encode(*with_arrays(good, aligned=np.zeros((0, 0), np.uint8)))],
+        ]
+        assert b'"seq":0' in with_seq and b'"dx":0.0' in with_seq
+        for parts in crashers:
+            peer.send_multipart(parts)
+        unscorable = with_arrays(good, tokens=np.full_like(np.asarray(good.arrays[1]), np.nan))
+        peer.send_multipart(raw_features(unscorable, seq=100))
+        peer.send_multipart(raw_features(good, seq=101))
+        verdicts = {v.seq: v for v in verdicts_until(101)}
+        assert thread.is_alive()
+        assert (verdicts[100].verdict, verdicts[100].score) == ("fail", 1.0)
+        assert verdicts[100].reason is not None and "finite token values" in verdicts[100].reason
+        assert verdicts[101].verdict == "pass" and verdicts[101].reason is None
+        assert stats.rejected == {
+            "header size": 1,
+            "header json": 1,
+            "header field 'registration'": 1,
+            "header field 'shape'": 1,
+            "camera_id": 1,
+        }
+        assert stats.errors == {"InputError": 1}  # the 0x0 aligned frame
+        assert stats.received - received_before >= 3  # the 0x0 frame, the unscorable, the good one (and warm-up)
+    finally:
+        stop.set()
+        thread.join(10)
+        for closable in (peer, subscriber, receiver, publisher):
+            closable.close()

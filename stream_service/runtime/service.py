@@ -245,7 +245,7 @@ def serve_soartc(
                     max_message_bytes=receive_bound(settings, [camera]),
                     limits=header_limits(settings),
                     cameras={camera.id},
-                    log_every_s=settings.logging.repeat_every_s,
+                    log_every_s=None,  # the runner logs rejections (rate-limited)
                 )
             )
     except BaseException:
@@ -299,7 +299,7 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
         max_message_bytes=receive_bound(settings, settings.cameras, channels * 4 / block**2),
         limits=header_limits(settings),
         cameras={c.id for c in settings.cameras},
-        log_every_s=settings.logging.repeat_every_s,
+        log_every_s=None,  # the runner logs rejections (rate-limited)
     )
     try:
         publisher = FrameSender(t.verdicts_pub, kind="pub", bind=True, hwm=t.publish_hwm, linger_ms=t.linger_ms)

@@ -352,7 +352,7 @@ class FrameReceiver:
 
     Bounds (see the module docstring): ``max_message_bytes`` per message part (-1: none), ``limits`` on
     headers, ``cameras`` the only camera ids accepted (None: any). Rejections are logged at most once
-    per reason every ``log_every_s``.
+    per reason every ``log_every_s`` (None: not logged here, the caller logs what ``receive`` raises).
     """
 
     def __init__(
@@ -370,7 +370,7 @@ class FrameReceiver:
         max_message_bytes: int = -1,
         limits: HeaderLimits = HeaderLimits(),  # noqa: B008 (frozen)
         cameras: Collection[str] | None = None,
-        log_every_s: float = 10.0,
+        log_every_s: float | None = 10.0,
     ) -> None:
         endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
         if not endpoints or (bind and len(endpoints) > 1):
@@ -397,7 +397,7 @@ class FrameReceiver:
         self._shm_copy = shm_copy
         self._limits = limits
         self._cameras = frozenset(cameras) if cameras is not None else None
-        self._log = RateLimitedLog(log, log_every_s)
+        self._log = RateLimitedLog(log, log_every_s) if log_every_s is not None else None
         # camera -> (topic, header, arrays or shm descriptor): the newest message per camera, oldest camera first.
         # The newest message per (camera, is-a-status): a camera's status never stands in for its frames.
         self._ready: dict[tuple[str, bool], tuple[str, Header, list[Array] | ShmDescriptor]] = {}
@@ -484,7 +484,8 @@ class FrameReceiver:
     def _count_rejection(self, exc: MessageError) -> None:
         reason = rejection_reason(exc)
         self.rejected[reason] += 1
-        self._log.warning(reason, "rejected a message on %s: %s", self.endpoint, exc)
+        if self._log is not None:
+            self._log.warning(reason, "rejected a message on %s: %s", self.endpoint, exc)
 
     @staticmethod
     def _parse(

@@ -546,3 +546,56 @@ def test_the_soartc_stage_runs_alone_rejects_malformed_frames_and_keeps_serving(
             process.wait()
         capture.close()
         features.close()
+
+
+def test_the_soartc_stage_refuses_crashers_and_frames_on_another_cameras_endpoint(tmp_path: Path) -> None:
+    config, endpoints = write_config(tmp_path, fps=5, defect_rate=1.0)
+    settings = json.loads(config.read_text())
+    second = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    cam1 = settings["cameras"][0] | {"id": "cam1"}
+    settings["cameras"].append(cam1)
+    settings["transport"]["capture_out"].append(second)
+    config.write_text(json.dumps(settings))
+    stats = tmp_path / "soartc.json"
+    features = FrameReceiver(endpoints["features"], bind=True, hwm=10, linger_ms=0)
+    to_cam0 = open_socket("push", endpoints["capture"], bind=True, hwm=10, linger_ms=0)
+    to_cam1 = open_socket("push", second, bind=True, hwm=10, linger_ms=0)
+    process = subprocess.Popen(
+        [*CLI, "soartc", "--config", str(config), "--stats", str(stats)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        frame, _ = SyntheticCamera(256, 256, seed=11, defect_rate=1.0).next_frame()
+        header = FrameHeader(camera_id="cam0", seq=4, capture_ns=time.time_ns(), shape=frame.shape, dtype="uint8")
+        good = [bytes(p) for p in encode("frames.cam0", header, [frame])]
+        to_cam1.send_multipart(good)  # cam0's frame on cam1's endpoint; blocks until the stage connected
+        for bad_header in (
+            b"[" * 100_000,
+            good[1].replace(b'"seq":4', b'"seq":' + b"9" * 5000),
+            good[1].replace(b'"shape":[256,256]', b'"shape":[65536]'),
+            good[1].replace(b'"camera_id":"cam0"', b'"camera_id":"camX"'),
+        ):
+            assert bad_header != good[1]
+            to_cam0.send_multipart([good[0], bad_header, good[2]])
+        expected = {"camera_id": 2, "header size": 1, "header json": 1, "header field 'shape'": 1}
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            core = json.loads(stats.read_text())["stats"].get("stage", {}) if stats.exists() else {}
+            if sum(core.get("rejected", {}).values()) >= sum(expected.values()):
+                break
+            assert time.monotonic() < deadline, core
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            time.sleep(0.2)
+        assert core["rejected"] == expected
+        to_cam0.send_multipart(good)  # the stage still serves, on the right endpoint
+        message = features.receive(WAIT_S)
+        assert message is not None and isinstance(message.header, FeaturesHeader)
+        assert (message.header.camera_id, message.header.seq, message.header.dropped) == ("cam0", 4, 0)
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(10)
+        for closable in (to_cam0, to_cam1, features):
+            closable.close()

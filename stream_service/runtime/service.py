@@ -4,7 +4,7 @@ capture|soartc|infer`` run.
 Topology (endpoints from ``transport``; every hop bounded by its high-water mark, drop-oldest):
 
     capture (one per camera)      soartc workers (soartc.workers)        infer (one)
-    PUSH bind capture_out[i] ---> PULL connect to every capture_out
+    PUSH bind capture_out[i] ---> PULL connect to capture_out[i], one per camera
                                   PUSH connect features_out ----------> PULL bind features_out
                                                                           PUB bind verdicts_pub --> SUB subscribers
 

@@ -323,8 +323,9 @@ _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 def json_depth(raw: bytes, stop_above: int | None = None) -> int:
     """How deeply the arrays and objects of the JSON text ``raw`` nest (strings skipped), without
     recursion: ``json.loads`` recurses once per level and dies of ``RecursionError`` on ``[`` x 100,000.
-    With ``stop_above``, the scan stops once the depth exceeds it. Text that is not JSON may be
-    overestimated (an unterminated string), never under."""
+    With ``stop_above``, the scan stops once the depth exceeds it, and a result of at most ``stop_above``
+    only says that the text is not deeper. Text that is not JSON may be overestimated (an unterminated
+    string), never under."""
     if raw.count(b"[") + raw.count(b"{") <= (stop_above or 0):
         return stop_above or 0  # cannot be deeper than its number of openings: the common, cheap case
     depth = deepest = 0

@@ -385,6 +385,28 @@ def test_a_malformed_message_is_rejected_counted_and_the_stage_keeps_serving(pip
     assert pipeline.pids()["infer"] == infer_pid  # the same process, still serving
 
 
+def test_a_200_mb_message_is_refused_by_size_and_the_infer_stage_keeps_serving(pipeline: Pipeline) -> None:
+    infer_pid = pipeline.pids()["infer"]
+    rss_before = rss_mib(infer_pid)
+
+    def refused() -> tuple[dict[str, int], dict[str, int]]:
+        core = pipeline.heartbeat("infer").get("stats", {}).get("stage", {})
+        return core.get("rejected", {}), core.get("errors", {})
+
+    before = refused()
+    # A valid header for its 200 MB payload: only the size bound stands in its way.
+    header = FrameHeader(camera_id="cam0", seq=1, capture_ns=0, shape=(10_000, 20_000), dtype="uint8")
+    push = open_socket("push", pipeline.endpoints["features"], bind=False, hwm=1, linger_ms=0)
+    try:
+        push.send_multipart([b"features.cam0", header.model_dump_json().encode(), np.zeros(200 * 2**20, np.uint8)])
+        assert len(pipeline.verdicts(5, after_ns=time.time_ns())) == 5
+    finally:
+        push.close()
+    assert pipeline.pids()["infer"] == infer_pid
+    assert refused() == before  # ZeroMQ refused it: it never reached the stage to be counted
+    assert rss_mib(infer_pid) - rss_before < 100, "the 200 MB message was taken into memory"
+
+
 def test_a_slow_subscriber_drops_and_counts_without_holding_back_the_pipeline(pipeline: Pipeline) -> None:
     infer_pid = pipeline.pids()["infer"]
     rss_before = rss_mib(infer_pid)

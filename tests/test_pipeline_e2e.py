@@ -621,3 +621,89 @@ def test_the_soartc_stage_refuses_crashers_and_frames_on_another_cameras_endpoin
         process.wait(10)
         for closable in (to_cam0, to_cam1, features):
             closable.close()
+
+
+def test_the_infer_stage_runs_alone_refuses_crashers_and_fails_safe_on_nan_tokens(tmp_path: Path) -> None:
+    config, endpoints = write_config(tmp_path, fps=5, defect_rate=1.0)
+    card = json.loads((MODEL_DIR / "card.json").read_text())
+    block, channels = card["features"]["block"], len(card["features"]["channels"])
+    size, grid = 256, 256 // block
+    arrays = {
+        "aligned": np.full((size, size), 200, np.uint8),
+        "tokens": np.zeros((grid, grid, channels), np.float32),
+        "open_diff": np.zeros((size, size), np.uint8),
+        "diff": np.zeros((size, size), np.uint8),
+    }
+
+    def features(seq: int, tokens: np.ndarray | None = None) -> list[bytes]:
+        payload = arrays | ({"tokens": tokens} if tokens is not None else {})
+        header = FeaturesHeader.model_validate(
+            {
+                "camera_id": "cam0",
+                "seq": seq,
+                "capture_ns": time.time_ns(),
+                "shape": [size, size],
+                "dtype": "uint8",
+                "arrays": [{"name": n, "shape": a.shape, "dtype": str(a.dtype)} for n, a in payload.items()],
+                "registration": {"dx": 0.0, "dy": 0.0, "confidence": 1.0},
+            }
+        )
+        return [bytes(p) for p in encode("features.cam0", header, list(payload.values()))]
+
+    stats = tmp_path / "infer.json"
+    process = subprocess.Popen(
+        [*CLI, "infer", "--config", str(config), "--stats", str(stats)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    push = open_socket("push", endpoints["features"], bind=False, hwm=100, linger_ms=0)
+    verdicts = FrameReceiver(endpoints["verdicts"], kind="sub", topics=["verdicts."], hwm=100, linger_ms=0)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while (first := verdicts.receive(0.5)) is None:  # until the stage is up and the subscription live
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[0][-3000:]
+            push.send_multipart(features(0))
+        good = features(1)
+        for bad in (
+            [good[0], b"[" * 100_000, *good[2:]],
+            [good[0], good[1].replace(b'"seq":1', b'"seq":' + b"9" * 5000), *good[2:]],
+            [good[0], good[1].replace(b'"dx":0.0', b'"dx":Infinity'), *good[2:]],
+            [good[0], good[1].replace(b'"shape":[256,256]', b'"shape":[256]'), *good[2:]],
+            [good[0], good[1].replace(b'"camera_id":"cam0"', b'"camera_id":"camX"'), *good[2:]],
+        ):
+            assert bad[1] != good[1]
+            push.send_multipart(bad)
+        got: dict[int, Verdict] = {}
+        # One at a time: the stage keeps only the newest queued message of a camera (transport.max_drain).
+        for seq, tokens in ((5, np.full_like(arrays["tokens"], np.nan)), (6, None)):
+            push.send_multipart(features(seq, tokens))
+            deadline = time.monotonic() + WAIT_S
+            while seq not in got:
+                assert time.monotonic() < deadline and process.poll() is None, got
+                message = verdicts.receive(0.5)
+                if message is not None and isinstance(message.header, Verdict):
+                    got[message.header.seq] = message.header
+        assert (got[5].verdict, got[5].score) == ("fail", 1.0)
+        assert got[5].reason is not None and got[5].reason.startswith("features: expected finite token values")
+        assert got[6].reason is None and isinstance(first.header, Verdict)
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            beat = json.loads(stats.read_text())["stats"]
+            if sum(beat["stage"]["rejected"].values()) >= 5 and beat.get("unscored"):
+                break
+            assert time.monotonic() < deadline, beat
+            time.sleep(0.2)
+        assert beat["stage"]["rejected"] == {
+            "header size": 1,
+            "header json": 1,
+            "header field 'registration'": 1,
+            "header field 'shape'": 1,
+            "camera_id": 1,
+        }
+        assert beat["unscored"] == {"features": 1} and process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(10)
+        push.close()
+        verdicts.close()

@@ -7,7 +7,8 @@ every ``supervisor.heartbeat_s``, atomically (write, then rename). The superviso
 accepts any minor version of its major and ignores fields it does not know.
 
 Only the parts a stage has are present: ``capture`` for a capture process, ``stage`` and
-``receiver`` for the soartc and infer stages, ``features`` for the soartc stage, ``model`` for infer.
+``receiver`` for the soartc and infer stages, ``features`` for the soartc stage, ``model`` and
+``unscored`` for infer.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class HeartbeatStats(_Counts):
     sender: SenderCounts | None = None
     features: FeaturesCounts | None = None
     model: str | None = None
+    unscored: dict[str, int] | None = None  # infer: fail-safe verdicts (frames it could not score), by subject
     camera: str | None = None  # a capture's camera id
     health: Health | None = None  # a capture: its camera's health; other stages: their own
 

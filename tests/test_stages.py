@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.errors import CameraError, FrameShapeError, InputError, MessageError
+from stream_service.errors import CameraError, FrameShapeError, InputError, MessageError, ModelError
 from stream_service.model.references import build_reference, save_reference
 from stream_service.runtime.runner import MemorySink, MemorySource, StageStats, run_stage
 from stream_service.settings import CameraSettings, HighlightSettings, InferenceSettings, Settings
@@ -469,6 +469,11 @@ class NanModel(FakeModel):
         return np.full_like(probs, np.nan), attention
 
 
+class BrokenModel(FakeModel):
+    def run(self, windows_nggc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise ModelError("model run: expected outputs for 9 windows, found Fail: CUDA error")
+
+
 def nan_tokens(message: Message, fraction: float) -> np.ndarray:
     tokens = np.array(message.arrays[1], np.float32)
     flat = tokens.reshape(-1)
@@ -482,13 +487,15 @@ def nan_tokens(message: Message, fraction: float) -> np.ndarray:
         ("tokens all NaN", "features"),
         ("one token infinite", "features"),
         ("model outputs NaN", "model output"),
+        ("the model run fails", "model run"),
         ("registration shift past max_shift_px", "registration"),
     ],
 )
 def test_what_the_model_cannot_score_is_a_fail_with_a_reason_never_a_pass(case: str, subject: str) -> None:
     message = features_message(defect_rate=0.0)  # a clean board: the model would pass it
     assert through(inference_stage(), message)[0].header.verdict == "pass"  # type: ignore[union-attr]
-    model: FakeModel = NanModel() if case == "model outputs NaN" else FakeModel()
+    models = {"model outputs NaN": NanModel, "the model run fails": BrokenModel}
+    model = models.get(case, FakeModel)()
     stage = InferenceStage(model, InferenceSettings(), HighlightSettings(), max_shift_px=16.0)  # type: ignore[arg-type]
     if case.startswith("tokens") or case.startswith("one token"):
         message = with_arrays(message, tokens=nan_tokens(message, 1.0 if "NaN" in case else 0.0))

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from stream_service.errors import FrameShapeError, GoldenReferenceError, MessageError, RegistrationError
+from stream_service.errors import (
+    FrameShapeError,
+    GoldenReferenceError,
+    InputError,
+    MessageError,
+    RegistrationError,
+)
 from stream_service.model.references import load_reference
 from stream_service.runtime.runner import Outgoing
 from stream_service.settings import CameraSettings, Settings, SyntheticSource
@@ -174,7 +180,13 @@ class FeaturesStage:
                     f"frame {header.seq} of camera {header.camera_id}: expected {tuple(expected)} uint8 like reference "
                     f"{camera.reference.reference_id}, found {frame.shape} {frame.dtype}"
                 )
-            extracted = camera.extractor.extract(frame)
+            try:
+                extracted = camera.extractor.extract(frame)
+            except cv2.error as exc:  # translated at the edge: the runner counts project errors by type
+                raise InputError(
+                    f"frame {header.seq} of camera {header.camera_id}: expected a frame OpenCV can register, "
+                    f"found {type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
             reg = extracted.registration
             if not all(math.isfinite(v) for v in (reg.dx, reg.dy, reg.confidence)):
                 raise RegistrationError(

@@ -155,7 +155,13 @@ class InferenceStage:
         if not isinstance(header, FeaturesHeader):
             raise MessageError(f"message kind: expected 'features' on {topic[:80]!r}, found {header.kind!r}")
         try:
-            verdict, aligned, found = self._inspect(header, arrays)
+            try:
+                verdict, aligned, found = self._inspect(header, arrays)
+            except cv2.error as exc:  # translated at the edge: the runner counts project errors by type
+                raise InputError(
+                    f"features of camera {header.camera_id}: expected arrays OpenCV can process, "
+                    f"found {type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
         except Exception:  # counted by the runner, whatever it is
             # This frame and the drops it carried never get a verdict: report them with the next one.
             self._lost[header.camera_id] += 1 + header.dropped

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from stream_service.errors import ModelError
 from stream_service.model.card import ModelCard
 from stream_service.vision.arrays import F32, U8
 from stream_service.vision.highlight import HighlightResult, Pieces, highlight, token_relevance
@@ -125,8 +126,8 @@ class Detector:
         self.min_area = card.highlight.min_area
 
     def detect(self, features: TokenFeatures) -> Detection:
-        """The verdict on one frame's ``(h, w, C)`` float32 tokens. Fail safe: non-finite tokens, or
-        model outputs that are not finite probabilities, give ``unscored`` (fail, with a reason)."""
+        """The verdict on one frame's ``(h, w, C)`` float32 tokens. Fail safe: non-finite tokens, a model
+        run that fails (``ModelError``) or outputs that are not finite give ``unscored`` (fail, with a reason)."""
         tokens = features.tokens_hwc
         grid_hw = (int(tokens.shape[0]), int(tokens.shape[1]))
         frame_hw = (int(features.open_diff_hw.shape[0]), int(features.open_diff_hw.shape[1]))
@@ -136,7 +137,10 @@ class Detector:
             reason = f"features: expected finite token values, found {bad} of {finite.size} NaN or infinite"
             return unscored(reason, self.threshold, grid_hw, frame_hw)
         layout = WindowLayout.cover(grid_hw, self.grid, self.stride)
-        probs, attention = self.model.run(layout.cut(tokens))
+        try:
+            probs, attention = self.model.run(layout.cut(tokens))
+        except ModelError as exc:
+            return unscored(f"model run: {str(exc).removeprefix('model run: ')}", self.threshold, grid_hw, frame_hw)
         if not (np.isfinite(probs).all() and np.isfinite(attention).all()) or probs.size == 0:
             reason = f"model output: expected finite scores for {len(layout.origins)} windows, found NaN, inf or none"
             return unscored(reason, self.threshold, grid_hw, frame_hw)

@@ -195,7 +195,8 @@ class Verdict(_Header):
         None,
         max_length=2000,
         description=(
-            "Why the frame could not be scored (non-finite features or model outputs, a failed registration). "
+            "Why the frame could not be scored (non-finite features or model outputs, a failed model run, a "
+            "failed registration). "
             'Fail safe: such a frame is always verdict "fail" with score 1.0 and no regions, never a pass; '
             "null when the model scored the frame."
         ),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, get_args
 
@@ -440,3 +441,19 @@ def test_an_unscored_verdict_carries_its_reason_and_the_schema_says_so() -> None
     schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
     _validate(json.loads(v.model_dump_json()), schema)
     assert "never a pass" in schema["properties"]["reason"]["description"]
+
+
+HOSTILE_FOR_THE_SCAN = [
+    b"[" * 40 + b'\\"' * 32000,  # a quote that never closes, retried from every quote by a naive pattern
+    b"[" * 40 + b'"' + b"\\" * 64000,
+    b'"[' * 32000,
+    b"[" * 65536,
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE_FOR_THE_SCAN, ids=["escaped quotes", "backslashes", "quoted", "brackets"])
+def test_the_depth_check_of_a_hostile_header_takes_milliseconds_not_seconds(raw: bytes) -> None:
+    started = time.perf_counter()
+    with pytest.raises(MessageError, match="header depth"):
+        decode_header(raw)
+    assert time.perf_counter() - started < 0.5  # 13 s with a pattern that needs the closing quote

@@ -522,8 +522,8 @@ def test_features_that_do_not_fit_their_frame_are_refused_before_the_model() -> 
     cases = {
         "a 0x0 aligned frame": with_arrays(message, aligned=np.zeros((0, 0), np.uint8)),
         "a 1-D aligned frame": with_arrays(message, aligned=np.zeros(SIZE * SIZE, np.uint8)),
-        "a token grid too small": with_arrays(message, tokens=np.zeros((2, 2, 16), np.float32)),
-        "a token grid too large": with_arrays(message, tokens=np.zeros((160, 16, 16), np.float32)),
+        "a token grid too small": with_arrays(message, tokens=np.zeros((2, 2, len(CHANNEL_NAMES)), np.float32)),
+        "a token grid too large": with_arrays(message, tokens=np.zeros((160, 16, len(CHANNEL_NAMES)), np.float32)),
         "float64 tokens": with_arrays(message, tokens=np.asarray(message.arrays[1], np.float64)),
         "masks of another size": with_arrays(message, diff=np.zeros((SIZE, SIZE - 1), np.uint8)),
     }
@@ -532,6 +532,27 @@ def test_features_that_do_not_fit_their_frame_are_refused_before_the_model() -> 
             stage.process(*bad)
         assert "found" in str(info.value), case
     assert through(stage, message)[0].header.dropped == len(cases)  # type: ignore[union-attr]
+
+
+def test_features_of_another_size_than_the_cameras_configured_one_are_refused() -> None:
+    message = features_message()
+    header = message.header
+    assert isinstance(header, FeaturesHeader)
+    sized = {"cam0": (SIZE, SIZE)}
+    stage = InferenceStage(FakeModel(), InferenceSettings(), HighlightSettings(), frame_shapes=sized)  # type: ignore[arg-type]
+    assert through(stage, message)[0].header.reason is None  # type: ignore[union-attr]
+    small = SIZE // 2
+    resized = with_arrays(
+        message,
+        aligned=np.zeros((small, small), np.uint8),
+        tokens=np.zeros((small // 16, small // 16, len(CHANNEL_NAMES)), np.float32),
+        open_diff=np.zeros((small, small), np.uint8),
+        diff=np.zeros((small, small), np.uint8),
+    )
+    resized = Message(resized.topic, resized.header.model_copy(update={"shape": (small, small)}), resized.arrays)
+    assert through(inference_stage(), resized)[0].header.reason is None  # type: ignore[union-attr]
+    with pytest.raises(InputError, match=r"expected \(256, 256\) as configured, found \(128, 128\)"):
+        stage.process(*resized)
 
 
 # -- a running infer stage on real loopback sockets, under the crashers -----------------------------------

@@ -287,7 +287,13 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
     model = InspectionModel.load(
         resolve_model_dir(inference.model), inference.device, inference.threads, spin=inference.spin_threads
     )
-    stage = InferenceStage(model, settings.inference, settings.highlight, max_shift_px=settings.soartc.max_shift_px)
+    stage = InferenceStage(
+        model,
+        settings.inference,
+        settings.highlight,
+        max_shift_px=settings.soartc.max_shift_px,
+        frame_shapes={c.id: c.frame_shape for c in settings.cameras if c.frame_shape is not None},
+    )
     stats = StageStats(log_every_s=settings.logging.repeat_every_s)
     block, channels = model.card.features.block, len(model.card.features.channels)
     receiver = FrameReceiver(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import overload
 
 import cv2
@@ -130,11 +130,15 @@ class InferenceStage:
         highlight: HighlightSettings,
         clock_ns: Callable[[], int] = time.time_ns,
         max_shift_px: float | None = None,
+        frame_shapes: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
         """``max_shift_px``: the largest registration shift the soartc stage accepts (``soartc.max_shift_px``);
-        a frame said to be shifted further was not registered (None: any finite shift within the frame)."""
+        a frame said to be shifted further was not registered (None: any finite shift within the frame).
+        ``frame_shapes``: the ``(H, W)`` of the cameras whose frame size the settings fix; their features
+        must be of that size (the work of a frame grows with its size: a peer does not choose it)."""
         self.detector = Detector(model, threshold=inference.threshold)
         self.max_shift_px = max_shift_px
+        self.frame_shapes = dict(frame_shapes or {})
         self.unscored: Counter[str] = Counter()
         self.model_id = model.card.name
         self.model_version = model.card.version
@@ -198,6 +202,12 @@ class InferenceStage:
             raise MessageError(f"features arrays: expected {list(FEATURES_ARRAYS)}, found {sorted(named)}")
         aligned, tokens = named["aligned"], named["tokens"]
         frame_hw = (header.shape[0], header.shape[1])
+        configured = self.frame_shapes.get(header.camera_id)
+        if configured is not None and frame_hw != configured:
+            raise InputError(
+                f"features frame shape of camera {header.camera_id}: expected {configured} as configured, "
+                f"found {frame_hw}"
+            )
         if aligned.dtype != np.uint8 or aligned.shape != frame_hw:
             raise InputError(
                 f"features 'aligned' of camera {header.camera_id}: expected {frame_hw} uint8 like the frame, "

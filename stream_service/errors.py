@@ -16,9 +16,17 @@
 
 Messages name the thing, the expected value and what was found. Third-party exceptions are
 translated at the edge with ``raise XError(...) from exc``.
+
+A flood of the same error (a peer sending bad messages) is logged as a rate, not a line each:
+``RateLimitedLog`` writes the first of a kind at once, then at most one line per kind per interval
+with the count since the last line.
 """
 
 from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
 
 
 class StreamServiceError(Exception):
@@ -75,3 +83,36 @@ class JournalError(StreamServiceError):
 
 class CameraError(StreamServiceError):
     """A camera source cannot be opened or stopped delivering frames."""
+
+
+class RateLimitedLog:
+    """Warnings grouped by a bounded ``key`` (a rejection reason, an error type): at most one line per key
+    every ``every_s`` seconds, carrying how many occurred since the previous line of that key.
+
+    Keys must come from a fixed vocabulary (reasons, type names), never from what a peer sent: the
+    table holds one entry per key.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, every_s: float = 10.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.logger, self.every_s, self._clock = logger, every_s, clock
+        self._last: dict[str, float] = {}
+        self._pending: dict[str, int] = {}
+
+    def warning(self, key: str, message: str, *args: object, exc_info: BaseException | None = None) -> bool:
+        """Log ``message % args`` now when ``key`` was not logged within ``every_s`` (with the count of the
+        suppressed ones), else count it. ``exc_info`` adds a traceback to the lines that are written.
+        Returns whether a line was written."""
+        now = self._clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            self._pending[key] = self._pending.get(key, 0) + 1
+            return False
+        suppressed = self._pending.pop(key, 0)
+        self._last[key] = now
+        if suppressed:
+            message += f" (and {suppressed} more like it in the last %.0f s)"
+            args = (*args, now - last if last is not None else self.every_s)
+        self.logger.warning(message, *args, exc_info=exc_info)
+        return True

@@ -55,6 +55,7 @@ def _endpoint(value: str) -> str:
 Endpoint = Annotated[str, AfterValidator(_endpoint)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+FrameSide = Annotated[int, Field(gt=0, le=65535)]  # the wire's bound on a frame side
 
 
 class Section(BaseModel):
@@ -66,8 +67,8 @@ class SyntheticSource(Section):
     """The synthetic PCB camera (``stream_service.sources.synthetic``); it supplies its own reference."""
 
     kind: Literal["synthetic"]
-    width: int = Field(640, ge=72)
-    height: int = Field(640, ge=72)
+    width: int = Field(640, ge=72, le=16384)
+    height: int = Field(640, ge=72, le=16384)
     fps: PositiveFloat = 10.0
     seed: int = 0
     defect_rate: float = Field(0.5, ge=0, le=1)
@@ -150,7 +151,7 @@ class CameraSettings(Section):
     source: Source
     reference: Path | None = None
     polarity: Literal["dark-object", "bright-object"] = "dark-object"
-    frame_size: tuple[PositiveInt, PositiveInt] | None = None  # (width, height) frames are resized to
+    frame_size: tuple[FrameSide, FrameSide] | None = None  # (width, height) frames are resized to
 
     @property
     def frame_shape(self) -> tuple[int, int] | None:
@@ -196,7 +197,7 @@ class TransportSettings(Section):
         if isinstance(value, str):
             try:
                 _endpoint(value.format(port=57100, camera="cam0"))
-            except (KeyError, IndexError, ValueError) as exc:
+            except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
                 raise FieldError("an endpoint template using only {port} and {camera}", value) from exc
         return value
 
@@ -216,6 +217,21 @@ class TransportSettings(Section):
         if isinstance(self.capture_out, list):
             return self.capture_out[index]
         return self.capture_out.format(port=self.capture_port + index, camera=camera_id)
+
+
+class LimitsSettings(Section):
+    """Bounds on what a peer may send a stage; a message past one is refused or counted and dropped.
+
+    Every receiving socket refuses, inside ZeroMQ (``ZMQ_MAXMSGSIZE``, the peer is disconnected), a
+    message part larger than the largest part it can legitimately get: the biggest configured frame
+    (``cameras[].frame_size`` or the synthetic size; ``unsized_frame_bytes`` for a camera whose size the
+    settings do not fix) or header, plus ``message_margin_bytes``.
+    """
+
+    max_header_bytes: int = Field(65536, ge=1024)
+    max_json_depth: int = Field(32, ge=4, le=500)  # json.loads recurses once per level: keep far below 1000
+    unsized_frame_bytes: PositiveInt = 3840 * 2160 * 3  # a 4K BGR frame
+    message_margin_bytes: int = Field(65536, ge=0)
 
 
 class SoartcSettings(Section):
@@ -313,6 +329,8 @@ class SecuritySettings(Section):
 
 class LoggingSettings(Section):
     level: LogLevel = "INFO"
+    # A flood of the same rejection or error is logged once per this many seconds, with its count.
+    repeat_every_s: PositiveFloat = 10.0
 
     @field_validator("level", mode="before")
     @classmethod
@@ -333,6 +351,7 @@ class Settings(Section):
 
     cameras: list[CameraSettings] = Field(min_length=1)
     transport: TransportSettings = TransportSettings()
+    limits: LimitsSettings = LimitsSettings()
     soartc: SoartcSettings = SoartcSettings()
     inference: InferenceSettings = InferenceSettings()
     highlight: HighlightSettings = HighlightSettings()
@@ -402,6 +421,10 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"config file {name}: YAML syntax error{where}: {problem}") from exc
+    except RecursionError as exc:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"config file {name}: expected YAML of a sane nesting depth, found deeper") from exc
+    except ValueError as exc:  # a value PyYAML cannot construct: a date like 2026-13-45, a 5,000-digit integer
+        raise ConfigError(f"config file {name}: expected valid YAML values, found {str(exc)[:200]}") from exc
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {name}: expected a mapping of sections at the top, found {type(raw).__name__}")
@@ -409,8 +432,13 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     try:
         return Settings.model_validate(raw)
     except ValidationError as exc:
-        lines = [_describe(error, overridden) for error in exc.errors()]
+        try:
+            lines = [_describe(error, overridden) for error in exc.errors()]
+        except RecursionError:  # the repr of a value nested too deep to print
+            lines = [f"{len(exc.errors())} invalid value(s), nested too deep to show"]
         raise ConfigError(f"invalid settings in {name}:\n  " + "\n  ".join(lines)) from exc
+    except RecursionError as exc:
+        raise ConfigError(f"config file {name}: expected settings of a sane nesting depth, found deeper") from exc
 
 
 def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -422,7 +450,7 @@ def apply_env(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]
             raise ConfigError(f"environment {variable}: expected STREAM_SERVICE__SECTION__KEY, found an empty part")
         try:
             value = yaml.safe_load(environ[variable])
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):
             value = environ[variable]
         node: Any = raw
         for depth, part in enumerate(parts):

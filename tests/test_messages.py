@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import Any, get_args
@@ -12,15 +13,19 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from stream_service.errors import MessageError
 from stream_service.wire.messages import (
+    HEADER_KINDS,
     SCHEMA_VERSION,
     VERDICT_ID_PATTERN,
     ArraySpec,
     DType,
     FeaturesHeader,
     FrameHeader,
+    HeaderLimits,
+    Highlight,
     Region,
     Registration,
     Stamp,
@@ -28,10 +33,13 @@ from stream_service.wire.messages import (
     VerdictIds,
     add_stamp,
     decode,
+    decode_header,
     encode,
     highlight_header,
     highlight_jpeg,
+    json_depth,
     parse_utc_time,
+    payload_views,
     rejection_reason,
     topic_of,
     utc_time,
@@ -90,8 +98,10 @@ def with_header(**changes: Any) -> list[bytes]:
 # --- round trips -------------------------------------------------------------------------------------
 
 camera_ids = st.text(alphabet="abcXYZ019_-", min_size=1, max_size=12)
-shapes = st.lists(st.integers(0, 7), min_size=1, max_size=3).map(tuple)
-stamps = st.lists(st.builds(Stamp, stage=st.sampled_from(["capture", "soartc"]), t_ns=st.integers(0, 2**62)))
+shapes = st.lists(st.integers(1, 7), min_size=2, max_size=3).map(tuple)  # (H, W) or (H, W, C)
+stamps = st.lists(
+    st.builds(Stamp, stage=st.sampled_from(["capture", "soartc"]), t_ns=st.integers(0, 2**62)), max_size=16
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -332,3 +342,189 @@ def test_a_malformed_verdict_id_or_time_is_rejected_naming_the_field(field: str,
     obj = json.loads(bytes(parts[1])) | {field: value}
     with pytest.raises(MessageError, match=f"header field '{field}'"):
         decode([parts[0], json.dumps(obj).encode()])
+
+
+# --- hostile input: what the issue's crashers and a fuzzer send -------------------------------------------
+
+
+def features_json(**changes: Any) -> bytes:
+    """A valid features header (a 32x32 frame, 16-px blocks) as JSON, with top-level ``changes``."""
+    header = FeaturesHeader(
+        camera_id="cam0",
+        seq=3,
+        capture_ns=1_700_000_000_000_000_000,
+        shape=(32, 32),
+        dtype="uint8",
+        arrays=(
+            ArraySpec(name="aligned", shape=(32, 32), dtype="uint8"),
+            ArraySpec(name="tokens", shape=(2, 2, 16), dtype="float32"),
+            ArraySpec(name="open_diff", shape=(32, 32), dtype="uint8"),
+            ArraySpec(name="diff", shape=(32, 32), dtype="uint8"),
+        ),
+        registration=Registration(dx=0.5, dy=-1.0, confidence=0.9),
+    )
+    return json.dumps(json.loads(header.model_dump_json()) | changes).encode()
+
+
+CRASHERS: list[tuple[str, bytes, str]] = [
+    ("'[' x 100,000", b"[" * 100_000, "header size"),
+    ("'[' x 5,000", b"[" * 5_000, "header depth"),
+    ("deep object", b'{"a":' * 40 + b"1" + b"}" * 40, "header depth"),
+    ("deep truth", features_json(truth={"x": json.loads("[" * 40 + "]" * 40)}), "header depth"),
+    ("5,000-digit seq", features_json().replace(b'"seq": 3', b'"seq": ' + b"9" * 5000), "header json"),
+    ("4,000-digit seq", features_json().replace(b'"seq": 3', b'"seq": ' + b"9" * 4000), "header field 'seq'"),
+    ("seq past int64", features_json(seq=2**63), "header field 'seq'"),
+    ("negative capture_ns", features_json(capture_ns=-1), "header field 'capture_ns'"),
+    ("dx: Infinity", features_json().replace(b'"dx": 0.5', b'"dx": Infinity'), "header field 'registration'"),
+    ("dy: NaN", features_json().replace(b'"dy": -1.0', b'"dy": NaN'), "header field 'registration'"),
+    ("a shape of one dimension", features_json(shape=[640]), "header field 'shape'"),
+    ("a 0x0 frame", features_json(shape=[0, 0]), "header field 'shape'"),
+    ("a frame side past the bound", features_json(shape=[70000, 4]), "header field 'shape'"),
+    (
+        "an array of 9 dimensions",
+        features_json(arrays=[{"name": "a", "shape": [1] * 9, "dtype": "uint8"}]),
+        "header field 'arrays'",
+    ),
+    ("too many stamps", features_json(stamps=[{"stage": "x", "t_ns": 1}] * 17), "header field 'stamps'"),
+    (
+        "a bad stamp deep in a list",
+        features_json(stamps=[{"stage": "x", "t_ns": 1}] * 5 + [{"t_ns": 1}]),
+        "header field 'stamps'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "raw", "reason"), CRASHERS, ids=[c for c, _, _ in CRASHERS])
+def test_hostile_headers_are_rejected_with_a_bounded_reason(case: str, raw: bytes, reason: str) -> None:
+    with pytest.raises(MessageError) as info:
+        decode_header(raw)
+    assert rejection_reason(info.value) == reason
+    assert "expected" in str(info.value) and "found" in str(info.value)
+
+
+def test_the_header_limits_are_the_callers() -> None:
+    raw = features_json()
+    decode_header(raw, HeaderLimits(max_bytes=len(raw), max_depth=4))
+    with pytest.raises(MessageError, match="header size: expected at most 100 bytes"):
+        decode_header(raw, HeaderLimits(max_bytes=100))
+    with pytest.raises(MessageError, match="header depth: expected JSON nested at most 3 deep"):
+        decode_header(raw, HeaderLimits(max_depth=3))  # registration is 2 deep, arrays[].shape 3, a tree 4
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+def nesting(value: Any) -> int:
+    if isinstance(value, list):
+        return 1 + max((nesting(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((nesting(v) for v in value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=json_values)
+def test_json_depth_is_the_nesting_of_the_value(value: Any) -> None:
+    text = json.dumps(value).encode()
+    assert json_depth(text) == nesting(value)
+    assert json_depth(text, stop_above=1) == min(nesting(value), 2) or nesting(value) <= 1
+
+
+FIELDS = sorted({field for model in HEADER_KINDS.values() for field in model.model_fields})
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["frame", "features", "verdict", "highlight", "status"]),
+    changes=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=4),
+)
+def test_decode_header_of_mutated_headers_raises_only_message_errors(kind: str, changes: dict[str, Any]) -> None:
+    raw = json.loads(features_json()) | {"kind": kind} | changes
+    try:
+        decode_header(json.dumps(raw).encode())
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS or rejection_reason(exc).startswith("header field '")
+        field = rejection_reason(exc).removeprefix("header field '").rstrip("'")
+        assert field in FIELDS or field in BOUNDED_REASONS
+
+
+BOUNDED_REASONS = {"header size", "header depth", "header json", "schema_version", "kind", "part count", "topic"}
+BOUNDED_REASONS |= {"payload size", "payload shape"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    raw=st.binary(max_size=300) | st.text(alphabet='[]{}":,0123456789.eE-truefalsn \\', max_size=300).map(str.encode)
+)
+def test_decode_header_of_random_bytes_raises_only_message_errors(raw: bytes) -> None:
+    try:
+        decode_header(raw)
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS or rejection_reason(exc).startswith("header field '")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(st.binary(max_size=64), max_size=6),
+    header=st.sampled_from([None, features_json(), json.dumps(json.loads(good_parts()[1])).encode()]),
+)
+def test_decode_of_random_parts_raises_only_message_errors(parts: list[bytes], header: bytes | None) -> None:
+    if header is not None and len(parts) >= 2:
+        parts[1] = header
+    try:
+        decode(parts)
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS or rejection_reason(exc).startswith("header field '")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shapes=st.lists(st.lists(st.integers(0, 2**31 - 1), max_size=8), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    sizes=st.lists(st.integers(0, 64), min_size=0, max_size=5),
+)
+def test_payload_views_of_random_specs_and_parts_raise_only_message_errors(
+    shapes: list[list[int]], dtype: str, sizes: list[int]
+) -> None:
+    specs = tuple(ArraySpec(name=f"a{i}", shape=tuple(s), dtype=dtype) for i, s in enumerate(shapes))  # type: ignore[arg-type]
+    header = Highlight(camera_id="cam0", seq=0, capture_ns=0, arrays=specs)
+    try:
+        payload_views(header, [bytes(n) for n in sizes])
+    except MessageError as exc:
+        assert rejection_reason(exc) in BOUNDED_REASONS
+
+
+def test_a_verdict_with_a_non_finite_score_is_not_a_verdict() -> None:
+    with pytest.raises(ValidationError):
+        verdict(score=float("nan"))
+    raw = json.dumps(json.loads(verdict().model_dump_json()) | {"score": None}).encode()
+    with pytest.raises(MessageError, match="header field 'score'"):
+        decode_header(raw)
+
+
+def test_an_unscored_verdict_carries_its_reason_and_the_schema_says_so() -> None:
+    v = verdict(verdict="fail", score=1.0, regions=(), reason="features: expected finite token values, found NaN")
+    assert decode(encode(topic_of(v), v)).header == v
+    schema = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    _validate(json.loads(v.model_dump_json()), schema)
+    assert "never a pass" in schema["properties"]["reason"]["description"]
+
+
+HOSTILE_FOR_THE_SCAN = [
+    b"[" * 40 + b'\\"' * 32000,  # a quote that never closes, retried from every quote by a naive pattern
+    b"[" * 40 + b'"' + b"\\" * 64000,
+    b'"[' * 32000,
+    b"[" * 65536,
+]
+
+
+@pytest.mark.parametrize("raw", HOSTILE_FOR_THE_SCAN, ids=["escaped quotes", "backslashes", "quoted", "brackets"])
+def test_the_depth_check_of_a_hostile_header_takes_milliseconds_not_seconds(raw: bytes) -> None:
+    started = time.perf_counter()
+    with pytest.raises(MessageError, match="header depth"):
+        decode_header(raw)
+    assert time.perf_counter() - started < 0.5  # 13 s with a pattern that needs the closing quote

@@ -524,6 +524,28 @@ def test_a_killed_stage_is_restarted_by_the_supervisor_and_verdicts_resume(pipel
         assert not {v.verdict_id for v in resumed} & {v.verdict_id for v in before}
 
 
+def test_a_200_mb_message_is_refused_by_size_and_the_infer_stage_keeps_serving(pipeline: Pipeline) -> None:
+    infer_pid = pipeline.pids()["infer"]
+    rss_before = rss_mib(infer_pid)
+
+    def refused() -> tuple[dict[str, int], dict[str, int]]:
+        core = pipeline.heartbeat("infer").get("stats", {}).get("stage", {})
+        return core.get("rejected", {}), core.get("errors", {})
+
+    before = refused()
+    # A valid header for its 200 MB payload: only the size bound stands in its way.
+    header = FrameHeader(camera_id="cam0", seq=1, capture_ns=0, shape=(10_000, 20_000), dtype="uint8")
+    push = open_socket("push", pipeline.endpoints["features"], bind=False, hwm=1, linger_ms=0)
+    try:
+        push.send_multipart([b"features.cam0", header.model_dump_json().encode(), np.zeros(200 * 2**20, np.uint8)])
+        assert len(pipeline.verdicts(5, after_ns=time.time_ns())) == 5
+    finally:
+        push.close()
+    assert pipeline.pids()["infer"] == infer_pid
+    assert refused() == before  # ZeroMQ refused it: it never reached the stage to be counted
+    assert rss_mib(infer_pid) - rss_before < 100, "the 200 MB message was taken into memory"
+
+
 def test_sigterm_stops_every_process_within_5_s(pipeline: Pipeline) -> None:
     pids = pipeline.pids()
     assert set(pids) == {"infer", "soartc-0", "capture-cam0"} and all(alive(p) for p in pids.values())
@@ -703,3 +725,142 @@ def test_a_pipeline_on_a_loaded_machine_gives_verdicts_within_60_s_and_no_stage_
             hog.wait()
     assert took < 60, f"first verdict after {took:.0f} s with every core busy"
     assert restarts == []
+
+
+def test_the_soartc_stage_refuses_crashers_and_frames_on_another_cameras_endpoint(tmp_path: Path) -> None:
+    config, endpoints = write_config(tmp_path, fps=5, defect_rate=1.0)
+    settings = json.loads(config.read_text())
+    second = f"tcp://127.0.0.1:{free_ports(1)[0]}"
+    cam1 = settings["cameras"][0] | {"id": "cam1"}
+    settings["cameras"].append(cam1)
+    settings["transport"]["capture_out"].append(second)
+    config.write_text(json.dumps(settings))
+    stats = tmp_path / "soartc.json"
+    features = FrameReceiver(endpoints["features"], bind=True, hwm=10, linger_ms=0)
+    to_cam0 = open_socket("push", endpoints["capture"], bind=True, hwm=10, linger_ms=0)
+    to_cam1 = open_socket("push", second, bind=True, hwm=10, linger_ms=0)
+    process = subprocess.Popen(
+        [*CLI, "soartc", "--config", str(config), "--stats", str(stats)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        frame, _ = SyntheticCamera(256, 256, seed=11, defect_rate=1.0).next_frame()
+        header = FrameHeader(camera_id="cam0", seq=4, capture_ns=time.time_ns(), shape=frame.shape, dtype="uint8")
+        good = [bytes(p) for p in encode("frames.cam0", header, [frame])]
+        to_cam1.send_multipart(good)  # cam0's frame on cam1's endpoint; blocks until the stage connected
+        for bad_header in (
+            b"[" * 100_000,
+            good[1].replace(b'"seq":4', b'"seq":' + b"9" * 5000),
+            good[1].replace(b'"shape":[256,256]', b'"shape":[65536]'),
+            good[1].replace(b'"camera_id":"cam0"', b'"camera_id":"camX"'),
+        ):
+            assert bad_header != good[1]
+            to_cam0.send_multipart([good[0], bad_header, good[2]])
+        expected = {"camera_id": 2, "header size": 1, "header json": 1, "header field 'shape'": 1}
+        deadline = time.monotonic() + STARTUP_S
+        while True:
+            core = json.loads(stats.read_text())["stats"].get("stage", {}) if stats.exists() else {}
+            if sum(core.get("rejected", {}).values()) >= sum(expected.values()):
+                break
+            assert time.monotonic() < deadline, core
+            assert process.poll() is None, process.communicate()[0][-3000:]
+            time.sleep(0.2)
+        assert core["rejected"] == expected
+        to_cam0.send_multipart(good)  # the stage still serves, on the right endpoint
+        message = features.receive(WAIT_S)
+        assert message is not None and isinstance(message.header, FeaturesHeader)
+        assert (message.header.camera_id, message.header.seq, message.header.dropped) == ("cam0", 4, 0)
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(10)
+        for closable in (to_cam0, to_cam1, features):
+            closable.close()
+
+
+def test_the_infer_stage_runs_alone_refuses_crashers_and_fails_safe_on_nan_tokens(tmp_path: Path) -> None:
+    config, endpoints = write_config(tmp_path, fps=5, defect_rate=1.0)
+    card = json.loads((MODEL_DIR / "card.json").read_text())
+    block, channels = card["features"]["block"], len(card["features"]["channels"])
+    size, grid = 256, 256 // block
+    arrays = {
+        "aligned": np.full((size, size), 200, np.uint8),
+        "tokens": np.zeros((grid, grid, channels), np.float32),
+        "open_diff": np.zeros((size, size), np.uint8),
+        "diff": np.zeros((size, size), np.uint8),
+    }
+
+    def features(seq: int, tokens: np.ndarray | None = None) -> list[bytes]:
+        payload = arrays | ({"tokens": tokens} if tokens is not None else {})
+        header = FeaturesHeader.model_validate(
+            {
+                "camera_id": "cam0",
+                "seq": seq,
+                "capture_ns": time.time_ns(),
+                "shape": [size, size],
+                "dtype": "uint8",
+                "arrays": [{"name": n, "shape": a.shape, "dtype": str(a.dtype)} for n, a in payload.items()],
+                "registration": {"dx": 0.0, "dy": 0.0, "confidence": 1.0},
+            }
+        )
+        return [bytes(p) for p in encode("features.cam0", header, list(payload.values()))]
+
+    stats = tmp_path / "infer.json"
+    process = subprocess.Popen(
+        [*CLI, "infer", "--config", str(config), "--stats", str(stats)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    push = open_socket("push", endpoints["features"], bind=False, hwm=100, linger_ms=0)
+    verdicts = FrameReceiver(endpoints["verdicts"], kind="sub", topics=["verdicts."], hwm=100, linger_ms=0)
+    try:
+        deadline = time.monotonic() + STARTUP_S
+        while (first := verdicts.receive(0.5)) is None:  # until the stage is up and the subscription live
+            assert time.monotonic() < deadline and process.poll() is None, process.communicate()[0][-3000:]
+            push.send_multipart(features(0))
+        good = features(1)
+        for bad in (
+            [good[0], b"[" * 100_000, *good[2:]],
+            [good[0], good[1].replace(b'"seq":1', b'"seq":' + b"9" * 5000), *good[2:]],
+            [good[0], good[1].replace(b'"dx":0.0', b'"dx":Infinity'), *good[2:]],
+            [good[0], good[1].replace(b'"shape":[256,256]', b'"shape":[256]'), *good[2:]],
+            [good[0], good[1].replace(b'"camera_id":"cam0"', b'"camera_id":"camX"'), *good[2:]],
+        ):
+            assert bad[1] != good[1]
+            push.send_multipart(bad)
+        got: dict[int, Verdict] = {}
+        # One at a time: the stage keeps only the newest queued message of a camera (transport.max_drain).
+        for seq, tokens in ((5, np.full_like(arrays["tokens"], np.nan)), (6, None)):
+            push.send_multipart(features(seq, tokens))
+            deadline = time.monotonic() + WAIT_S
+            while seq not in got:
+                assert time.monotonic() < deadline and process.poll() is None, got
+                message = verdicts.receive(0.5)
+                if message is not None and isinstance(message.header, Verdict):
+                    got[message.header.seq] = message.header
+        assert (got[5].verdict, got[5].score) == ("fail", 1.0)
+        assert got[5].reason is not None and got[5].reason.startswith("features: expected finite token values")
+        assert got[6].reason is None and isinstance(first.header, Verdict)
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            beat = json.loads(stats.read_text())["stats"]
+            if sum(beat["stage"]["rejected"].values()) >= 5 and beat.get("unscored"):
+                break
+            assert time.monotonic() < deadline, beat
+            time.sleep(0.2)
+        assert beat["stage"]["rejected"] == {
+            "header size": 1,
+            "header json": 1,
+            "header field 'registration'": 1,
+            "header field 'shape'": 1,
+            "camera_id": 1,
+        }
+        assert beat["unscored"] == {"features": 1} and process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(10)
+        push.close()
+        verdicts.close()

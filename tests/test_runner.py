@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -9,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from stream_service.errors import InputError, TransportError
-from stream_service.runtime.runner import MemorySink, MemorySource, Outgoing, StageStats, run_stage
+from stream_service.errors import InputError, RateLimitedLog, TransportError
+from stream_service.runtime.runner import MemorySink, MemorySource, Outgoing, StageStats, _serve_one, run_stage
 from stream_service.wire.messages import Array, FrameHeader, Header, Message, Stamp, encode
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,10 +121,40 @@ def test_sink_drops_are_counted_per_camera() -> None:
     assert stats.sent == 1 and stats.send_dropped == {"cam0": 1, "cam1": 1}
 
 
-def test_a_bug_in_the_stage_propagates() -> None:
-    stop = threading.Event()
-    with pytest.raises(RuntimeError, match="bug"):
-        run_stage(Invert(), MemorySource([frame_message(99)]), MemorySink(), stop, poll_timeout_s=0.01)
+def test_a_bug_in_the_stage_is_counted_by_type_logged_with_a_rate_and_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source, sink = MemorySource(), MemorySink()
+    stop, thread, stats, _ = run_in_thread(source, sink)
+    for _ in range(50):
+        source.put(frame_message(99))  # the stage raises RuntimeError: a bug, not a typed error
+    source.put(frame_message(0))
+    wait_for(lambda: len(sink.messages) == 1, "the good frame after the bugs")
+    stop.set()
+    thread.join(TIMEOUT_S)
+    assert not thread.is_alive()
+    assert stats.errors == {"RuntimeError": 50}
+    assert [m.header.seq for m in sink.messages] == [0]
+    lines = [r for r in caplog.records if "RuntimeError" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is not None  # one line (with its traceback), not 50
+
+
+def test_a_flood_of_rejections_is_logged_as_a_rate_with_its_count(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    source, sink = MemorySource(), MemorySink()
+    stats = StageStats(log_every_s=10.0)
+    stats.warnings = RateLimitedLog(logging.getLogger("stream_service.runtime.runner"), 10.0, clock=lambda: now[0])
+    for _ in range(100):
+        source.put([b"frames.cam0", b"{not json"])
+    for _ in range(100):
+        _serve_one(Invert(), source, sink, stats, 0.01)
+    now[0] = 11.0
+    source.put([b"frames.cam0", b"{not json"])
+    _serve_one(Invert(), source, sink, stats, 0.01)
+    assert stats.rejected == {"header json": 101}
+    lines = [r.getMessage() for r in caplog.records if "rejected" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "and 99 more like it in the last 11 s" in lines[1]
 
 
 def test_a_transport_failure_propagates() -> None:

@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 
 from stream_service.errors import ConfigError, SharedMemoryError
-from stream_service.runtime.service import Heartbeat, LazySender, camera_at, connectable
+from stream_service.runtime.service import (
+    Heartbeat,
+    LazySender,
+    camera_at,
+    connectable,
+    header_limits,
+    receive_bound,
+)
 from stream_service.settings import CameraSettings, Settings
 from stream_service.sources.camera import open_source
 from stream_service.stages.capture import CaptureStage, CaptureStats, run_capture
-from stream_service.wire.messages import FrameHeader, Message
+from stream_service.wire.messages import FrameHeader, HeaderLimits, Message
 from stream_service.wire.shm_ring import ring_directory
 from stream_service.wire.transport import FrameReceiver
 
@@ -181,3 +188,23 @@ def test_without_room_for_a_ring_auto_falls_back_to_zeromq_and_true_fails(
         with pytest.raises(SharedMemoryError, match="No space"):
             forced.send("frames.left", header, [frame])
         forced.close()
+
+
+def test_each_receiving_socket_is_bounded_by_its_cameras_frame_size() -> None:
+    settings = Settings.model_validate(
+        {
+            "cameras": [
+                {"id": "small", "source": {"kind": "synthetic", "width": 200, "height": 100}},
+                {"id": "usb", "source": {"kind": "device"}, "reference": "refs/usb"},
+                {"id": "sized", "source": {"kind": "device"}, "reference": "refs/x", "frame_size": [1920, 1080]},
+            ],
+            "limits": {"message_margin_bytes": 1000, "unsized_frame_bytes": 5_000_000},
+        }
+    )
+    small, usb, sized = settings.cameras
+    assert receive_bound(settings, [small]) == 65536 + 1000  # a 20,000-byte frame: the header bound is larger
+    assert receive_bound(settings, [sized]) == 1920 * 1080 + 1000
+    assert receive_bound(settings, [usb]) == 5_000_000 + 1000  # a size the settings do not fix
+    assert receive_bound(settings, [small, sized], token_bytes_per_pixel=4.0) == 4 * 1920 * 1080 + 1000
+    assert receive_bound(settings, [small, sized]) < 200 * 2**20  # a 200 MB message is refused
+    assert header_limits(settings) == HeaderLimits(max_bytes=65536, max_depth=32)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pydantic
 import pytest
 import yaml
+from hypothesis import strategies as st
 
 from stream_service.errors import ConfigError
 from stream_service.settings import (
@@ -247,3 +251,63 @@ def test_capture_endpoint_template_uses_camera_index_and_id(tmp_path: Path) -> N
     data["transport"]["capture_out"] = "ipc:///run/stream-service/{camera}"
     settings = load_settings(write(tmp_path, data), environ={})
     assert settings.transport.capture_endpoint(1, "cam1") == "ipc:///run/stream-service/cam1"
+
+
+# --- hostile or broken config text: only ConfigError comes out ---------------------------------------------
+
+HOSTILE_TEXT = [
+    "[" * 5000,
+    "{a: " * 5000,
+    "- " * 3000 + "x",
+    "cameras: " + "[" * 900 + "]" * 900,
+    "seq: " + "9" * 5000,
+    "when: 2026-13-45",
+    "transport: {capture_out: '{port.real.nothing}'}",
+    "transport: {capture_out: '{port!z}'}",
+    "? [a, b]\n: c",
+    "&a [*a]",
+    "cameras: [{id: cam0, source: {kind: synthetic, width: " + "9" * 4000 + "}}]",
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_TEXT, ids=[t[:24] for t in HOSTILE_TEXT])
+def test_hostile_config_text_is_a_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"config|settings"):
+        load_settings(path, environ={})
+
+
+@pytest.mark.parametrize("value", ["[" * 5000, "2026-13-45", "9" * 5000])
+def test_hostile_environment_values_are_a_config_error(value: str) -> None:
+    with pytest.raises(ConfigError):
+        load_settings(None, environ={"STREAM_SERVICE__TRANSPORT__CAPTURE_HWM": value})
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=12,
+)
+SECTIONS = ["cameras", "transport", "limits", "soartc", "inference", "supervisor", "logging", "nonsense"]
+
+
+@hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow])
+@hypothesis.given(
+    text=st.text(alphabet="[]{}:,-?&*!|>'\"#\n abc019.", max_size=120)
+    | st.dictionaries(st.sampled_from(SECTIONS), yaml_values, max_size=4).map(yaml.safe_dump)
+)
+def test_random_config_text_raises_only_config_errors(text: str) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "config.yaml"
+        path.write_text(text)
+        with contextlib.suppress(ConfigError):  # the only error allowed
+            load_settings(path, environ={})
+
+
+def test_the_limits_section_has_named_bounds() -> None:
+    limits = load_settings(None, environ={}).limits
+    assert (limits.max_header_bytes, limits.max_json_depth) == (65536, 32)
+    assert load_settings(None, environ={"STREAM_SERVICE__LIMITS__MAX_JSON_DEPTH": "8"}).limits.max_json_depth == 8
+    with pytest.raises(ConfigError, match=r"limits\.max_json_depth: expected an integer >= 4 and <= 500, found 5000"):
+        load_settings(None, environ={"STREAM_SERVICE__LIMITS__MAX_JSON_DEPTH": "5000"})

@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
-from stream_service.errors import CameraError, FrameShapeError, MessageError
+from stream_service.errors import CameraError, FrameShapeError, InputError, MessageError, ModelError
 from stream_service.model.references import build_reference, save_reference
 from stream_service.runtime.runner import MemorySink, MemorySource, StageStats, run_stage
 from stream_service.settings import CameraSettings, HighlightSettings, InferenceSettings, Settings
@@ -31,6 +31,7 @@ from stream_service.vision.inspection import FeatureExtractor
 from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
 from stream_service.wire.messages import (
     FEATURES_ARRAYS,
+    ArraySpec,
     CameraStatus,
     FeaturesHeader,
     FrameHeader,
@@ -459,3 +460,188 @@ def test_the_picture_and_the_mask_are_in_the_verdicts_captured_frame_pixels() ->
     for r in verdict.regions:
         inside[r.y1 : r.y2 + 1, r.x1 : r.x2 + 1] = True
     assert inside[ys, xs].all()  # every highlighted pixel lies in one of the verdict's regions
+
+
+# -- fail safe and hostile input at the infer stage -----------------------------------------------------------
+def with_arrays(message: Message, **arrays: np.ndarray) -> Message:
+    """``message`` (features) with some payloads replaced by ``arrays`` (by name), the header to match."""
+    header = message.header
+    assert isinstance(header, FeaturesHeader)
+    named = dict(zip(FEATURES_ARRAYS, message.arrays, strict=True)) | arrays
+    specs = tuple(
+        ArraySpec.model_validate({"name": n, "shape": a.shape, "dtype": str(a.dtype)}) for n, a in named.items()
+    )
+    return Message(message.topic, header.model_copy(update={"arrays": specs}), list(named.values()))
+
+
+class NanModel(FakeModel):
+    def run(self, windows_nggc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, attention = super().run(windows_nggc)
+        return np.full_like(probs, np.nan), attention
+
+
+class BrokenModel(FakeModel):
+    def run(self, windows_nggc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise ModelError("model run: expected outputs for 9 windows, found Fail: CUDA error")
+
+
+def nan_tokens(message: Message, fraction: float) -> np.ndarray:
+    tokens = np.array(message.arrays[1], np.float32)
+    flat = tokens.reshape(-1)
+    flat[: max(1, int(flat.size * fraction))] = np.nan if fraction == 1.0 else np.inf
+    return tokens
+
+
+@pytest.mark.parametrize(
+    ("case", "subject"),
+    [
+        ("tokens all NaN", "features"),
+        ("one token infinite", "features"),
+        ("model outputs NaN", "model output"),
+        ("the model run fails", "model run"),
+        ("registration shift past max_shift_px", "registration"),
+    ],
+)
+def test_what_the_model_cannot_score_is_a_fail_with_a_reason_never_a_pass(case: str, subject: str) -> None:
+    message = features_message(defect_rate=0.0)  # a clean board: the model would pass it
+    assert through(inference_stage(), message)[0].header.verdict == "pass"  # type: ignore[union-attr]
+    models = {"model outputs NaN": NanModel, "the model run fails": BrokenModel}
+    model = models.get(case, FakeModel)()
+    stage = InferenceStage(model, InferenceSettings(), HighlightSettings(), max_shift_px=16.0)  # type: ignore[arg-type]
+    if case.startswith("tokens") or case.startswith("one token"):
+        message = with_arrays(message, tokens=nan_tokens(message, 1.0 if "NaN" in case else 0.0))
+    elif case.startswith("registration"):
+        header = message.header
+        assert isinstance(header, FeaturesHeader)
+        moved = header.registration.model_copy(update={"dx": 40.0})
+        message = Message(message.topic, header.model_copy(update={"registration": moved}), message.arrays)
+    verdict_msg, highlight_msg = through(stage, message)  # encoded and decoded: valid on the wire
+    verdict = verdict_msg.header
+    assert isinstance(verdict, Verdict)
+    assert (verdict.verdict, verdict.score, verdict.regions) == ("fail", 1.0, ())
+    assert verdict.reason is not None and verdict.reason.startswith(f"{subject}: expected")
+    assert stage.unscored == {subject: 1}
+    assert cv2.imdecode(np.asarray(highlight_msg.arrays[0]), cv2.IMREAD_COLOR).shape == (SIZE, SIZE, 3)
+    json_schema = json.loads((REPO / "schemas" / "verdict.v1.json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(json.loads(verdict.model_dump_json()), json_schema)
+
+
+def test_features_that_do_not_fit_their_frame_are_refused_before_the_model() -> None:
+    message = features_message()
+    stage = inference_stage()
+    cases = {
+        "a 0x0 aligned frame": with_arrays(message, aligned=np.zeros((0, 0), np.uint8)),
+        "a 1-D aligned frame": with_arrays(message, aligned=np.zeros(SIZE * SIZE, np.uint8)),
+        "a token grid too small": with_arrays(message, tokens=np.zeros((2, 2, len(CHANNEL_NAMES)), np.float32)),
+        "a token grid too large": with_arrays(message, tokens=np.zeros((160, 16, len(CHANNEL_NAMES)), np.float32)),
+        "float64 tokens": with_arrays(message, tokens=np.asarray(message.arrays[1], np.float64)),
+        "masks of another size": with_arrays(message, diff=np.zeros((SIZE, SIZE - 1), np.uint8)),
+    }
+    for case, bad in cases.items():
+        with pytest.raises(InputError, match="expected") as info:
+            stage.process(*bad)
+        assert "found" in str(info.value), case
+    assert through(stage, message)[0].header.dropped == len(cases)  # type: ignore[union-attr]
+
+
+def test_features_of_another_size_than_the_cameras_configured_one_are_refused() -> None:
+    message = features_message()
+    header = message.header
+    assert isinstance(header, FeaturesHeader)
+    sized = {"cam0": (SIZE, SIZE)}
+    stage = InferenceStage(FakeModel(), InferenceSettings(), HighlightSettings(), frame_shapes=sized)  # type: ignore[arg-type]
+    assert through(stage, message)[0].header.reason is None  # type: ignore[union-attr]
+    small = SIZE // 2
+    resized = with_arrays(
+        message,
+        aligned=np.zeros((small, small), np.uint8),
+        tokens=np.zeros((small // 16, small // 16, len(CHANNEL_NAMES)), np.float32),
+        open_diff=np.zeros((small, small), np.uint8),
+        diff=np.zeros((small, small), np.uint8),
+    )
+    resized = Message(resized.topic, resized.header.model_copy(update={"shape": (small, small)}), resized.arrays)
+    assert through(inference_stage(), resized)[0].header.reason is None  # type: ignore[union-attr]
+    with pytest.raises(InputError, match=r"expected \(256, 256\) as configured, found \(128, 128\)"):
+        stage.process(*resized)
+
+
+# -- a running infer stage on real loopback sockets, under the issue's crashers -----------------------------------
+def raw_features(message: Message, text: bytes | None = None, **changes: Any) -> list[bytes]:
+    """The wire parts of a features ``message``, its header JSON with top-level ``changes`` (or ``text``)."""
+    parts = [bytes(p) for p in encode(message.topic, message.header, message.arrays)]
+    parts[1] = text if text is not None else json.dumps(json.loads(parts[1]) | changes).encode()
+    return parts
+
+
+def test_a_running_infer_stage_counts_every_crasher_and_keeps_serving_real_frames() -> None:
+    from stream_service.wire.transport import FrameReceiver, FrameSender, open_socket
+
+    good = features_message(defect_rate=0.0)
+    header_json = json.loads(bytes(encode(good.topic, good.header, good.arrays)[1]))
+    receiver = FrameReceiver(
+        "tcp://127.0.0.1:*", bind=True, hwm=64, linger_ms=0, max_message_bytes=1 << 20, cameras={"cam0"}
+    )
+    publisher = FrameSender("tcp://127.0.0.1:*", kind="pub", bind=True, hwm=100, linger_ms=0)
+    subscriber = FrameReceiver(publisher.endpoint, kind="sub", topics=["verdicts."], hwm=100, linger_ms=0)
+    peer = open_socket("push", receiver.endpoint, bind=False, hwm=64, linger_ms=0)
+    stage = InferenceStage(FakeModel(), InferenceSettings(), HighlightSettings(), max_shift_px=16.0)  # type: ignore[arg-type]
+    stop, stats = threading.Event(), StageStats()
+    thread = threading.Thread(
+        target=run_stage, args=(stage, receiver, publisher, stop), kwargs={"stats": stats}, daemon=True
+    )
+    thread.start()
+
+    def verdicts_until(seq: int) -> list[Verdict]:
+        got: list[Verdict] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            message = subscriber.receive(0.2)
+            if message is not None and isinstance(message.header, Verdict):
+                got.append(message.header)
+                if message.header.seq == seq:
+                    return got
+            if seq < 0:  # warming up: keep feeding good frames until the subscription is live
+                peer.send_multipart(raw_features(good, seq=0))
+                if got:
+                    return got
+        raise AssertionError(f"no verdict {seq}; got {[v.seq for v in got]}")
+
+    try:
+        verdicts_until(-1)
+        received_before = stats.received  # warm-up frames may still be queued
+        header_json["seq"], header_json["registration"]["dx"] = 0, 0.0
+        with_seq = json.dumps(header_json, separators=(",", ":")).encode()
+        crashers = [
+            raw_features(good, b"[" * 100_000),
+            raw_features(good, with_seq.replace(b'"seq":0', b'"seq":' + b"9" * 5000)),
+            raw_features(good, with_seq.replace(b'"dx":0.0', b'"dx":Infinity')),
+            raw_features(good, shape=[SIZE]),  # a shape of one dimension
+            raw_features(good, camera_id="cam9"),
+            [bytes(p) for p in encode(*with_arrays(good, aligned=np.zeros((0, 0), np.uint8)))],
+        ]
+        assert b'"seq":0' in with_seq and b'"dx":0.0' in with_seq
+        for parts in crashers:
+            peer.send_multipart(parts)
+        unscorable = with_arrays(good, tokens=np.full_like(np.asarray(good.arrays[1]), np.nan))
+        peer.send_multipart(raw_features(unscorable, seq=100))
+        peer.send_multipart(raw_features(good, seq=101))
+        verdicts = {v.seq: v for v in verdicts_until(101)}
+        assert thread.is_alive()
+        assert (verdicts[100].verdict, verdicts[100].score) == ("fail", 1.0)
+        assert verdicts[100].reason is not None and "finite token values" in verdicts[100].reason
+        assert verdicts[101].verdict == "pass" and verdicts[101].reason is None
+        assert stats.rejected == {
+            "header size": 1,
+            "header json": 1,
+            "header field 'registration'": 1,
+            "header field 'shape'": 1,
+            "camera_id": 1,
+        }
+        assert stats.errors == {"InputError": 1}  # the 0x0 aligned frame
+        assert stats.received - received_before >= 3  # the 0x0 frame, the unscorable, the good one (and warm-up)
+    finally:
+        stop.set()
+        thread.join(10)
+        for closable in (peer, subscriber, receiver, publisher):
+            closable.close()

@@ -109,3 +109,10 @@ def test_the_one_liner_names_camera_verdict_regions_and_latency() -> None:
     for part in ("score 0.800/0.500", "1 region(s) [[1, 2, 30, 40]]", "e2e 37.0 ms", "dropped 2", "truth fail"):
         assert part in line
     assert "PASS" in verdict_line(verdict(1)) and "dropped" not in verdict_line(verdict(1))
+    assert "unscored" not in line
+
+
+def test_the_one_liner_says_why_a_frame_could_not_be_scored() -> None:
+    reason = "features: expected finite token values, found 1600 of 1600 NaN or infinite"
+    line = verdict_line(verdict(3, result="fail", reason=reason))
+    assert line.startswith("cam0 #3  FAIL") and line.endswith(f"unscored ({reason})")

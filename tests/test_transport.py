@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from stream_service.errors import ConfigError, MessageError, TransportError
 from stream_service.wire.messages import (
@@ -30,6 +33,7 @@ from stream_service.wire.transport import (
     SHM_MARKER,
     FrameReceiver,
     FrameSender,
+    ReceiverSet,
     open_socket,
 )
 
@@ -87,7 +91,7 @@ def test_frames_round_trip_zero_copy(endpoint: str) -> None:
     receiver, sender = pair(endpoint)
     with receiver, sender:
         assert receiver.endpoint.startswith(endpoint.split(":")[0]) and not receiver.endpoint.endswith("*")
-        for seq, (shape, dtype) in enumerate([((48, 64, 3), "uint8"), ((5, 7), "float32"), ((0, 3), "uint16")]):
+        for seq, (shape, dtype) in enumerate([((48, 64, 3), "uint8"), ((5, 7), "float32"), ((1, 3), "uint16")]):
             assert sender.send("frames.cam0", header(seq, shape=shape, dtype=dtype), [frame(seq, shape, dtype)])
             topic, got, arrays = receive(receiver)
             assert (topic, got.seq, got.dropped) == ("frames.cam0", seq, 0)
@@ -373,3 +377,106 @@ def test_zmq_is_imported_only_by_transport() -> None:
     ]
     assert offenders == []
     assert zmq.zmq_version_info() >= (4, 0)
+
+
+# --- bounds: size, camera per endpoint, floods ------------------------------------------------------------
+
+
+def test_a_message_over_the_size_bound_is_refused_by_zeromq_and_the_receiver_goes_on() -> None:
+    receiver = FrameReceiver("tcp://127.0.0.1:*", bind=True, hwm=4, linger_ms=0, max_message_bytes=1 << 20)
+    big = open_socket("push", receiver.endpoint, bind=False, hwm=4, linger_ms=0)
+    sender = FrameSender(receiver.endpoint, bind=False, hwm=4, linger_ms=0, send_timeout_ms=-1)
+    try:
+        huge = np.zeros(200 * 2**20, np.uint8)  # 200 MB: the whole part is refused, never taken into memory
+        big.send_multipart([b"frames.cam0", header(0, shape=(10000, 20000)).model_dump_json().encode(), huge.data])
+        assert receiver.receive(1.0) is None
+        assert sender.send("frames.cam0", header(1), [frame(1)])  # a fitting frame from another peer
+        assert receive(receiver).header.seq == 1
+        assert receiver.receive(0.5) is None  # the 200 MB message never arrives
+        assert receiver.received == 1 and not receiver.rejected
+    finally:
+        big.close()
+        sender.close()
+        receiver.close()
+
+
+def test_a_frame_on_the_wrong_cameras_endpoint_is_rejected_and_unknown_ids_are_one_reason() -> None:
+    cam0 = FrameReceiver("tcp://127.0.0.1:*", bind=True, hwm=16, linger_ms=0, cameras={"cam0"})
+    cam1 = FrameReceiver("tcp://127.0.0.1:*", bind=True, hwm=16, linger_ms=0, cameras={"cam1"})
+    receivers = ReceiverSet([cam0, cam1])
+    to0 = FrameSender(cam0.endpoint, bind=False, hwm=16, linger_ms=0, send_timeout_ms=-1)
+    to1 = FrameSender(cam1.endpoint, bind=False, hwm=16, linger_ms=0, send_timeout_ms=-1)
+    try:
+        assert to1.send("frames.cam0", header(7, "cam0"), [frame(7)])  # cam0's frame on cam1's socket
+        for i in range(50):  # invented cameras
+            to0.send(f"frames.x{i}", header(i, f"x{i}"), [frame(i)])
+        to0.send("frames.cam0", header(8, "cam0"), [frame(8)])
+        to1.send("frames.cam1", header(9, "cam1"), [frame(9)])
+        got, errors = [], []
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(got) < 2 and time.monotonic() < deadline:
+            try:
+                message = receivers.receive(0.1)
+            except MessageError as exc:
+                errors.append(str(exc))
+                continue
+            if message is not None:
+                got.append((message.header.camera_id, message.header.seq))
+        assert sorted(got) == [("cam0", 8), ("cam1", 9)]
+        assert receivers.rejected == {"camera_id": 51}  # one counter, however many ids were invented
+        assert not receivers.dropped and receivers.received == 2
+        assert any("expected one of ['cam1'] on tcp://" in e and "found 'cam0'" in e for e in errors)
+    finally:
+        to0.close()
+        to1.close()
+        receivers.close()
+
+
+def test_a_flood_of_malformed_messages_neither_piles_up_nor_holds_back_good_ones(endpoint: str) -> None:
+    receiver, sender = pair(endpoint, max_drain=64)
+    raw = open_socket("push", receiver.endpoint, bind=False, hwm=1000, linger_ms=0)
+    with receiver, sender:
+        try:
+            for _ in range(300):
+                raw.send_multipart([b"frames.cam0", b"{not json"])
+            sender.send("frames.cam0", header(5), [frame(5)])
+            time.sleep(0.3)
+            seen, errors = None, 0
+            deadline = time.monotonic() + TIMEOUT_S
+            while seen is None and time.monotonic() < deadline:
+                try:
+                    seen = receiver.receive(0.1)
+                except MessageError:
+                    errors += 1
+                assert len(receiver._errors) <= 1  # the rejected are counted, never queued up
+            assert seen is not None and seen.header.seq == 5
+        finally:
+            raw.close()
+
+
+SHM_PARTS = st.builds(
+    lambda topic, desc: [topic + SHM_MARKER, good_header(), desc],
+    st.binary(max_size=16),
+    st.binary(max_size=64)
+    | st.fixed_dictionaries(
+        {
+            "ring": st.text(max_size=40) | st.just("stream-service-ring-1-ab"),
+            "slot": st.integers(-5, 2**70),
+            "generation": st.integers(-5, 2**70),
+            "offsets": st.lists(st.integers(-1, 2**70), max_size=12),
+        }
+    ).map(lambda d: json.dumps(d).encode()),
+)
+
+
+def good_header() -> bytes:
+    return header(0).model_dump_json().encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=SHM_PARTS | st.lists(st.binary(max_size=48), max_size=5) | st.lists(st.just(b"[" * 3000), max_size=3))
+def test_parse_of_random_parts_and_descriptors_raises_only_message_errors(parts: list[bytes]) -> None:
+    try:
+        FrameReceiver._parse([memoryview(p) for p in parts])
+    except MessageError as exc:
+        assert "expected" in str(exc) and "found" in str(exc)

@@ -109,10 +109,15 @@ class InspectionModel:
                 f"{len(self.card.features.channels)}) float32, found {windows_nggc.shape}"
             )
         batch = np.ascontiguousarray(windows_nggc, dtype=np.float32)
-        if self.on_cuda:
-            logits, attention = self._run_bound(batch)
-        else:
-            logits, attention = self._session.run(self._outputs, {self._input: batch})
+        try:
+            if self.on_cuda:
+                logits, attention = self._run_bound(batch)
+            else:
+                logits, attention = self._session.run(self._outputs, {self._input: batch})
+        except Exception as exc:  # ONNX Runtime's own exception types derive from Exception only
+            raise ModelError(
+                f"model run: expected outputs for {len(batch)} windows, found {type(exc).__name__}: {exc}"
+            ) from exc
         return _fail_probability(logits), np.asarray(attention, np.float32)
 
     def _run_bound(self, batch: F32) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:

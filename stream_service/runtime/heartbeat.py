@@ -8,7 +8,8 @@ accepts any minor version of its major and ignores fields it does not know.
 
 Only the parts a stage has are present: ``capture`` for a capture process, ``stage`` and
 ``receiver`` for the soartc and infer stages, ``features`` for the soartc stage, ``model`` and
-``journal`` for infer. History: 1.0 the first record; 1.1 adds ``stats.journal``.
+``journal`` and ``unscored`` for infer. History: 1.0 the first record; 1.1 adds ``stats.journal`` and
+``stats.unscored``.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class HeartbeatStats(_Counts):
     features: FeaturesCounts | None = None
     journal: JournalCounts | None = None
     model: str | None = None
+    unscored: dict[str, int] | None = None  # infer: fail-safe verdicts (frames it could not score), by subject
     camera: str | None = None  # a capture's camera id
     health: Health | None = None  # a capture: its camera's health; other stages: their own
 

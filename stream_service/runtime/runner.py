@@ -6,8 +6,12 @@
 - a malformed message (``MessageError`` from the source) is counted per reason, logged and dropped;
 - a ``StreamServiceError`` from the stage (or a message it builds that cannot be encoded) is counted per
   type and logged with the camera and sequence number, and the loop goes on with the next message;
-- any other exception is a bug: it propagates, the process dies and the supervisor restarts it; so does
-  a ``TransportError`` (a broken socket is not cured by the next message);
+- any other exception from one message (a bug, or a third-party error a stage did not translate) is the
+  last resort: counted per type like an error, logged with its traceback, and the loop goes on, since
+  no single message may stop a stage; only a ``TransportError`` propagates (a broken socket is not cured
+  by the next message), and the supervisor restarts the process;
+- logging is rate-limited per reason or type (``RateLimitedLog``, ``log_every_s``): a flood of bad
+  messages is a line every few seconds with its count, not a line per message;
 - each outgoing frame or features header gets ``Stamp(stage.name, time.time_ns())``;
 - frames dropped upstream (``header.dropped``) and sends the sink dropped are counted per camera.
 
@@ -24,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from stream_service.errors import MessageError, StreamServiceError, TransportError
+from stream_service.errors import MessageError, RateLimitedLog, StreamServiceError, TransportError
 from stream_service.runtime.latency import FpsCounter, LatencyTracker, latency_breakdown
 from stream_service.wire.messages import (
     Array,
@@ -84,12 +88,15 @@ class StageStats:
     send_dropped: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
+    log_every_s: float = 10.0
     latency: LatencyTracker = field(init=False)
     fps: FpsCounter = field(init=False)
+    warnings: RateLimitedLog = field(init=False)
 
     def __post_init__(self) -> None:
         self.latency = LatencyTracker(self.latency_window)
         self.fps = FpsCounter(self.fps_window_s)
+        self.warnings = RateLimitedLog(log, self.log_every_s)
 
     def snapshot(self, now_ns: int | None = None) -> dict[str, Any]:
         """Plain-dict copy of the counters, latency percentiles (ms) and the received frame rate."""
@@ -138,8 +145,9 @@ def _serve_one(stage: Stage, source: Source, sink: Sink, stats: StageStats, time
     try:
         message = source.receive(timeout_s)
     except MessageError as exc:
-        stats.rejected[rejection_reason(exc)] += 1
-        log.warning("%s: rejected a message: %s", stage.name, exc)
+        reason = rejection_reason(exc)
+        stats.rejected[reason] += 1
+        stats.warnings.warning(f"rejected {reason}", "%s: rejected a message: %s", stage.name, exc)
         return
     if message is None:
         return
@@ -156,6 +164,8 @@ def _serve_one(stage: Stage, source: Source, sink: Sink, stats: StageStats, time
         raise  # the socket itself failed: the stage cannot go on (see the module docstring)
     except StreamServiceError as exc:
         _count_error(stats, stage, header, exc)
+    except Exception as exc:  # noqa: BLE001 (the last resort: no single message may stop a stage)
+        _count_error(stats, stage, header, exc, traceback=True)
 
 
 def _send_all(stage: Stage, sink: Sink, stats: StageStats, received: Header, outputs: Sequence[Outgoing]) -> None:
@@ -176,9 +186,19 @@ def _send_all(stage: Stage, sink: Sink, stats: StageStats, received: Header, out
             stats.send_dropped[stamped.camera_id] += 1
 
 
-def _count_error(stats: StageStats, stage: Stage, header: Header, exc: StreamServiceError) -> None:
-    stats.errors[type(exc).__name__] += 1
-    log.warning("%s: %s on camera %s seq %d: %s", stage.name, type(exc).__name__, header.camera_id, header.seq, exc)
+def _count_error(stats: StageStats, stage: Stage, header: Header, exc: Exception, traceback: bool = False) -> None:
+    kind = type(exc).__name__
+    stats.errors[kind] += 1
+    stats.warnings.warning(
+        f"error {kind}",
+        "%s: %s on camera %s seq %d: %s",
+        stage.name,
+        kind,
+        header.camera_id,
+        header.seq,
+        exc,
+        exc_info=exc if traceback else None,
+    )
 
 
 class MemorySource:

@@ -4,7 +4,7 @@ capture|soartc|infer`` run.
 Topology (endpoints from ``transport``; every hop bounded by its high-water mark, drop-oldest):
 
     capture (one per camera)      soartc workers (soartc.workers)        infer (one)
-    PUSH bind capture_out[i] ---> PULL connect to every capture_out
+    PUSH bind capture_out[i] ---> PULL connect to capture_out[i], one per camera
                                   PUSH connect features_out ----------> PULL bind features_out
                                                                           PUB bind verdicts_pub --> SUB subscribers
                                                                           REP bind journal_rep  <-> REQ replay clients
@@ -19,6 +19,12 @@ GPU (``inference.device``) and the soartc stage with workers. Every send is non-
 what a full queue refuses is dropped, counted, and reported downstream in ``dropped``. With
 ``transport.shared_memory`` the PUSH hops carry pixels through a shared-memory ring (same host only);
 stages never see the difference.
+
+Bounds (``settings.limits``): each receiving socket refuses message parts larger than what it can
+legitimately get (``receive_bound``: its cameras' frames, the token grid, a header, plus a margin),
+headers past the size and depth limits, and cameras it does not serve; a soartc worker has one
+receiver per capture endpoint (``transport.ReceiverSet``), so a frame is accepted only on its own
+camera's endpoint.
 
 Lifecycle: SIGTERM or SIGINT set the stop event; the loop finishes the message in hand, closes its
 sockets (``transport.linger_ms``) and returns. With a heartbeat file the process writes a JSON
@@ -44,7 +50,7 @@ from stream_service.errors import ConfigError, JournalError, SharedMemoryError
 from stream_service.runtime.heartbeat import Heartbeat
 from stream_service.runtime.runner import StageStats, run_stage
 from stream_service.settings import CameraSettings, Settings
-from stream_service.wire.messages import Array, ArraySpec, Header, Part
+from stream_service.wire.messages import Array, ArraySpec, Header, HeaderLimits, Part
 
 if TYPE_CHECKING:
     from stream_service.runtime.journal import Journal, JournalReader
@@ -94,6 +100,26 @@ def camera_at(settings: Settings, camera_id: str | None) -> tuple[int, CameraSet
         raise ConfigError(f"--camera: expected one of {ids}, found {camera_id!r}")
     index = ids.index(camera_id)
     return index, settings.cameras[index]
+
+
+def frame_bytes(settings: Settings, camera: CameraSettings) -> int:
+    """The largest frame part ``camera`` sends: ``(H, W)`` uint8 of its configured size, or
+    ``limits.unsized_frame_bytes`` when the settings do not fix its size (a device without ``frame_size``)."""
+    shape = camera.frame_shape
+    return shape[0] * shape[1] if shape is not None else settings.limits.unsized_frame_bytes
+
+
+def receive_bound(settings: Settings, cameras: Sequence[CameraSettings], token_bytes_per_pixel: float = 0.0) -> int:
+    """``ZMQ_MAXMSGSIZE`` of a socket receiving from ``cameras``: the largest part it can legitimately get
+    (a frame, its token grid at ``token_bytes_per_pixel``, a header) plus ``limits.message_margin_bytes``."""
+    limits = settings.limits
+    largest = max(frame_bytes(settings, c) for c in cameras)
+    return max(largest, int(largest * token_bytes_per_pixel), limits.max_header_bytes) + limits.message_margin_bytes
+
+
+def header_limits(settings: Settings) -> HeaderLimits:
+    """The header bounds of ``settings.limits``."""
+    return HeaderLimits(max_bytes=settings.limits.max_header_bytes, max_depth=settings.limits.max_json_depth)
 
 
 def install_stop_signals(stop: threading.Event) -> None:
@@ -214,7 +240,7 @@ def serve_soartc(
     """A soartc worker: pull frames from the captures, push features to the infer stage, until ``stop``."""
     from stream_service.model.card import load_card, resolve_model_dir
     from stream_service.stages.features import FeaturesStage
-    from stream_service.wire.transport import FrameReceiver, terminate_context
+    from stream_service.wire.transport import FrameReceiver, ReceiverSet, terminate_context
 
     t = settings.transport
     check_topology(settings)
@@ -222,11 +248,29 @@ def serve_soartc(
     heartbeat.write()
     card = load_card(resolve_model_dir(settings.inference.model))
     stage = FeaturesStage.from_settings(settings, card.features.to_spec(), wanted)
-    captures = [
-        connectable(t.capture_endpoint(i, c.id)) for i, c in enumerate(settings.cameras) if c.id in stage.cameras
-    ]
-    stats = StageStats()
-    receiver = FrameReceiver(captures, hwm=t.capture_hwm, linger_ms=t.linger_ms, max_drain=t.max_drain)
+    served = [(i, c) for i, c in enumerate(settings.cameras) if c.id in stage.cameras]
+    captures = [connectable(t.capture_endpoint(i, c.id)) for i, c in served]
+    stats = StageStats(log_every_s=settings.logging.repeat_every_s)
+    receivers: list[FrameReceiver] = []
+    try:
+        for endpoint, (_, camera) in zip(captures, served, strict=True):
+            receivers.append(
+                FrameReceiver(
+                    endpoint,
+                    hwm=t.capture_hwm,
+                    linger_ms=t.linger_ms,
+                    max_drain=t.max_drain,
+                    max_message_bytes=receive_bound(settings, [camera]),
+                    limits=header_limits(settings),
+                    cameras={camera.id},
+                    log_every_s=None,  # the runner logs rejections (rate-limited)
+                )
+            )
+    except BaseException:
+        for opened in receivers:
+            opened.close()
+        raise
+    receiver = ReceiverSet(receivers)
     sender = LazySender(connectable(t.features_out), bind=False, hwm=t.features_hwm, settings=settings)
     heartbeat.snapshot = lambda: {
         "stage": stats.snapshot(),
@@ -286,10 +330,25 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
     model = InspectionModel.load(
         resolve_model_dir(inference.model), inference.device, inference.threads, spin=inference.spin_threads
     )
-    stage = InferenceStage(model, settings.inference, settings.highlight)
-    stats = StageStats()
+    stage = InferenceStage(
+        model,
+        settings.inference,
+        settings.highlight,
+        max_shift_px=settings.soartc.max_shift_px,
+        frame_shapes={c.id: c.frame_shape for c in settings.cameras if c.frame_shape is not None},
+    )
+    stats = StageStats(log_every_s=settings.logging.repeat_every_s)
+    block, channels = model.card.features.block, len(model.card.features.channels)
     receiver = FrameReceiver(
-        t.features_out, bind=True, hwm=t.features_hwm, linger_ms=t.linger_ms, max_drain=t.max_drain
+        t.features_out,
+        bind=True,
+        hwm=t.features_hwm,
+        linger_ms=t.linger_ms,
+        max_drain=t.max_drain,
+        max_message_bytes=receive_bound(settings, settings.cameras, channels * 4 / block**2),
+        limits=header_limits(settings),
+        cameras={c.id for c in settings.cameras},
+        log_every_s=None,  # the runner logs rejections (rate-limited)
     )
     journal, reader, why = open_journal(settings)
     try:
@@ -318,6 +377,7 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
         "receiver": _receiver_counters(receiver),
         "sender": {"sent": publisher.sent, "dropped": dict(publisher.dropped)},
         "journal": sink.counters() if isinstance(sink, JournaledSink) else {"off": why},
+        "unscored": dict(stage.unscored),
         "model": f"{model.card.name} {model.card.version} on {model.providers[0]}",
     }
     try:

@@ -58,6 +58,8 @@ def verdict_line(v: Verdict) -> str:
         parts.append(f"dropped {v.dropped}")
     if v.truth is not None:
         parts.append(f"truth {v.truth.get('label')}")
+    if v.reason is not None:
+        parts.append(f"unscored ({v.reason})")
     return "  ".join(parts)
 
 

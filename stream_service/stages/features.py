@@ -18,6 +18,7 @@ lost to such errors are added to the ``dropped`` count of the camera's next feat
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,13 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from stream_service.errors import FrameShapeError, GoldenReferenceError, MessageError, StreamServiceError
+from stream_service.errors import (
+    FrameShapeError,
+    GoldenReferenceError,
+    InputError,
+    MessageError,
+    RegistrationError,
+)
 from stream_service.model.references import load_reference
 from stream_service.runtime.runner import Outgoing
 from stream_service.settings import CameraSettings, Settings, SyntheticSource
@@ -161,7 +168,7 @@ class FeaturesStage:
         if isinstance(header, CameraStatus) and header.camera_id in self.cameras:
             return [(topic, header, [])]  # a camera's health travels on to the infer stage, unchanged
         if not isinstance(header, FrameHeader):
-            raise MessageError(f"message kind on {topic}: expected 'frame', found {header.kind!r}")
+            raise MessageError(f"message kind: expected 'frame' on {topic[:80]!r}, found {header.kind!r}")
         camera = self.cameras.get(header.camera_id)
         if camera is None:
             raise MessageError(f"camera_id: expected one of {sorted(self.cameras)}, found {header.camera_id!r}")
@@ -173,9 +180,22 @@ class FeaturesStage:
                     f"frame {header.seq} of camera {header.camera_id}: expected {tuple(expected)} uint8 like reference "
                     f"{camera.reference.reference_id}, found {frame.shape} {frame.dtype}"
                 )
-            extracted = camera.extractor.extract(frame)
-        except StreamServiceError:
-            # This frame and the drops it carried never reach a verdict: report them with the next one.
+            try:
+                extracted = camera.extractor.extract(frame)
+            except cv2.error as exc:  # translated at the edge: the runner counts project errors by type
+                raise InputError(
+                    f"frame {header.seq} of camera {header.camera_id}: expected a frame OpenCV can register, "
+                    f"found {type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
+            reg = extracted.registration
+            if not all(math.isfinite(v) for v in (reg.dx, reg.dy, reg.confidence)):
+                raise RegistrationError(
+                    f"registration of frame {header.seq} of camera {header.camera_id}: expected finite dx, dy "
+                    f"and confidence, found {reg.dx}, {reg.dy}, {reg.confidence}"
+                )
+        except Exception:
+            # This frame and the drops it carried never reach a verdict: report them with the next one
+            # (the runner counts the error, whatever it is, and goes on).
             self._lost[header.camera_id] += 1 + header.dropped
             raise
         features = extracted.features
@@ -185,7 +205,6 @@ class FeaturesStage:
             features.open_diff_hw,
             features.diff_hw,
         ]
-        reg = extracted.registration
         out = FeaturesHeader(
             camera_id=header.camera_id,
             seq=header.seq,

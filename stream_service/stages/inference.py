@@ -19,26 +19,35 @@ are moved by the same whole pixels, so a region's corners are where its box is d
 drawn and JPEG-encoded only when the runner asks for the second message (``VerdictThenPicture``), after
 the verdict was published. The model is handed in (``model.py`` loads
 it), so the stage runs with any ``WindowModel``, and tests use fakes.
+
+What a peer sends is checked before the model sees it: the masks and the registered frame are ``(H, W)``
+uint8 like the header's frame shape, the token grid is ``(H // block, W // block, C)`` float32 (a
+message that is not is an ``InputError``, counted and dropped by the runner). Fail safe: a frame the
+model cannot score (non-finite tokens or model outputs, a registration shift that is not finite or
+exceeds ``max_shift_px``) gets a ``fail`` verdict with score 1.0 and its ``reason``, never a pass;
+``unscored`` counts them by the reason's subject.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import overload
 
 import cv2
 import numpy as np
 
-from stream_service.errors import InputError, MessageError, StreamServiceError
+from stream_service.errors import InputError, MessageError
 from stream_service.runtime.latency import latency_breakdown
 from stream_service.runtime.runner import Outgoing
 from stream_service.settings import HighlightSettings, InferenceSettings
 from stream_service.vision.arrays import U8
 from stream_service.vision.highlight import HighlightResult, overlay, translate
 from stream_service.vision.highlight import Region as FoundRegion
-from stream_service.vision.inspection import Detector, WindowModel
+from stream_service.vision.inspection import Detection, Detector, WindowModel, unscored
+from stream_service.vision.soartc import grid_shape
 from stream_service.vision.tokens import TokenFeatures
 from stream_service.wire.messages import (
     FEATURES_ARRAYS,
@@ -124,8 +133,17 @@ class InferenceStage:
         highlight: HighlightSettings,
         clock_ns: Callable[[], int] = time.time_ns,
         verdict_ids: VerdictIds | None = None,
+        max_shift_px: float | None = None,
+        frame_shapes: Mapping[str, tuple[int, int]] | None = None,
     ) -> None:
+        """``max_shift_px``: the largest registration shift the soartc stage accepts (``soartc.max_shift_px``);
+        a frame said to be shifted further was not registered (None: any finite shift within the frame).
+        ``frame_shapes``: the ``(H, W)`` of the cameras whose frame size the settings fix; their features
+        must be of that size (the work of a frame grows with its size: a peer does not choose it)."""
         self.detector = Detector(model, threshold=inference.threshold)
+        self.max_shift_px = max_shift_px
+        self.frame_shapes = dict(frame_shapes or {})
+        self.unscored: Counter[str] = Counter()
         self.model_id = model.card.name
         self.model_version = model.card.version
         self.channels = len(model.card.features.channels)
@@ -144,14 +162,20 @@ class InferenceStage:
         if isinstance(header, CameraStatus):
             return [(topic, header, [])]  # published as status.<camera> for subscribers and dashboards
         if not isinstance(header, FeaturesHeader):
-            raise MessageError(f"message kind on {topic}: expected 'features', found {header.kind!r}")
+            raise MessageError(f"message kind: expected 'features' on {topic[:80]!r}, found {header.kind!r}")
         try:
-            verdict, aligned, found = self._inspect(header, arrays)
-        except StreamServiceError:
+            try:
+                verdict, aligned, found = self._inspect(header, arrays)
+            except cv2.error as exc:  # translated at the edge: the runner counts project errors by type
+                raise InputError(
+                    f"features of camera {header.camera_id}: expected arrays OpenCV can process, "
+                    f"found {type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
+        except Exception:  # counted by the runner, whatever it is
             # This frame and the drops it carried never get a verdict: report them with the next one.
             self._lost[header.camera_id] += 1 + header.dropped
             raise
-        offset = frame_offset(header.registration.dx, header.registration.dy)
+        offset = frame_offset(header.registration.dx, header.registration.dy) if verdict.reason is None else (0, 0)
         return VerdictThenPicture(
             (topic_of(verdict), verdict, []), lambda: self._picture(verdict, aligned, found, offset)
         )
@@ -182,26 +206,55 @@ class InferenceStage:
         if missing:
             raise MessageError(f"features arrays: expected {list(FEATURES_ARRAYS)}, found {sorted(named)}")
         aligned, tokens = named["aligned"], named["tokens"]
-        if tokens.ndim != 3 or tokens.shape[2] != self.channels or tokens.dtype != np.float32:
+        frame_hw = (header.shape[0], header.shape[1])
+        configured = self.frame_shapes.get(header.camera_id)
+        if configured is not None and frame_hw != configured:
             raise InputError(
-                f"features 'tokens' of camera {header.camera_id}: expected (h, w, {self.channels}) float32, "
-                f"found {tokens.shape} {tokens.dtype}"
+                f"features frame shape of camera {header.camera_id}: expected {configured} as configured, "
+                f"found {frame_hw}"
             )
-        if (
-            aligned.dtype != np.uint8
-            or named["open_diff"].shape != aligned.shape
-            or named["diff"].shape != aligned.shape
-        ):
+        if aligned.dtype != np.uint8 or aligned.shape != frame_hw:
+            raise InputError(
+                f"features 'aligned' of camera {header.camera_id}: expected {frame_hw} uint8 like the frame, "
+                f"found {aligned.shape} {aligned.dtype}"
+            )
+        masks = [named["open_diff"], named["diff"]]
+        if any(m.dtype != np.uint8 or m.shape != aligned.shape for m in masks):
             raise InputError(
                 f"features masks of camera {header.camera_id}: expected uint8 (H, W) like 'aligned' {aligned.shape}, "
-                f"found {named['open_diff'].shape} and {named['diff'].shape}"
+                f"found {masks[0].shape} {masks[0].dtype} and {masks[1].shape} {masks[1].dtype}"
             )
-        detection = self.detector.detect(TokenFeatures(tokens, named["open_diff"], named["diff"]))
+        grid = (*grid_shape(aligned.shape, self.detector.block), self.channels)
+        if tokens.shape != grid or tokens.dtype != np.float32 or 0 in grid:
+            raise InputError(
+                f"features 'tokens' of camera {header.camera_id}: expected {grid} float32 for a {frame_hw} frame "
+                f"in blocks of {self.detector.block}, found {tokens.shape} {tokens.dtype}"
+            )
+        reg = header.registration
+        shift_failed = self._registration_failure(reg.dx, reg.dy, frame_hw)
+        if shift_failed is not None:
+            detection = unscored(shift_failed, self.detector.threshold, grid[:2], frame_hw)
+        else:
+            detection = self.detector.detect(TokenFeatures(tokens, masks[0], masks[1]))
+        if detection.reason is not None:
+            self.unscored[detection.reason.split(":", 1)[0]] += 1
+        return self._verdict(header, detection), aligned, detection.highlight
+
+    def _registration_failure(self, dx: float, dy: float, frame_hw: tuple[int, ...]) -> str | None:
+        """Why the registration ``(dx, dy)`` cannot be trusted, or None."""
+        bound = self.max_shift_px if self.max_shift_px is not None else float(max(frame_hw))
+        # Translation and affine registration both keep every frame corner within max_shift_px, so the
+        # translation part (the corner at the origin) does; a hair of rounding is tolerated.
+        if math.isfinite(dx) and math.isfinite(dy) and max(abs(dx), abs(dy)) <= bound + 1e-3:
+            return None
+        return f"registration: expected a finite shift of at most {bound:g} px, found dx={dx:g}, dy={dy:g}"
+
+    def _verdict(self, header: FeaturesHeader, detection: Detection) -> Verdict:
         found = detection.highlight
         failed = detection.verdict == "fail"
         reg = header.registration
         now_ns = self._clock_ns()
-        verdict = Verdict(
+        return Verdict(
             verdict_id=self._ids.new(now_ns),
             time=utc_time(now_ns),
             camera_id=header.camera_id,
@@ -218,5 +271,5 @@ class InferenceStage:
             latency_ms=latency_breakdown(header.stamps, now_ns, stage=STAGE),
             dropped=header.dropped + self._lost.pop(header.camera_id, 0),
             truth=header.truth,
+            reason=detection.reason,
         )
-        return verdict, aligned, found

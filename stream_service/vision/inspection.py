@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from stream_service.errors import ModelError
 from stream_service.model.card import ModelCard
 from stream_service.vision.arrays import F32, U8
 from stream_service.vision.highlight import HighlightResult, Pieces, highlight, token_relevance
@@ -81,13 +82,32 @@ class FeatureExtractor:
 
 @dataclass(frozen=True)
 class Detection:
-    """The infer stage's result: verdict, worst-window score, threshold, and the filtered highlight."""
+    """The infer stage's result: verdict, worst-window score, threshold, and the filtered highlight.
+
+    ``reason`` is set when the frame could not be scored (see ``unscored``): the verdict is then "fail"
+    with ``UNSCORED_SCORE``, never a pass (fail safe)."""
 
     verdict: str
     score: float
     threshold: float
     highlight: HighlightResult
     window_scores: F32
+    reason: str | None = None
+
+
+# The score of a frame that could not be scored: the worst there is, so that it fails at any threshold.
+UNSCORED_SCORE = 1.0
+
+
+def nothing_highlighted(tokens_hw: tuple[int, int], frame_hw: tuple[int, int]) -> HighlightResult:
+    """An empty highlight: no token kept, no pixel highlighted, no region."""
+    return HighlightResult(np.zeros(tokens_hw, np.bool_), np.zeros(frame_hw, np.bool_), ())
+
+
+def unscored(reason: str, threshold: float, tokens_hw: tuple[int, int], frame_hw: tuple[int, int]) -> Detection:
+    """The fail-safe detection of a frame the model cannot score (``reason`` says why)."""
+    empty = nothing_highlighted(tokens_hw, frame_hw)
+    return Detection("fail", UNSCORED_SCORE, threshold, empty, np.zeros(0, np.float32), reason)
 
 
 class Detector:
@@ -106,9 +126,24 @@ class Detector:
         self.min_area = card.highlight.min_area
 
     def detect(self, features: TokenFeatures) -> Detection:
+        """The verdict on one frame's ``(h, w, C)`` float32 tokens. Fail safe: non-finite tokens, a model
+        run that fails (``ModelError``) or outputs that are not finite give ``unscored`` (fail, with a reason)."""
         tokens = features.tokens_hwc
-        layout = WindowLayout.cover(tokens.shape[:2], self.grid, self.stride)
-        probs, attention = self.model.run(layout.cut(tokens))
+        grid_hw = (int(tokens.shape[0]), int(tokens.shape[1]))
+        frame_hw = (int(features.open_diff_hw.shape[0]), int(features.open_diff_hw.shape[1]))
+        finite = np.isfinite(tokens)
+        if not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            reason = f"features: expected finite token values, found {bad} of {finite.size} NaN or infinite"
+            return unscored(reason, self.threshold, grid_hw, frame_hw)
+        layout = WindowLayout.cover(grid_hw, self.grid, self.stride)
+        try:
+            probs, attention = self.model.run(layout.cut(tokens))
+        except ModelError as exc:
+            return unscored(f"model run: {str(exc).removeprefix('model run: ')}", self.threshold, grid_hw, frame_hw)
+        if not (np.isfinite(probs).all() and np.isfinite(attention).all()) or probs.size == 0:
+            reason = f"model output: expected finite scores for {len(layout.origins)} windows, found NaN, inf or none"
+            return unscored(reason, self.threshold, grid_hw, frame_hw)
         relevance = token_relevance(layout, probs, attention, self.threshold)
         token_score = layout.paste_window_scores(probs)
         found = highlight(

@@ -26,7 +26,12 @@ cannot measure latency between stages that run on different hosts; wall clocks t
 NTP/PTP-synchronised, and the error of that synchronisation bounds the cross-host latency figures.
 
 Every decoding failure raises ``MessageError`` whose text is ``"<thing>: expected <x>, found <y>"``;
-``rejection_reason`` returns the ``<thing>`` so that rejections can be counted per reason.
+``rejection_reason`` returns the ``<thing>`` so that rejections can be counted per reason. A peer
+chooses what it sends, so the ``<thing>`` never holds its values (only names of this contract): the
+reasons stay a short, fixed list however hostile the input. Bounds: a header is at most
+``HeaderLimits.max_bytes`` long and nested at most ``max_depth`` deep (checked before ``json.loads``
+recurses), integers fit int64 and are non-negative, floats are finite, frame shapes are ``(H, W)`` or
+``(H, W, C)`` with sides of 1 to ``MAX_SIDE`` pixels.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
@@ -54,7 +61,12 @@ Array = npt.NDArray[Any]
 Part = bytes | bytearray | memoryview
 DType = Literal["uint8", "int8", "uint16", "int16", "uint32", "int32", "float16", "float32", "float64", "bool"]
 CameraId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Camera id, [A-Za-z0-9_-]{1,64}.")]
-Shape = Annotated[tuple[NonNegativeInt, ...], Field(max_length=8)]
+Shape = Annotated[tuple[Annotated[int, Field(ge=0, le=2**31 - 1)], ...], Field(max_length=8)]
+MAX_SIDE = 65535
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+FrameShape = Annotated[tuple[Side, ...], Field(min_length=2, max_length=3, description="(H, W) or (H, W, C).")]
+# Counts and wall-clock nanoseconds: what an int64 holds, never negative.
+Count = Annotated[int, Field(ge=0, le=2**63 - 1)]
 VERDICT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 VerdictId = Annotated[str, Field(pattern=VERDICT_ID_PATTERN, description="UUIDv7 (RFC 9562), lower-case.")]
 UtcTime = Annotated[
@@ -76,14 +88,15 @@ TOPIC_PREFIXES: dict[str, str] = {
 
 class _Model(BaseModel):
     # extra="ignore": a newer minor version may add fields this decoder does not know yet.
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # allow_inf_nan=False: JSON's Infinity/NaN are refused where the contract says float.
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
 
 class Stamp(_Model):
     """One stage's pass: the stage name and the wall-clock ``time.time_ns()`` when it sent the message."""
 
-    stage: str
-    t_ns: int
+    stage: str = Field(max_length=64)
+    t_ns: Count
 
 
 class ArraySpec(_Model):
@@ -109,8 +122,8 @@ class Registration(_Model):
 class _Header(_Model):
     schema_version: str = Field(SCHEMA_VERSION, pattern=r"^\d+\.\d+$", description="MAJOR.MINOR.")
     camera_id: CameraId
-    seq: NonNegativeInt = Field(description="Frame sequence number, per camera.")
-    capture_ns: int = Field(description="Wall-clock capture time, time.time_ns().")
+    seq: Count = Field(description="Frame sequence number, per camera.")
+    capture_ns: Count = Field(description="Wall-clock capture time, time.time_ns().")
 
     def array_specs(self) -> tuple[ArraySpec, ...]:
         """The payload parts that follow the header, in order."""
@@ -121,10 +134,10 @@ class FrameHeader(_Header):
     """A captured frame: one payload, the frame ``(H, W) or (H, W, C)``."""
 
     kind: Literal["frame"] = "frame"
-    shape: Shape
+    shape: FrameShape
     dtype: DType
-    stamps: tuple[Stamp, ...] = ()
-    dropped: NonNegativeInt = Field(0, description="Frames of this camera dropped since the previous message.")
+    stamps: tuple[Stamp, ...] = Field((), max_length=16)
+    dropped: Count = Field(0, description="Frames of this camera dropped since the previous message.")
     truth: dict[str, Any] | None = Field(None, description='Synthetic ground truth: {"label", "boxes"}.')
     reference_id: str | None = None
 
@@ -146,14 +159,14 @@ class FeaturesHeader(_Header):
     ``arrays`` names the payload parts: ``FEATURES_ARRAYS``, in that order."""
 
     kind: Literal["features"] = "features"
-    shape: Shape
+    shape: FrameShape
     dtype: DType
-    stamps: tuple[Stamp, ...] = ()
-    dropped: NonNegativeInt = 0
+    stamps: tuple[Stamp, ...] = Field((), max_length=16)
+    dropped: Count = 0
     truth: dict[str, Any] | None = None
     reference_id: str | None = None
     reference_version: str | None = Field(None, description="Version of the reference (schema 1.1).")
-    arrays: tuple[ArraySpec, ...]
+    arrays: tuple[ArraySpec, ...] = Field(max_length=8)
     registration: Registration
 
     def array_specs(self) -> tuple[ArraySpec, ...]:
@@ -193,8 +206,18 @@ class Verdict(_Header):
     latency_ms: dict[str, float] = Field(
         default_factory=dict, description='Per-stage latency of this frame, and "end_to_end" (capture to publish).'
     )
-    dropped: NonNegativeInt = Field(0, description="Frames of this camera dropped since the previous verdict.")
+    dropped: Count = Field(0, description="Frames of this camera dropped since the previous verdict.")
     truth: dict[str, Any] | None = None
+    reason: str | None = Field(
+        None,
+        max_length=2000,
+        description=(
+            "Why the frame could not be scored (non-finite features or model outputs, a failed model run, a "
+            "failed registration). "
+            'Fail safe: such a frame is always verdict "fail" with score 1.0 and no regions, never a pass; '
+            "null when the model scored the frame."
+        ),
+    )
 
 
 class Highlight(_Header):
@@ -202,7 +225,7 @@ class Highlight(_Header):
 
     kind: Literal["highlight"] = "highlight"
     verdict_id: VerdictId | None = Field(None, description="The verdict_id of its verdict (1.2).")
-    arrays: tuple[ArraySpec, ...]
+    arrays: tuple[ArraySpec, ...] = Field(max_length=8)
 
     def array_specs(self) -> tuple[ArraySpec, ...]:
         return self.arrays
@@ -221,9 +244,9 @@ class CameraStatus(_Header):
     kind: Literal["status"] = "status"
     state: CameraState
     reason: str | None = Field(None, max_length=2000, description="What is wrong, and what to do (when not online).")
-    since_ns: int = Field(description="Wall-clock time the state began, time.time_ns().")
-    last_frame_ns: int | None = Field(None, description="Wall-clock time of the camera's newest frame.")
-    frames: NonNegativeInt = Field(0, description="Frames read from the camera so far by this capture.")
+    since_ns: Count = Field(description="Wall-clock time the state began, time.time_ns().")
+    last_frame_ns: Count | None = Field(None, description="Wall-clock time of the camera's newest frame.")
+    frames: Count = Field(0, description="Frames read from the camera so far by this capture.")
 
 
 Header = FrameHeader | FeaturesHeader | Verdict | Highlight | CameraStatus
@@ -358,12 +381,53 @@ def encode(topic: str, header: Header, arrays: Sequence[Array | Part] = ()) -> l
     return parts
 
 
-def decode_header(raw: Part) -> Header:
-    """Parse and validate a header part: JSON object, known major version, known kind, valid fields."""
+@dataclass(frozen=True)
+class HeaderLimits:
+    """How large a header part may be (bytes) and how deeply its JSON may nest (arrays and objects)."""
+
+    max_bytes: int = 65536
+    max_depth: int = 32
+
+
+# A string, or an unterminated one up to the end: the match never fails, so the scan stays linear (a
+# pattern that requires the closing quote retries from every quote of '\\"' x 30,000: seconds per header).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.DOTALL)
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def json_depth(raw: bytes, stop_above: int | None = None) -> int:
+    """How deeply the arrays and objects of the JSON text ``raw`` nest (strings skipped), without
+    recursion: ``json.loads`` recurses once per level and dies of ``RecursionError`` on ``[`` x 100,000.
+    With ``stop_above``, the scan stops once the depth exceeds it, and a result of at most ``stop_above``
+    only says that the text is not deeper. Strings are delimited as ``json.loads`` delimits them; what
+    follows an unterminated string is not counted, and ``json.loads`` never parses it either. Linear in
+    ``len(raw)``, whatever it holds."""
+    if raw.count(b"[") + raw.count(b"{") <= (stop_above or 0):
+        return stop_above or 0  # cannot be deeper than its number of openings: the common, cheap case
+    depth = deepest = 0
+    for char in _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET):
+        depth += 1 if char in b"[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if stop_above is not None and deepest > stop_above:
+                break
+    return deepest
+
+
+def decode_header(raw: Part, limits: HeaderLimits = HeaderLimits()) -> Header:
+    """Parse and validate a header part: its size and depth within ``limits``, a JSON object, known major
+    version, known kind, valid fields. Raises ``MessageError`` only, whatever ``raw`` holds."""
+    text = bytes(raw)
+    if len(text) > limits.max_bytes:
+        raise _reject("header size", f"at most {limits.max_bytes} bytes", len(text))
+    depth = json_depth(text, stop_above=limits.max_depth)
+    if depth > limits.max_depth:
+        raise _reject("header depth", f"JSON nested at most {limits.max_depth} deep", f"more than {limits.max_depth}")
     try:
-        obj = json.loads(bytes(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _reject("header json", "a UTF-8 JSON object", f"{type(exc).__name__}: {exc}") from exc
+        obj = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError: bad JSON (JSONDecodeError) and integers past Python's int-string conversion limit.
+        raise _reject("header json", "a UTF-8 JSON object", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(obj, dict):
         raise _reject("header json", "a JSON object", type(obj).__name__)
     version = obj.get("schema_version")
@@ -380,7 +444,9 @@ def decode_header(raw: Part) -> Header:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
         found = repr(error.get("input"))[:80]
-        raise _reject(f"header field '{where}'", f"a valid value ({error['msg']})", found) from exc
+        # The reason is the top-level field only: deeper locations hold list indices and dict keys a peer chose.
+        field = str(error["loc"][0]) if error["loc"] else "(header)"
+        raise _reject(f"header field '{field}'", f"a valid value at {where[:120]} ({error['msg']})", found) from exc
 
 
 def payload_views(header: Header, payloads: Sequence[Part]) -> list[Array]:
@@ -394,13 +460,16 @@ def payload_views(header: Header, payloads: Sequence[Part]) -> list[Array]:
         if view.nbytes != spec.nbytes:
             expected = f"{spec.nbytes} bytes for '{spec.name}' {spec.shape} {spec.dtype}"
             raise _reject("payload size", expected, view.nbytes)
-        array = np.frombuffer(view, dtype=spec.dtype).reshape(spec.shape)
+        try:
+            array = np.frombuffer(view, dtype=spec.dtype).reshape(spec.shape)
+        except ValueError as exc:  # a shape NumPy cannot hold (too many elements once a side is 0)
+            raise _reject("payload shape", f"a shape NumPy can hold for '{spec.name}'", spec.shape) from exc
         array.flags.writeable = False  # a receive buffer may be shared (ring slot): never write through it
         arrays.append(array)
     return arrays
 
 
-def decode(parts: Sequence[Part]) -> Message:
+def decode(parts: Sequence[Part], limits: HeaderLimits = HeaderLimits()) -> Message:
     """Validate ``[topic, header_json, *payloads]`` and return the header and zero-copy array views.
 
     Raises ``MessageError`` on a wrong part count, a topic that is not UTF-8, bad JSON, an unknown
@@ -413,7 +482,7 @@ def decode(parts: Sequence[Part]) -> Message:
         topic = bytes(parts[0]).decode()
     except UnicodeDecodeError as exc:
         raise _reject("topic", "UTF-8", repr(bytes(parts[0])[:40])) from exc
-    header = decode_header(parts[1])
+    header = decode_header(parts[1], limits)
     return Message(topic, header, payload_views(header, parts[2:]))
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, NonNegativeInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from stream_service.errors import ConfigError, MessageError, SharedMemoryError
 
@@ -73,10 +73,10 @@ class ShmDescriptor(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    ring: str
+    ring: str = Field(max_length=255)
     slot: NonNegativeInt
     generation: NonNegativeInt
-    offsets: tuple[NonNegativeInt, ...]
+    offsets: tuple[NonNegativeInt, ...] = Field(max_length=8)  # one per payload part (at most 8)
 
 
 class _Mapping:

@@ -26,6 +26,13 @@ handler's bytes, in a thread of its own; ``request`` sends one request on a fres
 at most a timeout for the reply (a REQ socket that missed a reply cannot be reused, so each request
 gets its own; on loopback a connect costs a fraction of a millisecond).
 
+Bounds on what a peer sends (``settings.LimitsSettings``): a receiver's socket refuses message parts
+over ``max_message_bytes`` inside ZeroMQ (``ZMQ_MAXMSGSIZE``: the peer is disconnected, nothing is
+allocated); headers are checked against ``HeaderLimits`` before they are parsed; a receiver given
+``cameras`` rejects a message of any other camera (reason ``camera_id``, one counter however many ids
+are invented), so no table here grows with what a peer chooses to send. ``ReceiverSet`` reads one
+receiver per sender, so that a camera's frames are accepted only on that camera's endpoint.
+
 Sockets are not thread-safe: use a sender or receiver from one thread.
 """
 
@@ -40,7 +47,7 @@ import socket
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
@@ -48,7 +55,7 @@ from typing import Any, Literal, Self, TypeVar
 import zmq
 from pydantic import ValidationError
 
-from stream_service.errors import ConfigError, MessageError, TransportError
+from stream_service.errors import ConfigError, MessageError, RateLimitedLog, TransportError
 from stream_service.wire.messages import (
     Array,
     ArraySpec,
@@ -56,6 +63,7 @@ from stream_service.wire.messages import (
     FeaturesHeader,
     FrameHeader,
     Header,
+    HeaderLimits,
     Message,
     Part,
     Verdict,
@@ -78,6 +86,8 @@ SHM_MARKER = b"\x00shm1"
 _MAX_OPEN_RINGS = 8
 # How long a sender with a send timeout sleeps between looks for a free slot.
 _RING_WAIT_S = 100e-6
+# A descriptor is a ring name, three numbers and a few offsets: a few hundred bytes at most.
+_MAX_DESCRIPTOR_BYTES = 4096
 
 
 def context() -> zmq.Context[Socket]:
@@ -237,8 +247,8 @@ def open_socket(
 
     ``tcp://127.0.0.1:*`` binds a free port (see ``endpoint_of``). A SUB socket subscribes to each topic
     prefix in ``topics`` (``verdicts.cam0``), or to everything when there are none. ``max_message_bytes``
-    (-1: no bound): ZeroMQ drops a peer that sends a larger message (set before the bind: a listener
-    copies the options it has then).
+    (``ZMQ_MAXMSGSIZE``, -1: none): a peer that sends a larger message part is disconnected by ZeroMQ
+    before the part is taken into memory (set before the bind: a listener copies the options it has then).
     """
     op = "bind" if bind else "connect"
     sock = (ctx or context()).socket(_ZMQ_TYPES[kind])
@@ -477,6 +487,10 @@ class FrameReceiver:
     ``max_drain``: how many extra queued messages one ``receive`` may take to keep only the newest per
     camera (0: deliver every message in order). ``shm_copy``: copy ring payloads out instead of leasing
     the slot (for stages that keep frames longer than the sender's lease timeout).
+
+    Bounds (see the module docstring): ``max_message_bytes`` per message part (-1: none), ``limits`` on
+    headers, ``cameras`` the only camera ids accepted (None: any). Rejections are logged at most once
+    per reason every ``log_every_s`` (None: not logged here, the caller logs what ``receive`` raises).
     """
 
     def __init__(
@@ -491,11 +505,24 @@ class FrameReceiver:
         max_drain: int = 0,
         shm_copy: bool = False,
         ctx: zmq.Context[Socket] | None = None,
+        max_message_bytes: int = -1,
+        limits: HeaderLimits = HeaderLimits(),  # noqa: B008 (frozen)
+        cameras: Collection[str] | None = None,
+        log_every_s: float | None = 10.0,
     ) -> None:
         endpoints = [endpoint] if isinstance(endpoint, str) else list(endpoint)
         if not endpoints or (bind and len(endpoints) > 1):
             raise ConfigError(f"receiver endpoints: expected one to bind or >= 1 to connect, found {endpoints}")
-        self._sock = open_socket(kind, endpoints[0], bind=bind, hwm=hwm, linger_ms=linger_ms, topics=topics, ctx=ctx)
+        self._sock = open_socket(
+            kind,
+            endpoints[0],
+            bind=bind,
+            hwm=hwm,
+            linger_ms=linger_ms,
+            topics=topics,
+            ctx=ctx,
+            max_message_bytes=max_message_bytes,
+        )
         # One socket connected to several senders (a soartc worker to every capture): ZeroMQ fair-queues them.
         for extra in endpoints[1:]:
             try:
@@ -506,6 +533,9 @@ class FrameReceiver:
         self.endpoint = endpoint_of(self._sock)
         self._max_drain = max_drain
         self._shm_copy = shm_copy
+        self._limits = limits
+        self._cameras = frozenset(cameras) if cameras is not None else None
+        self._log = RateLimitedLog(log, log_every_s) if log_every_s is not None else None
         # camera -> (topic, header, arrays or shm descriptor): the newest message per camera, oldest camera first.
         # The newest message per (camera, is-a-status): a camera's status never stands in for its frames.
         self._ready: dict[tuple[str, bool], tuple[str, Header, list[Array] | ShmDescriptor]] = {}
@@ -521,14 +551,15 @@ class FrameReceiver:
         """The next message, or ``None`` when none arrived within ``timeout_s``.
 
         Raises ``MessageError`` for a malformed message (already counted in ``rejected``); the next call
-        goes on with the following messages.
+        goes on with the following messages. A flood of malformed messages does not hold back the good
+        ones between them: a drain stops at the first malformed message, and messages drained before it
+        are delivered before it is raised.
         """
         deadline = time.monotonic() + timeout_s
         while True:
             # Read first and poll only when nothing is queued: a busy stream costs no poll call.
-            self._drain()
-            if self._errors:
-                raise self._errors.popleft()
+            if not self._errors:
+                self._drain()
             while self._ready:
                 key = next(iter(self._ready))
                 try:
@@ -539,6 +570,8 @@ class FrameReceiver:
                 if message is not None:
                     self.received += 1
                     return message
+            if self._errors:
+                raise self._errors.popleft()
             remaining_ms = int((deadline - time.monotonic()) * 1000)
             if remaining_ms <= 0 or not self._poll(remaining_ms):
                 return None
@@ -558,12 +591,18 @@ class FrameReceiver:
             except zmq.ZMQError as exc:
                 raise TransportError(f"receive from {self.endpoint}: expected a message, found {exc}") from exc
             try:
-                topic, header, body = self._parse([f.buffer for f in frames])
+                topic, header, body = self._parse([f.buffer for f in frames], self._limits)
+                camera = header.camera_id
+                if self._cameras is not None and camera not in self._cameras:
+                    if isinstance(body, ShmDescriptor):
+                        self._give_back(body)
+                    raise MessageError(
+                        f"camera_id: expected one of {sorted(self._cameras)} on {self.endpoint}, found {camera!r}"
+                    )
             except MessageError as exc:
                 self._count_rejection(exc)
                 self._errors.append(exc)
-                continue
-            camera = header.camera_id
+                return  # one at a time: a flood of bad messages never piles up here
             key = (camera, isinstance(header, CameraStatus))
             skipped = self._ready.get(key)
             if skipped is not None:
@@ -581,23 +620,32 @@ class FrameReceiver:
             log.debug("skipped shm message of a ring that is gone: %s", exc)
 
     def _count_rejection(self, exc: MessageError) -> None:
-        self.rejected[rejection_reason(exc)] += 1
-        log.warning("rejected a message on %s: %s", self.endpoint, exc)
+        reason = rejection_reason(exc)
+        self.rejected[reason] += 1
+        if self._log is not None:
+            self._log.warning(reason, "rejected a message on %s: %s", self.endpoint, exc)
 
     @staticmethod
-    def _parse(parts: list[memoryview]) -> tuple[str, Header, list[Array] | ShmDescriptor]:
-        if len(parts) >= 1 and bytes(parts[0][-len(SHM_MARKER) :]) == SHM_MARKER:
+    def _parse(
+        parts: Sequence[Part],
+        limits: HeaderLimits = HeaderLimits(),  # noqa: B008 (frozen)
+    ) -> tuple[str, Header, list[Array] | ShmDescriptor]:
+        """Decode received parts (inline or an shm descriptor); raises ``MessageError`` only."""
+        if len(parts) >= 1 and bytes(memoryview(parts[0])[-len(SHM_MARKER) :]) == SHM_MARKER:
             if len(parts) != 3:
                 raise MessageError(f"part count: expected 3 for an shm message, found {len(parts)}")
+            raw = bytes(parts[2])
+            if len(raw) > _MAX_DESCRIPTOR_BYTES:
+                raise MessageError(f"shm descriptor: expected at most {_MAX_DESCRIPTOR_BYTES} bytes, found {len(raw)}")
             try:
-                topic = bytes(parts[0][: -len(SHM_MARKER)]).decode()
-                desc = ShmDescriptor.model_validate_json(bytes(parts[2]))
+                topic = bytes(memoryview(parts[0])[: -len(SHM_MARKER)]).decode()
+                desc = ShmDescriptor.model_validate_json(raw)
             except (UnicodeDecodeError, ValidationError) as exc:
-                raise MessageError(f"shm descriptor: expected a valid descriptor, found {exc}") from exc
+                raise MessageError(f"shm descriptor: expected a valid descriptor, found {str(exc)[:200]}") from exc
             if not RING_NAME.match(desc.ring):
                 raise MessageError(f"shm descriptor: expected a ring name {RING_NAME.pattern}, found {desc.ring!r}")
-            return topic, decode_header(parts[1]), desc
-        return decode(parts)
+            return topic, decode_header(parts[1], limits), desc
+        return decode(parts, limits)
 
     def _materialize(self, topic: str, header: Header, body: list[Array] | ShmDescriptor) -> Message | None:
         camera = header.camera_id
@@ -713,3 +761,70 @@ def request(endpoint: str, body: bytes, *, timeout_ms: int, ctx: zmq.Context[Soc
         raise TransportError(f"request to {endpoint}: expected a reply, found {exc}") from exc
     finally:
         sock.close(linger=0)
+
+
+class ReceiverSet:
+    """Several ``FrameReceiver``s read as one ``Source``, taking turns.
+
+    One receiver per sender: ZeroMQ does not say which of the peers of a socket sent a message, so a
+    soartc worker has one PULL socket per capture endpoint, each accepting only its camera's id, and a
+    frame for ``cam0`` arriving on ``cam1``'s endpoint is rejected (``camera_id``). The turn moves on at
+    every call, so a flood on one endpoint (good or bad) never starves another.
+    """
+
+    def __init__(self, receivers: Sequence[FrameReceiver]) -> None:
+        if not receivers:
+            raise ConfigError("receiver set: expected at least one receiver, found none")
+        self.receivers = list(receivers)
+        self.endpoint = ",".join(r.endpoint for r in self.receivers)
+        self._turn = 0
+        self._poller = zmq.Poller()
+        for receiver in self.receivers:
+            self._poller.register(receiver._sock, zmq.POLLIN)
+
+    def receive(self, timeout_s: float) -> Message | None:
+        """The next message of any receiver, or ``None`` when none arrived within ``timeout_s``; raises the
+        ``MessageError`` of a malformed one (counted by its receiver) like ``FrameReceiver.receive``."""
+        deadline = time.monotonic() + timeout_s
+        count = len(self.receivers)
+        while True:
+            for _ in range(count):
+                receiver = self.receivers[self._turn]
+                self._turn = (self._turn + 1) % count
+                message = receiver.receive(0.0)
+                if message is not None:
+                    return message
+            remaining_ms = int((deadline - time.monotonic()) * 1000)
+            if remaining_ms <= 0:
+                return None
+            try:
+                if not self._poller.poll(remaining_ms):
+                    return None
+            except zmq.ZMQError as exc:
+                raise TransportError(f"poll {self.endpoint}: expected readable sockets, found {exc}") from exc
+
+    @property
+    def received(self) -> int:
+        return sum(r.received for r in self.receivers)
+
+    @property
+    def dropped(self) -> Counter[str]:
+        return sum((r.dropped for r in self.receivers), Counter())
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return sum((r.rejected for r in self.receivers), Counter())
+
+    @property
+    def ring_counts(self) -> Counter[str]:
+        return sum((r.ring_counts for r in self.receivers), Counter())
+
+    def close(self) -> None:
+        for receiver in self.receivers:
+            receiver.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

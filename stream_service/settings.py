@@ -328,6 +328,52 @@ class HealthSettings(Section):
     status_every_s: float = Field(5.0, gt=0)  # a capture repeats its camera's status this often
 
 
+class MqttBridgeSettings(Section):
+    """The MQTT bridge (``stream-service bridge mqtt``; docs/bridges/mqtt.md): verdicts, camera status and
+    highlights of the pipeline on an MQTT broker, replayed from the journal after an outage."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = Field("stream-service", pattern=r"^[^#+]+$")  # topics are {prefix}/{camera}/verdict|status|highlight
+    client_id: str = Field("stream-service-bridge", min_length=1, max_length=23)  # one bridge per id on a broker
+    highlights: bool = False  # also the newest highlight JPEG of each camera (retained), on {prefix}/{camera}/highlight
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None  # set: TLS, the broker's certificate checked against this CA
+    cert_file: Path | None = None  # with key_file: a client certificate (needs ca_file)
+    key_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    connect_timeout_s: PositiveFloat = 10.0  # a connect without CONNACK for this long is retried
+    reconnect_backoff_s: PositiveFloat = 0.5  # the wait before a reconnect, doubled after each failure ...
+    reconnect_backoff_max_s: PositiveFloat = 10.0  # ... up to this
+    max_inflight: PositiveInt = 100  # QoS 1 verdicts sent but not yet acknowledged (PUBACK); more wait
+    ack_timeout_s: PositiveFloat = 30.0  # a verdict unacknowledged this long: the connection is dropped, replayed
+    state_path: Path | None = None  # the last verdict the broker acknowledged; None: next to the journal
+    replay_first_start: bool = False  # without a state file: replay the whole journal first (else start live)
+
+    @model_validator(mode="after")
+    def _tls(self) -> MqttBridgeSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise FieldError("cert_file and key_file together", self.key_file, "key_file")
+        if self.cert_file is not None and self.ca_file is None:
+            raise FieldError("ca_file with a client certificate (TLS)", None, "ca_file")
+        if self.password is not None and self.username is None:
+            raise FieldError("username with a password", None, "username")
+        if self.reconnect_backoff_max_s < self.reconnect_backoff_s:
+            raise FieldError(
+                f"at least reconnect_backoff_s ({self.reconnect_backoff_s})",
+                self.reconnect_backoff_max_s,
+                "reconnect_backoff_max_s",
+            )
+        return self
+
+
+class BridgesSettings(Section):
+    """Plant-protocol bridges that ``run`` starts next to the stages; each off unless configured."""
+
+    mqtt: MqttBridgeSettings | None = None
+
+
 class Settings(Section):
     """The root: each stage receives its own section."""
 
@@ -342,6 +388,7 @@ class Settings(Section):
     health: HealthSettings = HealthSettings()
     security: SecuritySettings = SecuritySettings()
     logging: LoggingSettings = LoggingSettings()
+    bridges: BridgesSettings = BridgesSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

@@ -1,0 +1,5 @@
+"""Plant-protocol bridges: the pipeline's verdicts where PLCs, SCADA and MES already listen.
+
+- ``acks``: which verdicts a broker acknowledged, in order, kept in a small state file;
+- ``mqtt``: the MQTT bridge (paho-mqtt), ``stream-service bridge mqtt``.
+"""

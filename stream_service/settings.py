@@ -329,7 +329,7 @@ class HealthSettings(Section):
 
 
 class MqttBridgeSettings(Section):
-    """The MQTT bridge (``stream-service bridge mqtt``; docs/bridges/mqtt.md): verdicts, camera status and
+    """The MQTT bridge (``stream-service bridge mqtt``; docs/MQTT.md): verdicts, camera status and
     highlights of the pipeline on an MQTT broker, replayed from the journal after an outage."""
 
     host: str = "127.0.0.1"

@@ -1,0 +1,247 @@
+"""The MQTT bridge end to end: Debian's mosquitto on a free loopback port, the pipeline under `stream-service run`
+with `bridges.mqtt` configured (real processes), a paho subscriber with a persistent session.
+
+Every verdict arrives on ``{prefix}/{camera}/verdict``, valid against schemas/verdict.v1.json; the broker is
+stopped for 20 s and started again: every verdict the journal holds from the first received to the last
+arrives, once (the outage's verdicts replayed from the journal); the retained status is ``offline`` once the
+bridge is killed. Skipped when mosquitto is not installed, unless STREAM_SERVICE_REQUIRE_MQTT=1 (.ci/run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "stream_service.cli"]
+STARTUP_S = 240.0  # imports, model load and JIT on a loaded 2-core machine
+OUTAGE_S = 20.0
+PREFIX = "line1"
+
+paho = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is missing: pip install 'stream-service[mqtt]'")
+# Debian installs the broker as /usr/sbin/mosquitto, outside a plain user's PATH.
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+_MISSING = MOSQUITTO is None or shutil.which("mosquitto_sub") is None
+if _MISSING and os.environ.get("STREAM_SERVICE_REQUIRE_MQTT") == "1":
+    raise RuntimeError("STREAM_SERVICE_REQUIRE_MQTT=1 but mosquitto or mosquitto_sub is not installed (apt: mosquitto)")
+pytestmark = [
+    pytest.mark.timeout(900),
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        _MISSING, reason="mosquitto and mosquitto_sub are not installed (apt: mosquitto mosquitto-clients)"
+    ),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Broker:
+    """A mosquitto process on loopback ``port``, persistent (sessions and retained messages survive a restart)."""
+
+    directory: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        conf = self.directory / "mosquitto.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence true"]
+        lines += [f"persistence_location {self.directory}/", f"log_dest file {self.directory}/mosquitto.log"]
+        if os.geteuid() == 0:
+            lines.append("user root")  # as root mosquitto would switch to the user 'mosquitto', who cannot write here
+        conf.write_text("\n".join(lines) + "\n")
+        self.process = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                assert self.process.poll() is None, (self.directory / "mosquitto.log").read_text()
+                assert time.monotonic() < deadline, "mosquitto did not listen within 10 s"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # mosquitto saves its database on SIGTERM
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    directory = tmp_path / "mosquitto"
+    directory.mkdir()
+    b = Broker(directory, free_port())
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@dataclass
+class Listener:
+    """A paho subscriber with a persistent session (clean_session=False): what arrives while it reconnects waits."""
+
+    port: int
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    dups: int = 0
+    statuses: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    client: Any = None
+
+    def start(self) -> None:
+        client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-listener", clean_session=False)
+        client.reconnect_delay_set(0.2, 1.0)
+
+        def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if not reason.is_failure:
+                c.subscribe([(f"{PREFIX}/+/verdict", 1), (f"{PREFIX}/+/status", 1)])
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            with self.lock:
+                if msg.topic.endswith("/verdict"):
+                    self.verdicts.append(json.loads(msg.payload))
+                    self.dups += int(msg.dup)
+                else:
+                    self.statuses.append(msg.payload.decode())
+
+        client.on_connect, client.on_message = on_connect, on_message
+        client.connect_async("127.0.0.1", self.port, keepalive=5)
+        client.loop_start()
+        self.client = client
+
+    def ids(self) -> list[str]:
+        with self.lock:
+            return [v["verdict_id"] for v in self.verdicts]
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.disconnect()
+            self.client.loop_stop()
+
+
+def wait_for(what: str, test: Callable[[], bool], timeout_s: float, alive: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not test():
+        assert alive.poll() is None, f"stream-service run exited while waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
+        time.sleep(0.2)
+
+
+def journal_ids(path: Path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
+
+
+def test_the_bridge_delivers_every_verdict_once_across_a_broker_outage_and_leaves_offline_when_killed(
+    tmp_path: Path, broker: Broker
+) -> None:
+    import jsonschema
+    from test_pipeline_e2e import MODEL_DIR, write_config
+
+    if not (MODEL_DIR / "model.onnx").is_file():
+        pytest.skip(f"the bundled model is missing ({MODEL_DIR})")
+    config, _endpoints = write_config(tmp_path, fps=6, defect_rate=0.5, restart_backoff_s=3.0)
+    settings = json.loads(config.read_text())
+    state = tmp_path / "bridge-state.json"
+    settings["bridges"] = {
+        "mqtt": {
+            "port": broker.port,
+            "prefix": PREFIX,
+            "client_id": "bridge-test",
+            "state_path": str(state),
+            "reconnect_backoff_s": 0.2,
+            "reconnect_backoff_max_s": 1.0,
+            "connect_timeout_s": 2.0,
+        }
+    }
+    settings["health"] = {"status_every_s": 1.0}
+    config.write_text(json.dumps(settings))
+    schema = json.loads((REPO / "schemas" / "verdict.v1.json").read_text())
+    listener = Listener(broker.port)
+    listener.start()
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [*CLI, "run", "--config", str(config), "--run-dir", str(run_dir), "--summary-every", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for("10 verdicts over MQTT", lambda: len(listener.ids()) >= 10, STARTUP_S, process)
+        wait_for("the camera's status online", lambda: "online" in listener.statuses, 30, process)
+        broker.stop()
+        stopped = time.time_ns()
+        time.sleep(OUTAGE_S)
+        restarted = time.time_ns()
+        broker.start()
+        during = [v for v in journal_ids(tmp_path / "journal.sqlite") if v not in set(listener.ids())]
+        assert len(during) >= 0.5 * OUTAGE_S, f"only {len(during)} verdicts were made while the broker was down"
+        wait_for("the outage's verdicts", lambda: set(during) <= set(listener.ids()), 60, process)
+        wait_for("20 live verdicts more", lambda: len(listener.ids()) >= len(during) + 30, 60, process)
+
+        received = listener.ids()
+        journal = journal_ids(tmp_path / "journal.sqlite")
+        first, last = min(journal.index(v) for v in received), max(journal.index(v) for v in received)
+        assert sorted(received) == sorted(journal[first : last + 1]), "a verdict is missing or came twice"
+        assert len(set(received)) == len(received)
+        assert listener.dups == 0
+        for verdict in listener.verdicts:
+            jsonschema.validate(verdict, schema)
+        times = [v["time"] for v in listener.verdicts if v["verdict_id"] in during]
+        assert times == sorted(times)  # replayed in order
+        assert any(stopped < _ns(t) < restarted for t in times)
+        assert json.loads(state.read_text())["acked"] >= during[-1]
+
+        bridge = json.loads((run_dir / "bridge-mqtt.json").read_text())
+        os.kill(bridge["pid"], signal.SIGKILL)
+        wait_for("the will", lambda: listener.statuses[-1:] == ["offline"], 30, process)
+        retained = subprocess.run(
+            ["mosquitto_sub", "-p", str(broker.port), "-t", f"{PREFIX}/cam0/status", "-C", "1", "-W", "5"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert retained.stdout.strip() == "offline", retained
+    finally:
+        listener.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, process.stdout.read()[-3000:] if process.stdout else ""
+
+
+def _ns(text: str) -> int:
+    from stream_service.wire.messages import parse_utc_time
+
+    return parse_utc_time(text)

@@ -141,11 +141,11 @@ class MqttBridge:
     def _connect(self, link: _Link) -> str | None:
         """Connect ``link``; None when connected, else why not."""
         s = self.settings
+        link.client.connect_timeout = s.connect_timeout_s
         try:
-            link.client.connect_async(s.host, s.port, keepalive=s.keepalive_s)
+            link.client.connect(s.host, s.port, keepalive=s.keepalive_s)  # TCP (and TLS), then CONNECT sent
         except (OSError, ValueError) as exc:
-            return str(exc)
-        # paho's own reconnect is off: a new connection is a new client (module docstring).
+            return str(exc) or type(exc).__name__
         link.client.loop_start()
         deadline = time.monotonic() + s.connect_timeout_s
         while time.monotonic() < deadline and not link.connected.is_set() and link.refused is None:

@@ -133,6 +133,13 @@ def drop_kind(d: dict[str, Any]) -> None:
     del d["cameras"][0]["source"]["kind"]
 
 
+def mqtt(**values: Any) -> Any:
+    def mutate(d: dict[str, Any]) -> None:
+        d["bridges"] = {"mqtt": values}
+
+    return mutate
+
+
 def two_cam0(d: dict[str, Any]) -> None:
     d["cameras"].append(copy.deepcopy(d["cameras"][0]))
 
@@ -177,6 +184,14 @@ BROKEN = [
     (lambda d: d.update(cameras=[]), "cameras", "at least 1 item", "0 item"),
     (lambda d: d.pop("cameras"), "cameras", "a value", "nothing"),
     (lambda d: d.update(soartc=3), "soartc", "a mapping", "3"),
+    (mqtt(port=0), "bridges.mqtt.port", ">= 1", "0"),
+    (mqtt(prefix="line/#"), "bridges.mqtt.prefix", "a string matching", "'line/#'"),
+    (mqtt(client_id="x" * 24), "bridges.mqtt.client_id", "at most 23 characters", "'xxxx"),
+    (mqtt(cert_file="c.pem"), "bridges.mqtt.key_file", "cert_file and key_file together", "nothing"),
+    (mqtt(cert_file="c.pem", key_file="k.pem"), "bridges.mqtt.ca_file", "ca_file with a client certificate", "nothing"),
+    (mqtt(password="secret"), "bridges.mqtt.username", "username with a password", "nothing"),
+    (mqtt(reconnect_backoff_max_s=0.1), "bridges.mqtt.reconnect_backoff_max_s", "at least reconnect_backoff_s", "0.1"),
+    (mqtt(qos=2), "bridges.mqtt.qos", "a known key (one of: host, port", "unknown key 'qos'"),
 ]
 
 

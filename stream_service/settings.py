@@ -368,10 +368,39 @@ class MqttBridgeSettings(Section):
         return self
 
 
+class OpcuaBridgeSettings(Section):
+    """The OPC UA server (``stream-service bridge opcua``; docs/OPCUA.md): one object per camera with its last
+    verdict, counts and online state, for PLCs and SCADA to read or subscribe to."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4840, ge=1, le=65535)
+    namespace_uri: str = Field(
+        "urn:stream-service:inspection", min_length=1
+    )  # node ids are ns=<this>;s=<camera>.<Name>
+    allow_anonymous: bool = False  # off: a client logs in as one of users (or is refused)
+    users: dict[str, Annotated[str, Field(min_length=8)]] = Field(
+        default_factory=dict
+    )  # username: password (read-only)
+    certificate: Path | None = None  # with private_key: the Basic256Sha256 endpoints (Sign, SignAndEncrypt)
+    private_key: Path | None = None
+    allow_unencrypted: bool = True  # the None security endpoint; false: only Basic256Sha256 (needs certificate)
+
+    @model_validator(mode="after")
+    def _access(self) -> OpcuaBridgeSettings:
+        if not self.allow_anonymous and not self.users:
+            raise FieldError("a user (users: {name: password}) or allow_anonymous: true", {}, "users")
+        if (self.certificate is None) != (self.private_key is None):
+            raise FieldError("certificate and private_key together", self.private_key, "private_key")
+        if not self.allow_unencrypted and self.certificate is None:
+            raise FieldError("a certificate when allow_unencrypted is false", None, "certificate")
+        return self
+
+
 class BridgesSettings(Section):
     """Plant-protocol bridges that ``run`` starts next to the stages; each off unless configured."""
 
     mqtt: MqttBridgeSettings | None = None
+    opcua: OpcuaBridgeSettings | None = None
 
 
 class Settings(Section):

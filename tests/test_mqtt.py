@@ -1,7 +1,8 @@
 """The MQTT bridge end to end: Debian's mosquitto on a free loopback port, the pipeline under `stream-service run`
 with `bridges.mqtt` configured (real processes), a paho subscriber with a persistent session.
 
-Every verdict arrives on ``{prefix}/{camera}/verdict``, valid against schemas/verdict.v1.json; the broker is
+Every verdict arrives on ``{prefix}/{camera}/verdict``, valid against schemas/verdict.v1.json, highlight JPEGs on
+``{prefix}/{camera}/highlight``; the broker is
 stopped for 20 s and started again: every verdict the journal holds from the first received to the last
 arrives, once (the outage's verdicts replayed from the journal); the retained status is ``offline`` once the
 bridge is killed. Skipped when mosquitto is not installed, unless STREAM_SERVICE_REQUIRE_MQTT=1 (.ci/run).
@@ -112,6 +113,7 @@ class Listener:
     verdicts: list[dict[str, Any]] = field(default_factory=list)  # first deliveries (DUP flag clear)
     redelivered: list[str] = field(default_factory=list)  # the broker's retransmissions (DUP set) to this listener
     statuses: list[str] = field(default_factory=list)
+    highlights: list[bytes] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     client: Any = None
 
@@ -121,7 +123,7 @@ class Listener:
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if not reason.is_failure:
-                c.subscribe([(f"{PREFIX}/+/verdict", 1), (f"{PREFIX}/+/status", 1)])
+                c.subscribe([(f"{PREFIX}/+/verdict", 1), (f"{PREFIX}/+/status", 1), (f"{PREFIX}/+/highlight", 0)])
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             with self.lock:
@@ -129,6 +131,8 @@ class Listener:
                     self.redelivered.append(json.loads(msg.payload)["verdict_id"])
                 elif msg.topic.endswith("/verdict"):
                     self.verdicts.append(json.loads(msg.payload))
+                elif msg.topic.endswith("/highlight"):
+                    self.highlights.append(bytes(msg.payload))
                 else:
                     self.statuses.append(msg.payload.decode())
 
@@ -180,6 +184,7 @@ def test_the_bridge_delivers_every_verdict_once_across_a_broker_outage_and_leave
             "reconnect_backoff_s": 0.2,
             "reconnect_backoff_max_s": 1.0,
             "connect_timeout_s": 2.0,
+            "highlights": True,
         }
     }
     settings["health"] = {"status_every_s": 1.0}
@@ -221,6 +226,7 @@ def test_the_bridge_delivers_every_verdict_once_across_a_broker_outage_and_leave
         assert times == sorted(times)  # replayed in order
         assert any(stopped < _ns(t) < restarted for t in times)
         assert json.loads(state.read_text())["acked"] >= during[-1]
+        assert listener.highlights and all(h[:2] == b"\xff\xd8" and h[-2:] == b"\xff\xd9" for h in listener.highlights)
 
         bridge = json.loads((run_dir / "bridge-mqtt.json").read_text())
         os.kill(bridge["pid"], signal.SIGKILL)

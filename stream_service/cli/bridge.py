@@ -1,4 +1,4 @@
-"""``stream-service bridge mqtt``: the pipeline's verdicts on plant protocols, each bridge a process of its own."""
+"""``stream-service bridge mqtt|opcua``: the pipeline's verdicts on plant protocols, each a process of its own."""
 
 from __future__ import annotations
 
@@ -29,3 +29,20 @@ def mqtt_command(
         typer.echo(f"error: the MQTT bridge needs paho-mqtt: pip install 'stream-service[mqtt]' ({exc})", err=True)
         raise typer.Exit(1) from exc
     _serve("bridge", config, stats, exit_with_parent, serve_mqtt_bridge)
+
+
+@bridge_app.command("opcua")
+def opcua_command(
+    config: ConfigOption = None,
+    stats: StatsOption = None,
+    exit_with_parent: ExitWithParentOption = False,
+) -> None:
+    """Serve an OPC UA server of bridges.opcua: one object per camera (last verdict, score, threshold, regions,
+    time, id, pass and fail counts, online state), for PLCs and SCADA to read or subscribe to."""
+    try:
+        from stream_service.bridges.opcua import serve_opcua_bridge
+    except ImportError as exc:
+        typer.echo(f"error: the OPC UA bridge needs asyncua: pip install 'stream-service[opcua]' ({exc})", err=True)
+        raise typer.Exit(1) from exc
+
+    _serve("bridge", config, stats, exit_with_parent, serve_opcua_bridge)

@@ -2,7 +2,7 @@
 
 ``plan(settings, config)`` lists the processes of one pipeline (``service`` draws the topology): the
 infer process, ``soartc.workers`` soartc workers, one capture per camera, the bridges configured under
-``bridges`` (``bridge-mqtt``), each the ``stream-service
+``bridges`` (``bridge-mqtt``, ``bridge-opcua``), each the ``stream-service
 <stage>`` command of the same config, so what ``run`` starts is exactly what a line would start by
 hand on several hosts.
 
@@ -94,6 +94,8 @@ def plan(settings: Settings, config: Path | None) -> list[StageSpec]:
     specs += [StageSpec(f"capture-{c.id}", "capture", ("capture", *cfg, "--camera", c.id)) for c in settings.cameras]
     if settings.bridges.mqtt is not None:
         specs.append(StageSpec("bridge-mqtt", "bridge", ("bridge", "mqtt", *cfg)))
+    if settings.bridges.opcua is not None:
+        specs.append(StageSpec("bridge-opcua", "bridge", ("bridge", "opcua", *cfg)))
     return specs
 
 

@@ -140,6 +140,13 @@ def mqtt(**values: Any) -> Any:
     return mutate
 
 
+def opcua(**values: Any) -> Any:
+    def mutate(d: dict[str, Any]) -> None:
+        d["bridges"] = {"opcua": values}
+
+    return mutate
+
+
 def two_cam0(d: dict[str, Any]) -> None:
     d["cameras"].append(copy.deepcopy(d["cameras"][0]))
 
@@ -192,6 +199,10 @@ BROKEN = [
     (mqtt(password="secret"), "bridges.mqtt.username", "username with a password", "nothing"),
     (mqtt(reconnect_backoff_max_s=0.1), "bridges.mqtt.reconnect_backoff_max_s", "at least reconnect_backoff_s", "0.1"),
     (mqtt(qos=2), "bridges.mqtt.qos", "a known key (one of: host, port", "unknown key 'qos'"),
+    (opcua(), "bridges.opcua.users", "a user (users: {name: password}) or allow_anonymous: true", "{}"),
+    (opcua(users={"plc": "short"}), "bridges.opcua.users.plc", "at least 8 characters", "'short'"),
+    (opcua(allow_anonymous=True, certificate="c.der"), "bridges.opcua.private_key", "certificate and private_key", ""),
+    (opcua(allow_anonymous=True, allow_unencrypted=False), "bridges.opcua.certificate", "a certificate when", ""),
 ]
 
 

@@ -78,12 +78,34 @@ def publisher(make_verdict: Callable[..., Verdict]) -> Iterator[tuple[str, list[
     thread.join(10)
 
 
-@pytest.fixture
-def bridge(publisher: tuple[str, list[Verdict]], tmp_path: Path) -> Iterator[tuple[str, list[Verdict]]]:
-    """The bridge process on a free port, user plc; yields its OPC UA URL and the publisher's verdicts."""
+def certificates(directory: Path) -> dict[str, Path]:
+    """A self-signed server and client certificate (DER) with their keys (PEM)."""
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    paths = {}
+    for role, use in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+        key, cert = directory / f"{role}-key.pem", directory / f"{role}-cert.der"
+        uri = "urn:freeopcua:python:server" if role == "server" else "urn:stream-service:test-client"
+        attrs = {"commonName": f"stream-service test {role}"}
+        asyncio.run(setup_self_signed_certificate(key, cert, uri, "localhost", [use], attrs))
+        paths[f"{role}_key"], paths[f"{role}_cert"] = key, cert
+    return paths
+
+
+@pytest.fixture(params=["plain", "secure"])
+def bridge(
+    request: pytest.FixtureRequest, publisher: tuple[str, list[Verdict]], tmp_path: Path
+) -> Iterator[tuple[str, list[Verdict], dict[str, Path] | None]]:
+    """The bridge process on a free port, user plc: with the None endpoint ("plain"), or Basic256Sha256 only
+    ("secure"); yields its OPC UA URL, the publisher's verdicts and the certificates (secure)."""
     endpoint, published = publisher
     port = free_port()
-    opcua = {"port": port, "namespace_uri": URI, "users": {"plc": "line-one-secret"}}
+    opcua: dict[str, Any] = {"port": port, "namespace_uri": URI, "users": {"plc": "line-one-secret"}}
+    certs = certificates(tmp_path) if request.param == "secure" else None
+    if certs is not None:
+        opcua |= {"certificate": str(certs["server_cert"]), "private_key": str(certs["server_key"])}
+        opcua["allow_unencrypted"] = False
     config = tmp_path / "line.yaml"
     config.write_text(
         json.dumps(
@@ -109,7 +131,7 @@ def bridge(publisher: tuple[str, list[Verdict]], tmp_path: Path) -> Iterator[tup
                 assert process.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, "the OPC UA server did not listen"
                 time.sleep(0.2)
-        yield f"opc.tcp://127.0.0.1:{port}/stream-service/", published
+        yield f"opc.tcp://127.0.0.1:{port}/stream-service/", published, certs
         process.send_signal(signal.SIGTERM)
         process.wait(20)
         assert process.returncode == 0, log.read_text()[-3000:]
@@ -121,8 +143,15 @@ def bridge(publisher: tuple[str, list[Verdict]], tmp_path: Path) -> Iterator[tup
             process.wait()
 
 
-def client(url: str, user: str | None = "plc", password: str = "line-one-secret") -> Client:
+def client(
+    url: str, certs: dict[str, Path] | None, user: str | None = "plc", password: str = "line-one-secret"
+) -> Client:
     c = Client(url, timeout=10)
+    if certs is not None:
+        c.application_uri = "urn:stream-service:test-client"
+        asyncio.run(
+            c.set_security_string(f"Basic256Sha256,SignAndEncrypt,{certs['client_cert']},{certs['client_key']}")
+        )
     if user is not None:
         c.set_user(user)
         c.set_password(password)
@@ -136,11 +165,15 @@ async def read_camera(c: Client) -> dict[str, Any]:
     return {n: await c.get_node(f"ns={idx};s=cam0.{n}").read_value() for n in names}
 
 
-def test_the_camera_object_follows_the_verdict_stream(bridge: tuple[str, list[Verdict]]) -> None:
-    url, published = bridge
+Bridge = tuple[str, list[Verdict], dict[str, Path] | None]
+
+
+def test_the_camera_object_follows_the_verdict_stream(bridge: Bridge) -> None:
+    url, published, certs = bridge
+    secure = client(url, certs)
 
     async def check() -> None:
-        async with client(url) as c:
+        async with secure as c:
             idx = await c.get_namespace_index(URI)
             obj = await c.nodes.objects.get_child([f"{idx}:cam0"])
             assert obj.nodeid == ua.NodeId("cam0", idx)  # the documented node id, found by browsing too
@@ -172,14 +205,19 @@ def test_the_camera_object_follows_the_verdict_stream(bridge: tuple[str, list[Ve
     asyncio.run(check())
 
 
-def test_anonymous_and_wrong_password_clients_are_refused(bridge: tuple[str, list[Verdict]]) -> None:
-    url, _ = bridge
+def test_anonymous_and_wrong_password_clients_are_refused(bridge: Bridge) -> None:
+    url, _, certs = bridge
 
     async def connect(c: Client) -> None:
         async with c:
             await c.nodes.objects.read_browse_name()
 
     with pytest.raises(ua.UaError, match=r"BadIdentityTokenRejected|BadIdentityTokenInvalid"):
-        asyncio.run(connect(client(url, user=None)))
+        asyncio.run(connect(client(url, certs, user=None)))
     with pytest.raises(ua.UaError, match=r"BadUserAccessDenied|BadIdentityTokenRejected"):
-        asyncio.run(connect(client(url, password="wrong-password")))
+        asyncio.run(connect(client(url, certs, password="wrong-password")))
+    offered = {
+        e.SecurityPolicyUri.rsplit("#", 1)[1] for e in asyncio.run(client(url, None).connect_and_get_server_endpoints())
+    }
+    # security on: only Basic256Sha256 is offered, so a plaintext session cannot even be asked for
+    assert offered == ({"Basic256Sha256"} if certs is not None else {"None"})

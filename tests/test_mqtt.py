@@ -36,6 +36,7 @@ PREFIX = "line1"
 paho = pytest.importorskip("paho.mqtt.client", reason="paho-mqtt is missing: pip install 'stream-service[mqtt]'")
 # Debian installs the broker as /usr/sbin/mosquitto, outside a plain user's PATH.
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "mosquitto_passwd"
 _MISSING = MOSQUITTO is None or shutil.which("mosquitto_sub") is None
 if _MISSING and os.environ.get("STREAM_SERVICE_REQUIRE_MQTT") == "1":
     raise RuntimeError("STREAM_SERVICE_REQUIRE_MQTT=1 but mosquitto or mosquitto_sub is not installed (apt: mosquitto)")
@@ -61,16 +62,24 @@ class Broker:
     directory: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    users: dict[str, str] = field(default_factory=dict)  # set: only these users may connect
 
     def start(self) -> None:
         conf = self.directory / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence true"]
+        access = ["allow_anonymous true"]
+        if self.users:
+            passwords = self.directory / "passwords"
+            passwords.write_text("")
+            for user, password in self.users.items():
+                subprocess.run([MOSQUITTO_PASSWD, "-b", str(passwords), user, password], check=True)
+            access = ["allow_anonymous false", f"password_file {passwords}"]
+        lines = [f"listener {self.port} 127.0.0.1", *access, "persistence true"]
         lines += [f"persistence_location {self.directory}/", f"log_dest file {self.directory}/mosquitto.log"]
         if os.geteuid() == 0:
             lines.append("user root")  # as root mosquitto would switch to the user 'mosquitto', who cannot write here
         conf.write_text("\n".join(lines) + "\n")
         self.process = subprocess.Popen(
-            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            [str(MOSQUITTO), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
         )
         deadline = time.monotonic() + 10
         while True:
@@ -116,10 +125,13 @@ class Listener:
     highlights: list[bytes] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     client: Any = None
+    login: tuple[str, str] | None = None
 
     def start(self) -> None:
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-listener", clean_session=False)
         client.reconnect_delay_set(0.2, 1.0)
+        if self.login is not None:
+            client.username_pw_set(*self.login)
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if not reason.is_failure:
@@ -151,10 +163,10 @@ class Listener:
             self.client.loop_stop()
 
 
-def wait_for(what: str, test: Callable[[], bool], timeout_s: float, alive: subprocess.Popen[str]) -> None:
+def wait_for(what: str, test: Callable[[], bool], timeout_s: float, alive: subprocess.Popen[Any]) -> None:
     deadline = time.monotonic() + timeout_s
     while not test():
-        assert alive.poll() is None, f"stream-service run exited while waiting for {what}"
+        assert alive.poll() is None, f"{alive.args} exited while waiting for {what}"
         assert time.monotonic() < deadline, f"timed out after {timeout_s:g} s waiting for {what}"
         time.sleep(0.2)
 
@@ -254,3 +266,101 @@ def _ns(text: str) -> int:
     from stream_service.wire.messages import parse_utc_time
 
     return parse_utc_time(text)
+
+
+@pytest.fixture
+def journaled(make_verdict: Callable[..., Any], tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
+    """An infer stage's outside, in a thread: verdicts of cam0 journaled, then published, every 20 ms, the
+    journal served on REP; yields (verdicts endpoint, journal endpoint, journal file)."""
+    from stream_service.runtime.journal import Journal, JournaledSink, JournalReader, replay_handler
+    from stream_service.settings import JournalSettings
+    from stream_service.wire.messages import VerdictIds, utc_time
+    from stream_service.wire.replay import error_text
+    from stream_service.wire.transport import FrameSender, ReplyServer
+
+    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=7)
+    journal, reader = Journal(settings), JournalReader(settings)
+    server = ReplyServer(rep, replay_handler(reader, 7), error_text, max_request_bytes=4096, linger_ms=0, poll_ms=50)
+    stop, ready = threading.Event(), threading.Event()
+    ids = VerdictIds()
+
+    def publish() -> None:
+        with FrameSender(pub, kind="pub", hwm=100, linger_ms=0) as sender:
+            sink = JournaledSink(sender, journal)
+            ready.set()
+            seq = 0
+            while not stop.is_set():
+                now = time.time_ns()
+                sink.send("verdicts.cam0", make_verdict("cam0", seq, verdict_id=ids.new(now), time=utc_time(now)))
+                seq += 1
+                time.sleep(0.02)
+
+    server.start()
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield pub, rep, tmp_path / "journal.sqlite"
+    stop.set()
+    thread.join(10)
+    server.close()
+    reader.close()
+    journal.close()
+
+
+def test_a_killed_bridge_resumes_after_the_acknowledged_verdict_and_logs_in_with_its_password(
+    tmp_path: Path, journaled: tuple[str, str, Path]
+) -> None:
+    pub, rep, journal = journaled
+    directory = tmp_path / "mosquitto"
+    directory.mkdir()
+    users = {"bridge": "bridge-secret", "listener": "listener-secret"}
+    broker = Broker(directory, free_port(), users=users)
+    broker.start()
+    state = tmp_path / "state.json"
+    mqtt = {"port": broker.port, "prefix": PREFIX, "client_id": "bridge-resume", "state_path": str(state)}
+    config = tmp_path / "bridge.yaml"
+
+    def bridge(password: str) -> subprocess.Popen[bytes]:
+        config.write_text(
+            json.dumps(
+                {
+                    "cameras": [{"id": "cam0", "source": {"kind": "synthetic"}}],
+                    "transport": {"verdicts_pub": pub, "journal_rep": rep},
+                    "bridges": {"mqtt": mqtt | {"username": "bridge", "password": password, "connect_timeout_s": 2}},
+                }
+            )
+        )
+        with (tmp_path / "bridge.log").open("ab") as log:
+            return subprocess.Popen([*CLI, "bridge", "mqtt", "--config", str(config)], stdout=log, stderr=log)
+
+    listener = Listener(broker.port, login=("listener", "listener-secret"))
+    listener.start()
+    processes = [bridge("wrong-password")]
+    try:
+        time.sleep(5.0)
+        assert listener.ids() == [] and not state.exists()  # refused by the broker: nothing went out
+        assert "not authori" in (tmp_path / "bridge.log").read_text().lower()  # and it says why, retrying
+        processes[0].kill()
+        processes[0].wait()
+        processes.append(bridge("bridge-secret"))
+        wait_for("40 verdicts", lambda: len(listener.ids()) >= 40, 120, processes[-1])
+        processes[-1].kill()  # SIGKILL: no goodbye; its state file holds the last acknowledged verdict
+        processes[-1].wait()
+        acked = json.loads(state.read_text())["acked"]
+        time.sleep(3.0)  # verdicts go on into the journal while no bridge runs
+        processes.append(bridge("bridge-secret"))
+        wait_for("the verdicts of the gap", lambda: len(listener.ids()) >= 40 + 150, 120, processes[-1])
+        received = listener.ids()
+        ids = journal_ids(journal)
+        assert acked in received
+        first, last = min(ids.index(v) for v in received), max(ids.index(v) for v in received)
+        assert sorted(received) == sorted(ids[first : last + 1]), "a verdict is missing or came twice"
+        assert set(listener.redelivered) <= set(received)
+    finally:
+        listener.close()
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(20)
+        broker.stop()

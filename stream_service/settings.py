@@ -335,7 +335,8 @@ class MqttBridgeSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     prefix: str = Field("stream-service", pattern=r"^[^#+]+$")  # topics are {prefix}/{camera}/verdict|status|highlight
-    client_id: str = Field("stream-service-bridge", min_length=1, max_length=23)  # one bridge per id on a broker
+    # One bridge per id on a broker; each camera's status connection is "{client_id}-{camera}".
+    client_id: str = Field("stream-service-bridge", min_length=1, max_length=64)
     highlights: bool = False  # also the newest highlight JPEG of each camera (retained), on {prefix}/{camera}/highlight
     username: str | None = None
     password: str | None = None
@@ -343,7 +344,8 @@ class MqttBridgeSettings(Section):
     cert_file: Path | None = None  # with key_file: a client certificate (needs ca_file)
     key_file: Path | None = None
     keepalive_s: int = Field(30, ge=5, le=65535)
-    connect_timeout_s: PositiveFloat = 10.0  # a connect without CONNACK for this long is retried
+    # A connect without CONNACK for this long is retried; below supervisor.heartbeat_timeout_s (it blocks).
+    connect_timeout_s: PositiveFloat = 3.0
     reconnect_backoff_s: PositiveFloat = 0.5  # the wait before a reconnect, doubled after each failure ...
     reconnect_backoff_max_s: PositiveFloat = 10.0  # ... up to this
     max_inflight: PositiveInt = 100  # QoS 1 verdicts sent but not yet acknowledged (PUBACK); more wait
@@ -429,6 +431,13 @@ class Settings(Section):
         out = self.transport.capture_out
         if isinstance(out, list) and len(out) != len(self.cameras):
             raise FieldError(f"one capture endpoint per camera ({len(self.cameras)})", out, "transport.capture_out")
+        mqtt, beat = self.bridges.mqtt, self.supervisor.heartbeat_timeout_s
+        if mqtt is not None and mqtt.connect_timeout_s >= beat:
+            raise FieldError(
+                f"less than supervisor.heartbeat_timeout_s ({beat:g}): a connect blocks the bridge's heartbeat",
+                mqtt.connect_timeout_s,
+                "bridges.mqtt.connect_timeout_s",
+            )
         if self.security.keys is None and not self.security.allow_plaintext:
             for key, endpoint in self.transport.endpoints(self.cameras).items():
                 # (":*", a port picked at bind, is refused by the topology check: no peer could find it.)

@@ -149,6 +149,7 @@ class MqttBridge:
         link.client.loop_start()
         deadline = time.monotonic() + s.connect_timeout_s
         while time.monotonic() < deadline and not link.connected.is_set() and link.refused is None:
+            self._beat()
             time.sleep(0.02)
         if link.connected.is_set():
             return None
@@ -164,7 +165,7 @@ class MqttBridge:
             why = self._connect(main)
             holders: dict[str, _Link] = {}
             for camera in self.cameras if why is None else ():
-                holders[camera] = self._client(f"{s.client_id}-{camera}"[:23], topic(s.prefix, camera, "status"))
+                holders[camera] = self._client(f"{s.client_id}-{camera}", topic(s.prefix, camera, "status"))
                 why = self._connect(holders[camera])
                 if why is not None:
                     break

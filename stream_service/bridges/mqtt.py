@@ -267,7 +267,11 @@ class MqttBridge:
         return True
 
     def _send(self, main: _Link, verdict: Verdict) -> None:
-        while self.cursor.in_flight >= self.settings.max_inflight and not main.lost.is_set():
+        s = self.settings
+        while self.cursor.in_flight >= s.max_inflight and not main.lost.is_set():
+            if self.cursor.oldest_age_s(time.monotonic()) > s.ack_timeout_s:
+                break  # the broker stopped acknowledging: _serve drops this connection next
+            self._beat()
             time.sleep(0.005)  # the broker acknowledges in order; a full window waits for it
         info = main.client.publish(
             topic(self.settings.prefix, verdict.camera_id, "verdict"), verdict.model_dump_json(), qos=1

@@ -5,7 +5,9 @@ Every verdict arrives on ``{prefix}/{camera}/verdict``, valid against schemas/ve
 ``{prefix}/{camera}/highlight``; the broker is
 stopped for 20 s and started again: every verdict the journal holds from the first received to the last
 arrives, once (the outage's verdicts replayed from the journal); the retained status is ``offline`` once the
-bridge is killed. Skipped when mosquitto is not installed, unless STREAM_SERVICE_REQUIRE_MQTT=1 (.ci/run).
+bridge is killed. Against a journaled publisher: a SIGKILLed bridge resumes after its acknowledged verdict, logs
+in with a password (a wrong one sends nothing), and speaks TLS with a client certificate. Skipped when mosquitto is
+not installed, unless STREAM_SERVICE_REQUIRE_MQTT=1 (.ci/run).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Broker:
     port: int
     process: subprocess.Popen[bytes] | None = None
     users: dict[str, str] = field(default_factory=dict)  # set: only these users may connect
+    tls: dict[str, Path] | None = None  # set: TLS only, a client certificate signed by tls["ca"] required
 
     def start(self) -> None:
         conf = self.directory / "mosquitto.conf"
@@ -73,6 +76,13 @@ class Broker:
             for user, password in self.users.items():
                 subprocess.run([MOSQUITTO_PASSWD, "-b", str(passwords), user, password], check=True)
             access = ["allow_anonymous false", f"password_file {passwords}"]
+        if self.tls is not None:
+            access += [
+                f"cafile {self.tls['ca']}",
+                f"certfile {self.tls['server']}",
+                f"keyfile {self.tls['server_key']}",
+            ]
+            access.append("require_certificate true")
         lines = [f"listener {self.port} 127.0.0.1", *access, "persistence true"]
         lines += [f"persistence_location {self.directory}/", f"log_dest file {self.directory}/mosquitto.log"]
         if os.geteuid() == 0:
@@ -126,12 +136,15 @@ class Listener:
     lock: threading.Lock = field(default_factory=threading.Lock)
     client: Any = None
     login: tuple[str, str] | None = None
+    tls: dict[str, Path] | None = None
 
     def start(self) -> None:
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="test-listener", clean_session=False)
         client.reconnect_delay_set(0.2, 1.0)
         if self.login is not None:
             client.username_pw_set(*self.login)
+        if self.tls is not None:
+            client.tls_set(str(self.tls["ca"]), str(self.tls["client"]), str(self.tls["client_key"]))
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if not reason.is_failure:
@@ -364,3 +377,63 @@ def test_a_killed_bridge_resumes_after_the_acknowledged_verdict_and_logs_in_with
                 process.send_signal(signal.SIGTERM)
                 process.wait(20)
         broker.stop()
+
+
+def certificates(directory: Path) -> dict[str, Path]:
+    """A test CA (openssl) and a server and a client certificate it signed, for 127.0.0.1."""
+
+    def openssl(args: str) -> None:
+        subprocess.run(["openssl", *args.split()], check=True, capture_output=True, cwd=directory)
+
+    openssl("req -x509 -newkey rsa:2048 -nodes -days 2 -keyout ca.key -out ca.pem -subj /CN=test-ca")
+    for name in ("server", "client"):
+        (directory / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl(f"req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name}")
+        openssl(
+            f"x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -out {name}.pem "
+            f"-extfile {name}.ext"
+        )
+    paths = {"ca": "ca.pem", "server": "server.pem", "server_key": "server.key"}
+    paths |= {"client": "client.pem", "client_key": "client.key"}
+    return {k: directory / v for k, v in paths.items()}
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed (to make test certificates)")
+def test_the_bridge_speaks_tls_with_a_client_certificate(tmp_path: Path, journaled: tuple[str, str, Path]) -> None:
+    pub, rep, journal = journaled
+    tls = certificates(tmp_path)
+    directory = tmp_path / "mosquitto"
+    directory.mkdir()
+    broker = Broker(directory, free_port(), tls=tls)
+    broker.start()
+    listener = Listener(broker.port, tls=tls)
+    listener.start()
+    mqtt = {"port": broker.port, "prefix": PREFIX, "state_path": str(tmp_path / "state.json")}
+    mqtt |= {"ca_file": str(tls["ca"]), "cert_file": str(tls["client"]), "key_file": str(tls["client_key"])}
+    config = tmp_path / "bridge.yaml"
+    cameras = [{"id": "cam0", "source": {"kind": "synthetic"}}]
+    config.write_text(
+        json.dumps(
+            {"cameras": cameras, "transport": {"verdicts_pub": pub, "journal_rep": rep}, "bridges": {"mqtt": mqtt}}
+        )
+    )
+    log = tmp_path / "bridge.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([*CLI, "bridge", "mqtt", "--config", str(config)], stdout=out, stderr=out)
+    try:
+        wait_for("10 verdicts over TLS", lambda: len(listener.ids()) >= 10, 120, process)
+        assert set(listener.ids()) <= set(journal_ids(journal))
+        plain = subprocess.run(  # the same port without TLS: refused (the broker speaks TLS only)
+            ["mosquitto_sub", "-p", str(broker.port), "-t", f"{PREFIX}/#", "-C", "1", "-W", "3"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert plain.returncode != 0 and not plain.stdout
+    finally:
+        listener.close()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(20)
+        broker.stop()
+    assert process.returncode == 0, log.read_text()[-3000:]

@@ -21,12 +21,18 @@ The journal's cost (``--journal-cost``): the 640x640 pipeline, one camera at 10 
 of each (received here, so the journal write before the publish is inside), and the append alone
 (``Journal.append`` of the verdicts received, timed in this process on a fresh journal).
 
+The MQTT bridge's cost (``--mqtt-latency``): the 640x640 pipeline, one camera at 10 fps, with
+``bridges.mqtt`` on a local mosquitto (Debian's, started here on a free port); the same verdicts received
+here over ZeroMQ and over MQTT (a paho subscriber, QoS 1), capture stamp to received, p50/p99 of each and
+the p50 of the per-verdict difference (matched by ``verdict_id``): what the bridge adds.
+
 Part 2, frame transport alone (``bench_transport.py``'s harness, same frames, same machine, separate
 processes): our tcp and shared-memory transports against imagezmq, 1920x1080 and 640x640 BGR frames.
 
     python benchmarks/bench_pipeline.py [--seconds 30] [--warmup 8] [--out bench_out/bench_pipeline.json]
     python benchmarks/bench_pipeline.py --journal-cost --skip-pipeline --skip-transport [--journal-rounds 2]
     python benchmarks/bench_pipeline.py --curve-cost --skip-pipeline --skip-transport [--curve-rounds 2]
+    python benchmarks/bench_pipeline.py --mqtt-latency --skip-pipeline --skip-transport
 
 Prints tables and writes JSON with the machine, versions and parameters.
 """
@@ -309,6 +315,82 @@ def run_curve_cost(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"rows": rows, "p50_added_ms": float(statistics.median(on) - statistics.median(off))}
 
 
+@contextlib.contextmanager
+def mosquitto(folder: Path) -> Iterator[int]:
+    """Debian's mosquitto on a free loopback port (no persistence); yields the port."""
+    import shutil
+
+    binary = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin")
+    if binary is None:
+        raise SystemExit("--mqtt-latency needs mosquitto (apt install mosquitto)")
+    (port,) = free_ports(1)
+    conf = folder / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise SystemExit("mosquitto did not start") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def run_mqtt_latency(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """640x640, one camera at 10 fps, verdicts over ZeroMQ and over the MQTT bridge (module docstring)."""
+    import threading
+
+    import paho.mqtt.client as paho
+
+    folder = workdir / "mqtt-latency"
+    folder.mkdir(parents=True)
+    width, height, _ = SIZES["640x640"]
+    config, endpoint = pipeline_config(width, height, 10.0, 1, args.threads, True, "cpu", folder / "journal.sqlite")
+    mqtt_rx: dict[str, int] = {}
+    zmq_rx: dict[str, tuple[int, int]] = {}  # verdict_id: (capture_ns, received_ns)
+    lock = threading.Lock()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        received = time.time_ns()
+        with lock:
+            mqtt_rx[json.loads(msg.payload)["verdict_id"]] = received
+
+    with mosquitto(folder) as port:
+        config["bridges"] = {"mqtt": {"port": port, "prefix": "bench", "state_path": str(folder / "state.json")}}
+        listener = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="bench-listener")
+        listener.on_message = on_message
+        listener.connect("127.0.0.1", port)
+        listener.subscribe("bench/+/verdict", qos=1)
+        listener.loop_start()
+        try:
+            with running_pipeline(config, folder, endpoint, args.warmup) as (_, subscriber):
+                end = time.monotonic() + args.seconds
+                while (t := time.monotonic()) < end:
+                    message = subscriber.receive(end - t)
+                    if message is not None and isinstance(message.header, Verdict) and message.header.verdict_id:
+                        zmq_rx[message.header.verdict_id] = (message.header.capture_ns, time.time_ns())
+                time.sleep(1.0)  # the last verdicts' MQTT copies
+        finally:
+            listener.loop_stop()
+            listener.disconnect()
+    both = [(c, z, mqtt_rx[v]) for v, (c, z) in zmq_rx.items() if v in mqtt_rx]
+    return {
+        "seconds": args.seconds,
+        "verdicts_zmq": len(zmq_rx),
+        "verdicts_mqtt_matched": len(both),
+        "zmq_ms": percentiles([(z - c) / 1e6 for c, z, _ in both]),
+        "mqtt_ms": percentiles([(m - c) / 1e6 for c, _, m in both]),
+        "added_ms": percentiles([(m - z) / 1e6 for _, z, m in both]),
+    }
+
+
 def load_bench_transport() -> ModuleType:
     spec = importlib.util.spec_from_file_location("bench_transport", HERE / "bench_transport.py")
     assert spec is not None and spec.loader is not None
@@ -361,6 +443,7 @@ def main() -> None:
     parser.add_argument("--journal-rounds", type=int, default=2, help="off/on pairs of --journal-cost")
     parser.add_argument("--curve-cost", action="store_true", help="640x640 at 10 fps over tcp, CURVE on and off")
     parser.add_argument("--curve-rounds", type=int, default=2, help="off/on pairs of --curve-cost")
+    parser.add_argument("--mqtt-latency", action="store_true", help="640x640 at 10 fps, ZeroMQ vs the MQTT bridge")
     parser.add_argument("--skip-transport", action="store_true")
     parser.add_argument("--skip-pipeline", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench_out/bench_pipeline.json"))
@@ -390,6 +473,7 @@ def main() -> None:
                         )
         journal_cost = run_journal_cost(args, Path(tmp)) if args.journal_cost else None
         curve_cost = run_curve_cost(args, Path(tmp)) if args.curve_cost else None
+        mqtt_latency = run_mqtt_latency(args, Path(tmp)) if args.mqtt_latency else None
     transport = [] if args.skip_transport else run_transport(args.transport_frames, args.transport_runs)
 
     if journal_cost is not None:
@@ -420,6 +504,14 @@ def main() -> None:
                 f"{e2e['p50'] or float('nan'):>9.1f}{e2e['p99'] or float('nan'):>9.1f}"
             )
         print(f"p50 added by CURVE (median of rounds): {curve_cost['p50_added_ms']:.2f} ms")
+    if mqtt_latency is not None:
+        z, m, a = mqtt_latency["zmq_ms"], mqtt_latency["mqtt_ms"], mqtt_latency["added_ms"]
+        print(
+            f"\nMQTT bridge (640x640, 1 camera, 10 fps offered; {mqtt_latency['verdicts_mqtt_matched']} of "
+            f"{mqtt_latency['verdicts_zmq']} verdicts matched): capture to received p50/p99 ZeroMQ "
+            f"{z['p50']:.1f}/{z['p99']:.1f} ms, MQTT {m['p50']:.1f}/{m['p99']:.1f} ms; added p50 {a['p50']:.2f} ms, "
+            f"p99 {a['p99']:.2f} ms"
+        )
     print(
         f"\n{'frames':<10}{'cams':>5}{'pixels':>7}{'soartc':>7}{'offered/s':>10}{'verdicts/s':>11}{'dropped':>9}"
         f"{'e2e p50':>9}{'e2e p99':>9}{'soartc p50':>11}{'infer p50':>10}   (ms; e2e = capture stamp to received)"
@@ -452,6 +544,7 @@ def main() -> None:
         "pipeline": rows,
         "journal_cost": journal_cost,
         "curve_cost": curve_cost,
+        "mqtt_latency": mqtt_latency,
         "transport": transport,
     }
     write_report(args.out, report)

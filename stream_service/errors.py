@@ -12,7 +12,8 @@
     ├── MessageError           a wire message is malformed (bad header, size or version)
     ├── TransportError         a ZeroMQ socket failed (bind, connect, send, receive)
     ├── JournalError           the verdict journal cannot be opened or read, or a replay request is bad
-    └── CameraError            a camera source cannot be opened or stopped delivering frames
+    ├── CameraError            a camera source cannot be opened or stopped delivering frames
+    └── BridgeError            a plant-protocol bridge (MQTT) cannot reach its broker or keep its state
 
 Messages name the thing, the expected value and what was found. Third-party exceptions are
 translated at the edge with ``raise XError(...) from exc``.
@@ -83,6 +84,10 @@ class JournalError(StreamServiceError):
 
 class CameraError(StreamServiceError):
     """A camera source cannot be opened or stopped delivering frames."""
+
+
+class BridgeError(StreamServiceError):
+    """A plant-protocol bridge cannot reach its broker, or its state file cannot be read or written."""
 
 
 class RateLimitedLog:

@@ -346,6 +346,83 @@ class HealthSettings(Section):
     status_every_s: float = Field(5.0, gt=0)  # a capture repeats its camera's status this often
 
 
+class MqttBridgeSettings(Section):
+    """The MQTT bridge (``stream-service bridge mqtt``; docs/MQTT.md): verdicts, camera status and
+    highlights of the pipeline on an MQTT broker, replayed from the journal after an outage."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = Field("stream-service", pattern=r"^[^#+]+$")  # topics are {prefix}/{camera}/verdict|status|highlight
+    # One bridge per id on a broker; each camera's status connection is "{client_id}-{camera}".
+    client_id: str = Field("stream-service-bridge", min_length=1, max_length=64)
+    highlights: bool = False  # also the newest highlight JPEG of each camera (retained), on {prefix}/{camera}/highlight
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None  # set: TLS, the broker's certificate checked against this CA
+    cert_file: Path | None = None  # with key_file: a client certificate (needs ca_file)
+    key_file: Path | None = None
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    # A connect without CONNACK for this long is retried; below supervisor.heartbeat_timeout_s (it blocks).
+    connect_timeout_s: PositiveFloat = 3.0
+    reconnect_backoff_s: PositiveFloat = 0.5  # the wait before a reconnect, doubled after each failure ...
+    reconnect_backoff_max_s: PositiveFloat = 10.0  # ... up to this
+    max_inflight: PositiveInt = 100  # QoS 1 verdicts sent but not yet acknowledged (PUBACK); more wait
+    ack_timeout_s: PositiveFloat = 30.0  # a verdict unacknowledged this long: the connection is dropped, replayed
+    state_path: Path | None = None  # the last verdict the broker acknowledged; None: next to the journal
+    replay_first_start: bool = False  # without a state file: replay the whole journal first (else start live)
+
+    @model_validator(mode="after")
+    def _tls(self) -> MqttBridgeSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise FieldError("cert_file and key_file together", self.key_file, "key_file")
+        if self.cert_file is not None and self.ca_file is None:
+            raise FieldError("ca_file with a client certificate (TLS)", None, "ca_file")
+        if self.password is not None and self.username is None:
+            raise FieldError("username with a password", None, "username")
+        if self.reconnect_backoff_max_s < self.reconnect_backoff_s:
+            raise FieldError(
+                f"at least reconnect_backoff_s ({self.reconnect_backoff_s})",
+                self.reconnect_backoff_max_s,
+                "reconnect_backoff_max_s",
+            )
+        return self
+
+
+class OpcuaBridgeSettings(Section):
+    """The OPC UA server (``stream-service bridge opcua``; docs/OPCUA.md): one object per camera with its last
+    verdict, counts and online state, for PLCs and SCADA to read or subscribe to."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4840, ge=1, le=65535)
+    namespace_uri: str = Field(
+        "urn:stream-service:inspection", min_length=1
+    )  # node ids are ns=<this>;s=<camera>.<Name>
+    allow_anonymous: bool = False  # off: a client logs in as one of users (or is refused)
+    users: dict[str, Annotated[str, Field(min_length=8)]] = Field(
+        default_factory=dict
+    )  # username: password (read-only)
+    certificate: Path | None = None  # with private_key: the Basic256Sha256 endpoints (Sign, SignAndEncrypt)
+    private_key: Path | None = None
+    allow_unencrypted: bool = True  # the None security endpoint; false: only Basic256Sha256 (needs certificate)
+
+    @model_validator(mode="after")
+    def _access(self) -> OpcuaBridgeSettings:
+        if not self.allow_anonymous and not self.users:
+            raise FieldError("a user (users: {name: password}) or allow_anonymous: true", {}, "users")
+        if (self.certificate is None) != (self.private_key is None):
+            raise FieldError("certificate and private_key together", self.private_key, "private_key")
+        if not self.allow_unencrypted and self.certificate is None:
+            raise FieldError("a certificate when allow_unencrypted is false", None, "certificate")
+        return self
+
+
+class BridgesSettings(Section):
+    """Plant-protocol bridges that ``run`` starts next to the stages; each off unless configured."""
+
+    mqtt: MqttBridgeSettings | None = None
+    opcua: OpcuaBridgeSettings | None = None
+
+
 class Settings(Section):
     """The root: each stage receives its own section."""
 
@@ -361,6 +438,7 @@ class Settings(Section):
     health: HealthSettings = HealthSettings()
     security: SecuritySettings = SecuritySettings()
     logging: LoggingSettings = LoggingSettings()
+    bridges: BridgesSettings = BridgesSettings()
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -372,6 +450,13 @@ class Settings(Section):
         out = self.transport.capture_out
         if isinstance(out, list) and len(out) != len(self.cameras):
             raise FieldError(f"one capture endpoint per camera ({len(self.cameras)})", out, "transport.capture_out")
+        mqtt, beat = self.bridges.mqtt, self.supervisor.heartbeat_timeout_s
+        if mqtt is not None and mqtt.connect_timeout_s >= beat:
+            raise FieldError(
+                f"less than supervisor.heartbeat_timeout_s ({beat:g}): a connect blocks the bridge's heartbeat",
+                mqtt.connect_timeout_s,
+                "bridges.mqtt.connect_timeout_s",
+            )
         if self.security.keys is None and not self.security.allow_plaintext:
             for key, endpoint in self.transport.endpoints(self.cameras).items():
                 # (":*", a port picked at bind, is refused by the topology check: no peer could find it.)

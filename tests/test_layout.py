@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "stream_service"
-LAYERS = {"cli", "model", "quality", "runtime", "sources", "stages", "training", "vision", "web", "wire"}
-TOP_LEVEL_FILES = {"__init__.py", "__main__.py", "settings.py", "errors.py"}
+LAYERS = {"bridges", "cli", "model", "quality", "runtime", "sources", "stages", "training", "vision", "web", "wire"}
+# client.py: the slim subscriber, ``stream_service.client`` (its import path is its interface).
+TOP_LEVEL_FILES = {"__init__.py", "__main__.py", "settings.py", "errors.py", "client.py"}
 # Pure kernels: arrays in, arrays out. No sockets, cameras, ONNX Runtime, processes or web.
 VISION_BANNED = ("zmq", "onnxruntime", "stream_service.runtime", "stream_service.wire", "stream_service.web")
 CLI_MAX_LINES = 60
@@ -45,6 +46,12 @@ def test_the_package_top_level_holds_only_the_layers_and_the_shared_modules() ->
     entries = {p.name for p in PACKAGE.iterdir() if p.name != "__pycache__"}
     assert entries - LAYERS - TOP_LEVEL_FILES == set()
     assert all((PACKAGE / layer / "__init__.py").is_file() for layer in LAYERS)
+
+
+def test_the_slim_client_imports_nothing_of_the_pipeline_but_its_errors() -> None:
+    tree = ast.parse((PACKAGE / "client.py").read_text(encoding="utf-8"))
+    ours = {n.split(".")[1] for n in imported(tree) if n.startswith("stream_service.")}
+    assert ours == {"errors"}, ours  # messages, transport or settings would bring NumPy along
 
 
 @pytest.mark.parametrize("path", modules("vision"), ids=lambda p: p.name)

@@ -137,6 +137,20 @@ def drop_kind(d: dict[str, Any]) -> None:
     del d["cameras"][0]["source"]["kind"]
 
 
+def mqtt(**values: Any) -> Any:
+    def mutate(d: dict[str, Any]) -> None:
+        d["bridges"] = {"mqtt": values}
+
+    return mutate
+
+
+def opcua(**values: Any) -> Any:
+    def mutate(d: dict[str, Any]) -> None:
+        d["bridges"] = {"opcua": values}
+
+    return mutate
+
+
 def two_cam0(d: dict[str, Any]) -> None:
     d["cameras"].append(copy.deepcopy(d["cameras"][0]))
 
@@ -181,6 +195,19 @@ BROKEN = [
     (lambda d: d.update(cameras=[]), "cameras", "at least 1 item", "0 item"),
     (lambda d: d.pop("cameras"), "cameras", "a value", "nothing"),
     (lambda d: d.update(soartc=3), "soartc", "a mapping", "3"),
+    (mqtt(port=0), "bridges.mqtt.port", ">= 1", "0"),
+    (mqtt(prefix="line/#"), "bridges.mqtt.prefix", "a string matching", "'line/#'"),
+    (mqtt(client_id="x" * 65), "bridges.mqtt.client_id", "at most 64 characters", "'xxxx"),
+    (mqtt(connect_timeout_s=5), "bridges.mqtt.connect_timeout_s", "less than supervisor.heartbeat_timeout_s (5)", "5"),
+    (mqtt(cert_file="c.pem"), "bridges.mqtt.key_file", "cert_file and key_file together", "nothing"),
+    (mqtt(cert_file="c.pem", key_file="k.pem"), "bridges.mqtt.ca_file", "ca_file with a client certificate", "nothing"),
+    (mqtt(password="secret"), "bridges.mqtt.username", "username with a password", "nothing"),
+    (mqtt(reconnect_backoff_max_s=0.1), "bridges.mqtt.reconnect_backoff_max_s", "at least reconnect_backoff_s", "0.1"),
+    (mqtt(qos=2), "bridges.mqtt.qos", "a known key (one of: host, port", "unknown key 'qos'"),
+    (opcua(), "bridges.opcua.users", "a user (users: {name: password}) or allow_anonymous: true", "{}"),
+    (opcua(users={"plc": "short"}), "bridges.opcua.users.plc", "at least 8 characters", "'short'"),
+    (opcua(allow_anonymous=True, certificate="c.der"), "bridges.opcua.private_key", "certificate and private_key", ""),
+    (opcua(allow_anonymous=True, allow_unencrypted=False), "bridges.opcua.certificate", "a certificate when", ""),
 ]
 
 

@@ -102,6 +102,9 @@ def test_the_plan_is_one_infer_the_soartc_workers_and_a_capture_per_camera(tmp_p
         ("capture-right", "capture"),
     ]
     assert specs[-1].args == ("capture", "--config", str(config), "--camera", "right")
+    bridged = plan(two_cameras(bridges={"mqtt": {"port": 1884}, "opcua": {"allow_anonymous": True}}), config)
+    assert [(s.name, s.kind) for s in bridged[-2:]] == [("bridge-mqtt", "bridge"), ("bridge-opcua", "bridge")]
+    assert [s.args for s in bridged[-2:]] == [("bridge", m, "--config", str(config)) for m in ("mqtt", "opcua")]
     assert [s.args for s in plan(load_settings(None, {}), None)] == [
         ("infer",),
         ("soartc",),

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_VERSION = "1.1"
 HEARTBEAT_MAJOR = HEARTBEAT_VERSION.split(".", 1)[0]
 
-StageKind = Literal["capture", "soartc", "infer"]
+StageKind = Literal["capture", "soartc", "infer", "bridge"]
 BeatState = Literal["starting", "running"]
 # The health of a camera (in its capture's heartbeat) or of a stage (its own): state, not a counter.
 HealthState = Literal["starting", "online", "reconnecting", "failed"]

@@ -1,7 +1,8 @@
 """The supervisor: starts every stage of a pipeline as its own process, watches, restarts, stops them.
 
 ``plan(settings, config)`` lists the processes of one pipeline (``service`` draws the topology): the
-infer process, ``soartc.workers`` soartc workers, one capture per camera, each the ``stream-service
+infer process, ``soartc.workers`` soartc workers, one capture per camera, the bridges configured under
+``bridges`` (``bridge-mqtt``, ``bridge-opcua``), each the ``stream-service
 <stage>`` command of the same config, so what ``run`` starts is exactly what a line would start by
 hand on several hosts.
 
@@ -91,6 +92,10 @@ def plan(settings: Settings, config: Path | None) -> list[StageSpec]:
     specs = [StageSpec("infer", "infer", ("infer", *cfg))]
     specs += [StageSpec(f"soartc-{i}", "soartc", ("soartc", *cfg)) for i in range(settings.soartc.workers)]
     specs += [StageSpec(f"capture-{c.id}", "capture", ("capture", *cfg, "--camera", c.id)) for c in settings.cameras]
+    if settings.bridges.mqtt is not None:
+        specs.append(StageSpec("bridge-mqtt", "bridge", ("bridge", "mqtt", *cfg)))
+    if settings.bridges.opcua is not None:
+        specs.append(StageSpec("bridge-opcua", "bridge", ("bridge", "opcua", *cfg)))
     return specs
 
 

@@ -78,6 +78,7 @@ class Verdict(_Published):
     latency_ms: dict[str, float] = Field(default_factory=dict)
     dropped: int = Field(0, ge=0)
     truth: dict[str, Any] | None = None
+    reason: str | None = None  # set on a fail the model could not score (non-finite data, failed registration)
 
 
 class CameraStatus(_Published):

@@ -17,7 +17,7 @@ import numpy.typing as npt
 from stream_service.model.card import ModelCard
 from stream_service.vision.arrays import F32, U8
 from stream_service.vision.highlight import HighlightResult, Pieces, highlight, token_relevance
-from stream_service.vision.registration import Method, Registrar, Registration
+from stream_service.vision.registration import Method, Registrar, Registration, mask_invalid
 from stream_service.vision.soartc import Device, to_unit
 from stream_service.vision.tokens import FeatureSpec, TokenFeatures, feature_kernels, token_features
 from stream_service.vision.windows import WindowLayout
@@ -54,7 +54,7 @@ class FeatureExtractor:
         reference_u8: U8,
         spec: FeatureSpec,
         dark_object: bool,
-        registration: Method = "translation",
+        registration: Method | None = None,
         max_shift: float = 16.0,
         device: Device = "auto",
     ) -> None:
@@ -62,13 +62,17 @@ class FeatureExtractor:
         self.dark_object = dark_object
         self.reference = to_unit(reference_u8, dark_object)
         self.shape = self.reference.shape
-        self.registrar = Registrar(self.reference, registration, max_shift=max_shift)
+        # The model card's front end (spec.registration) unless the caller names another method.
+        method: Method = spec.registration if registration is None else registration
+        self.registrar = Registrar(self.reference, method, max_shift=max_shift)
         self.kernels = feature_kernels(self.reference, spec, device)
         self.unregistered = 0
 
     def extract(self, frame_u8: U8) -> Extracted:
         frame = to_unit(frame_u8, self.dark_object)
         aligned, reg = self.registrar.align(frame)
+        if self.spec.valid_region:
+            aligned = mask_invalid(self.reference, aligned, reg)
         if reg.method == "none" and self.registrar.method != "none":
             self.unregistered += 1
         feats = token_features(self.reference, aligned, self.spec, self.kernels)

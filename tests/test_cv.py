@@ -55,7 +55,8 @@ def test_every_pair_gets_an_out_of_board_prediction(run: tuple[Path, cv.Oof]) ->
     report = json.loads((out / "oof" / oof.variant / "report.json").read_text())
     assert [f["held_out"] for f in report["folds"]] == [[GROUPS[0]], [GROUPS[1]]]
     crops = [json.loads(line) for line in (out / "oof-data" / "manifest.jsonl").read_text().splitlines()]
-    preds = [json.loads(line) for line in (out / "oof" / oof.variant / "vit" / "predictions.jsonl").read_text().splitlines()]
+    pooled = out / "oof" / oof.variant / "vit" / "predictions.jsonl"
+    preds = [json.loads(line) for line in pooled.read_text().splitlines()]
     assert {p["id"] for p in preds} == {r["id"] for r in crops}
     assert set(report["boards"]) == set(GROUPS)
     assert report["operating_curve"]["vit"] and report["pooled"]["baseline"]["at_vit_miss_rate"]
@@ -92,3 +93,48 @@ def test_a_rerun_trains_nothing_and_a_new_front_end_reuses_the_folds(
     oof = cv.cross_validate(manifest, out, tiny(), opts, "tiny", "1")
     assert oof.variant == "translation+valid-region"
     assert load_card(out).features.valid_region
+
+
+def test_the_fast_highlight_grid_matches_highlight_mask_and_the_scoreboard(deeppcb_items: list[Any]) -> None:
+    import itertools
+
+    import numpy as np
+
+    from stream_service.quality.manifest import read_gray
+    from stream_service.quality.metrics import Scoreboard
+    from stream_service.training import ship
+    from stream_service.vision.highlight import Pieces, highlight_mask
+    from stream_service.vision.inspection import FeatureExtractor
+    from stream_service.vision.soartc import Calibration
+    from stream_service.vision.tokens import FeatureSpec
+
+    rng = np.random.default_rng(3)
+    spec = FeatureSpec(calibration=Calibration((0.3, 0.3, 0.1)), sub_calibration=Calibration((0.3, 0.3, 0.1)))
+    maps = []
+    for item in deeppcb_items[:3]:
+        item = item.model_copy(update={"kind": "full"})
+        feats = (
+            FeatureExtractor(read_gray(item.reference), spec, True, device="cpu")
+            .extract(read_gray(item.frame))
+            .features
+        )
+        relevance = (rng.random(feats.tokens_hwc.shape[:2]) * 6).astype(np.float32)
+        maps.append((item, feats, relevance, Pieces.of(feats.open_diff_hw)))
+    for target in (0.0, 0.5, 0.99):
+        params, fig = ship.grid_highlight(maps, 16, target)
+        best = None
+        for att, mag, elong, area in itertools.product(
+            ship.ATTENTION_GRID, ship.MAGNITUDE_GRID, ship.ELONGATION_GRID, ship.MIN_AREA_GRID
+        ):
+            board = Scoreboard()
+            for item, feats, relevance, pieces in maps:
+                _, mask = highlight_mask(feats.tokens_hwc, relevance, pieces, 16, att, mag, elong, area)
+                board.add("full", item.label, item.boxes, 0.0, "fail", mask)
+            f = board.figures()
+            p, r = float(f["full_highlight_precision"]), float(f["full_box_recall"])
+            key = p if r >= target else r - 1.0
+            if best is None or key > best[0]:
+                best = (key, {"attention": att, "magnitude": mag, "max_elongation": elong, "min_area": area}, p, r)
+        assert best is not None
+        assert params == best[1]
+        assert fig["precision"] == pytest.approx(best[2]) and fig["box_recall"] == pytest.approx(best[3])

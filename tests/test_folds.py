@@ -105,7 +105,8 @@ def _synthetic_items(tmp: Path) -> tuple[Path, Path]:
     (tmp / "img").mkdir()
     (tmp / "pred" / "masks").mkdir(parents=True)
     for n, (group, label, score, verdict) in enumerate(
-        [("b1", "fail", 0.9, "fail"), ("b1", "pass", 0.8, "fail"), ("b2", "fail", 0.1, "pass"), ("b2", "pass", 0.2, "pass")]
+        [("b1", "fail", 0.9, "fail"), ("b1", "pass", 0.8, "fail"),
+         ("b2", "fail", 0.1, "pass"), ("b2", "pass", 0.2, "pass")]
     ):  # fmt: skip
         ref = (rng.random((64, 64)) > 0.5).astype(np.uint8) * 255
         frame = ref.copy()

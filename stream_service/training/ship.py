@@ -29,13 +29,13 @@ from stream_service.model.session import InspectionModel
 from stream_service.quality.crops import crop_origins, make_crop_manifest
 from stream_service.quality.evaluation import evaluate
 from stream_service.quality.manifest import ManifestItem, load_manifest, read_gray
-from stream_service.quality.metrics import Scoreboard
+from stream_service.quality.metrics import near_boxes
 from stream_service.training.dataset import align, split_by_group
 from stream_service.training.export import check_export, export_onnx
 from stream_service.training.train import TrainResult, config_dict
 from stream_service.training.vit import SoartcViT, rollout
 from stream_service.vision.baseline import tune_baseline
-from stream_service.vision.highlight import Pieces, highlight_mask, token_relevance
+from stream_service.vision.highlight import MAGNITUDE_CHANNELS, Pieces, token_relevance
 from stream_service.vision.inspection import FeatureExtractor
 from stream_service.vision.soartc import to_unit
 from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
@@ -200,17 +200,60 @@ def highlight_maps(
     return maps
 
 
+@dataclasses.dataclass(frozen=True)
+class _PiecePixels:
+    """A defective full frame reduced to the pixels of its difference pieces, for the highlight grid."""
+
+    piece: np.ndarray  # (n,) piece label of each pixel
+    token: np.ndarray  # (n,) flat token index of each pixel, -1 past the last whole token
+    near: np.ndarray  # (n,) bool: within MARGIN_PX of a box
+    in_box: list[np.ndarray]  # per box: indices of the pixels inside it
+    relevance: np.ndarray  # (h * w,) token relevance
+    magnitude: np.ndarray  # (h * w,) token magnitude
+    pieces: Pieces
+
+    @classmethod
+    def of(cls, item: ManifestItem, feats: Any, relevance: np.ndarray, pieces: Pieces, block: int) -> _PiecePixels:
+        ys, xs = np.nonzero(pieces.labels_hw)
+        h, w = relevance.shape
+        inside = (ys < h * block) & (xs < w * block)
+        token = np.where(inside, (ys // block) * w + xs // block, -1)
+        near = near_boxes(pieces.labels_hw.shape, item.boxes)[ys, xs]
+        in_box = [
+            np.flatnonzero((xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)) for x1, y1, x2, y2, *_ in item.boxes
+        ]
+        magnitude = feats.tokens_hwc[..., MAGNITUDE_CHANNELS].max(axis=2)
+        return cls(pieces.labels_hw[ys, xs], token, near, in_box, relevance.ravel(), magnitude.ravel(), pieces)
+
+
 def grid_highlight(maps: HighlightMaps, block: int, target_recall: float) -> tuple[dict[str, float], dict[str, float]]:
     """(parameters, figures): the best full-frame highlight precision at box recall >= target over the grid
-    (attention x magnitude x elongation x minimum area), on frames that may come from several models."""
+    (attention x magnitude x elongation x minimum area), on frames that may come from several models.
+
+    The same figures as ``highlight_mask`` then ``Scoreboard`` per combination (precision over highlighted
+    pixels of the defective full frames, box recall), computed on the pieces' pixels only.
+    """
+    frames = [_PiecePixels.of(i, f, r, p, block) for i, f, r, p in maps if i.kind == "full" and i.label == "fail"]
+    boxes_total = sum(len(f.in_box) for f in frames)
+    keeps = {
+        (att, mag): [((f.relevance >= att) & (f.magnitude >= mag) & (f.relevance > 0)) for f in frames]
+        for att, mag in itertools.product(ATTENTION_GRID, MAGNITUDE_GRID)
+    }
+    shapes = {
+        (elong, area): [f.pieces.defect_like(elong, area)[f.piece] for f in frames]
+        for elong, area in itertools.product(ELONGATION_GRID, MIN_AREA_GRID)
+    }
     best: tuple[float, dict[str, float], dict[str, float]] | None = None
     for att, mag, elong, area in itertools.product(ATTENTION_GRID, MAGNITUDE_GRID, ELONGATION_GRID, MIN_AREA_GRID):
-        board = Scoreboard()
-        for item, feats, relevance, pieces in maps:
-            _, mask = highlight_mask(feats.tokens_hwc, relevance, pieces, block, att, mag, elong, area)
-            board.add("full", item.label, item.boxes, 0.0, "fail", mask)
-        fig = board.figures()
-        precision, recall = float(fig["full_highlight_precision"]), float(fig["full_box_recall"])
+        lit = near = hits = 0
+        for f, keep, shape in zip(frames, keeps[att, mag], shapes[elong, area], strict=True):
+            mask = shape & (f.token >= 0)
+            mask[mask] = keep[f.token[mask]]
+            lit += int(mask.sum())
+            near += int((mask & f.near).sum())
+            hits += sum(bool(mask[idx].any()) for idx in f.in_box)
+        precision = near / lit if lit else 0.0
+        recall = hits / boxes_total if boxes_total else 0.0
         key = precision if recall >= target_recall else recall - 1.0
         if best is None or key > best[0]:
             params = {"attention": att, "magnitude": mag, "max_elongation": elong, "min_area": area}

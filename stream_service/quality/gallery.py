@@ -61,7 +61,8 @@ def panel(
         over[mask_hw] = (0.35 * over[mask_hw] + 0.65 * np.array(HIGHLIGHT_BGR)).astype(np.uint8)
     tiles = [cv2.cvtColor(x, cv2.COLOR_GRAY2BGR) for x in (reference_u8, frame_u8, diff)] + [over]
     h, w = reference_u8.shape
-    out = np.full((h + TITLE_PX, 4 * w + 3 * GAP_PX, 3), 255, np.uint8)
+    out = np.full((h + TITLE_PX, 4 * w + 3 * GAP_PX, 3), 128, np.uint8)  # gray gaps between the panels
+    out[:TITLE_PX] = 255
     for k, tile in enumerate(tiles):
         out[TITLE_PX:, k * (w + GAP_PX) : k * (w + GAP_PX) + w] = _boxes(np.ascontiguousarray(tile), boxes)
     cv2.putText(out, title, (4, TITLE_PX - 8), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)

@@ -64,6 +64,14 @@ class FeatureExtractor:
         self.shape = self.reference.shape
         # The model card's front end (spec.registration) unless the caller names another method.
         method: Method = spec.registration if registration is None else registration
+        if method != spec.registration:
+            log.warning(
+                "registration: the model card's front end is %r, running %r as configured (figures in the card "
+                "were measured with %r)",
+                spec.registration,
+                method,
+                spec.registration,
+            )
         self.registrar = Registrar(self.reference, method, max_shift=max_shift)
         self.kernels = feature_kernels(self.reference, spec, device)
         self.unregistered = 0

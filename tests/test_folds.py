@@ -186,3 +186,35 @@ def test_invalid_region_is_the_band_the_warp_filled() -> None:
 
 def test_manifest_item_groups_are_what_folds_use(deeppcb_items: list[ManifestItem]) -> None:
     assert all(i.group for i in deeppcb_items)
+
+
+def test_the_feature_extractor_follows_the_cards_registration(real_pair: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from stream_service.vision.inspection import FeatureExtractor
+    from stream_service.vision.tokens import FeatureSpec
+
+    reference = (real_pair[0] * 255).astype(np.uint8)
+    recorded = FeatureSpec(registration="affine", valid_region=True)
+    assert FeatureExtractor(reference, recorded, False, device="cpu").registrar.method == "affine"
+    with caplog.at_level("WARNING"):
+        configured = FeatureExtractor(reference, recorded, False, registration="translation", device="cpu")
+    assert configured.registrar.method == "affine" and "measured with 'affine'" in caplog.text
+    # a card that does not record its registration: the configured method, translation by default
+    assert (
+        FeatureExtractor(reference, FeatureSpec(), False, registration="none", device="cpu").registrar.method == "none"
+    )
+    assert FeatureExtractor(reference, FeatureSpec(), False, device="cpu").registrar.method == "translation"
+
+
+def test_the_valid_region_mask_removes_the_warp_band_from_the_features(real_pair: Any) -> None:
+    from stream_service.vision.inspection import FeatureExtractor
+    from stream_service.vision.tokens import FeatureSpec
+
+    reference = (real_pair[0] * 255).astype(np.uint8)
+    shifted = np.roll(reference, 3, axis=1)  # content moved 3 px right: the warp fills the right edge
+    plain = FeatureExtractor(reference, FeatureSpec(registration="translation"), False, device="cpu")
+    masked = FeatureExtractor(
+        reference, FeatureSpec(registration="translation", valid_region=True), False, device="cpu"
+    )
+    a, b = plain.extract(shifted), masked.extract(shifted)
+    assert b.features.diff_hw[:, -3:].sum() <= a.features.diff_hw[:, -3:].sum()
+    assert b.features.diff_hw[:, -2:].sum() == 0

@@ -147,7 +147,7 @@ def evaluate_command(
         if gallery is not None:
             from stream_service.quality.gallery import write_gallery
 
-            registration = loaded.card.features.registration
+            registration = loaded.card.features.registration or "translation"
             pictures = write_gallery(manifest, out / "predictions.jsonl", gallery, gallery_size, registration)
             figures["gallery"] = [str(p) for p in pictures]
     except StreamServiceError as exc:

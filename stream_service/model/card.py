@@ -47,7 +47,9 @@ class FeaturesCard(_Frozen):
     diff_threshold: float = Field(gt=0, lt=1)
     open_px: int = Field(ge=1)
     open_large_px: int = Field(ge=2)
-    registration: Literal["translation", "affine", "none"] = "translation"
+    registration: Literal["translation", "affine", "none"] | None = Field(
+        None, description="the registration the model's figures were measured with; None: not recorded"
+    )
     valid_region: bool = False
 
     def to_spec(self) -> FeatureSpec:

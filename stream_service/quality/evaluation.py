@@ -75,7 +75,7 @@ def evaluate(
         else:
             reference = to_unit(ref_u8, dark)
             frame = to_unit(frame_u8, dark)
-            aligned, reg = Registrar(reference, spec.registration).align(frame)
+            aligned, reg = Registrar(reference, spec.registration or "translation").align(frame)
             if spec.valid_region:
                 aligned = mask_invalid(reference, aligned, reg)
             result = baseline(reference, aligned, params)

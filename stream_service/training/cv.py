@@ -97,7 +97,7 @@ class Variant:
 
     def name(self, result: TrainResult) -> str:
         spec = self.apply(result).spec
-        return spec.registration + ("+valid-region" if spec.valid_region else "")
+        return (spec.registration or "translation") + ("+valid-region" if spec.valid_region else "")
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,7 @@ def out_of_board(
     report["manifest"] = str(crop_manifest)
     (root / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     if opts.gallery:
-        method = variants[0][1].spec.registration
+        method = variants[0][1].spec.registration or "translation"
         write_gallery(crop_manifest, root / "vit" / "predictions.jsonl", root / "gallery", opts.gallery, method)
     return Oof(name, threshold, threshold_note, hl_params, highlight_note, report)
 

@@ -131,7 +131,7 @@ def align(
 ) -> npt.NDArray[np.float32]:
     """The frame aligned to the reference by the pipeline's own policy (``Registrar.align``), with the
     spec's front end (registration method, valid-region mask; translation and no mask without a spec)."""
-    method = "translation" if spec is None else spec.registration
+    method = "translation" if spec is None or spec.registration is None else spec.registration
     aligned, reg = Registrar(reference_hw, method, max_shift=MAX_SHIFT_PX).align(frame_hw)
     if spec is not None and spec.valid_region:
         aligned = mask_invalid(reference_hw, aligned, reg)

@@ -62,16 +62,19 @@ class FeatureExtractor:
         self.dark_object = dark_object
         self.reference = to_unit(reference_u8, dark_object)
         self.shape = self.reference.shape
-        # The model card's front end (spec.registration) unless the caller names another method.
-        method: Method = spec.registration if registration is None else registration
-        if method != spec.registration:
-            log.warning(
-                "registration: the model card's front end is %r, running %r as configured (figures in the card "
-                "were measured with %r)",
-                spec.registration,
-                method,
-                spec.registration,
-            )
+        # The pipeline follows the model card: a card that records its registration (spec.registration)
+        # gets it whatever is configured; for an older card the configured method applies.
+        method: Method = registration or "translation"
+        if spec.registration is not None:
+            if registration is not None and registration != spec.registration:
+                log.warning(
+                    "registration: %r is configured, but the model card's figures were measured with %r; "
+                    "running %r (the card's)",
+                    registration,
+                    spec.registration,
+                    spec.registration,
+                )
+            method = spec.registration
         self.registrar = Registrar(self.reference, method, max_shift=max_shift)
         self.kernels = feature_kernels(self.reference, spec, device)
         self.unregistered = 0

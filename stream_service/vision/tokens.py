@@ -69,9 +69,10 @@ class FeatureSpec:
     diff_threshold: float = 0.3
     open_px: int = 3
     open_large_px: int = 5
-    # The front end: how a frame is registered to its reference, and whether the pixels the warp moved
-    # in from outside the frame are replaced by the reference's (never evidence).
-    registration: Literal["translation", "affine", "none"] = "translation"
+    # The front end: how a frame is registered to its reference (None: not recorded, the configured
+    # method applies), and whether the pixels the warp moved in from outside the frame are replaced by
+    # the reference's (never evidence).
+    registration: Literal["translation", "affine", "none"] | None = None
     valid_region: bool = False
 
     def __post_init__(self) -> None:

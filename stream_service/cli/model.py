@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
 from stream_service.cli.app import DEFAULT_MODEL, _fail, app
+
+Registration = Literal["translation", "affine", "none"]
 
 
 @app.command("train")
@@ -23,6 +25,19 @@ def train_command(
     rounds: Annotated[int, typer.Option(help="Rounds of freshly augmented windows.")] = 3,
     threads: Annotated[int, typer.Option(help="torch threads (0 = all cores).")] = 0,
     version: Annotated[str, typer.Option(help="Model version written to the card.")] = "1",
+    folds: Annotated[
+        int, typer.Option(help="K > 1: K-fold cross-validation by board (--val-groups unused), then all boards.")
+    ] = 0,
+    registration: Annotated[Registration, typer.Option(help="Registration the training windows use.")] = "translation",
+    valid_region: Annotated[
+        bool, typer.Option(help="Pixels warped in from outside the frame are no evidence.")
+    ] = False,
+    eval_registration: Annotated[
+        Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
+    ] = None,
+    eval_valid_region: Annotated[
+        bool | None, typer.Option(help="With --folds: evaluate and ship with/without the valid-region mask.")
+    ] = None,
     from_checkpoint: Annotated[
         Path | None, typer.Option(help="Skip training: export and validate a checkpoint saved by an earlier run.")
     ] = None,
@@ -30,17 +45,18 @@ def train_command(
         Path | None, typer.Option(help="JSON list of earlier experiments to record in the model card.")
     ] = None,
 ) -> None:
-    """Train the SOARTC ViT on CPU, export it to ONNX, choose its thresholds on validation, write its card."""
+    """Train the SOARTC ViT on CPU, export it to ONNX, choose its thresholds on validation, write its card.
+
+    With --folds K the threshold and highlight are chosen on out-of-board predictions (one model per fold,
+    checkpointed under --out, so a rerun trains only what is missing) and the model is trained on all boards.
+    """
     import json
 
     try:
-        from stream_service.training.ship import ship
-        from stream_service.training.train import TrainConfig, load_checkpoint, save_checkpoint, set_threads, train
+        from stream_service.training.train import TrainConfig, set_threads
     except ImportError as exc:
         typer.echo(f"error: training needs torch and onnx: pip install 'stream-service[train]' ({exc})", err=True)
         raise typer.Exit(1) from exc
-    from stream_service.errors import StreamServiceError
-
     set_threads(threads)
     cfg = TrainConfig(
         seed=seed,
@@ -48,7 +64,23 @@ def train_command(
         minutes=minutes,
         train_windows_per_image=windows_per_image,
         rounds=rounds,
+        registration=registration,
+        valid_region=valid_region,
     )
+    experiments = json.loads(notes.read_text()) if notes is not None else []
+    if folds:
+        _train_folds(manifest, out, cfg, folds, version, experiments, (eval_registration, eval_valid_region))
+    else:
+        _train_single(manifest, out, cfg, version, experiments, from_checkpoint)
+
+
+def _train_single(
+    manifest: Path, out: Path, cfg: Any, version: str, experiments: list[Any], from_checkpoint: Path | None
+) -> None:
+    from stream_service.errors import StreamServiceError
+    from stream_service.training.ship import ship
+    from stream_service.training.train import load_checkpoint, save_checkpoint, train
+
     checkpoint = Path("runs") / f"{out.name}-checkpoint.pt"
     try:
         if from_checkpoint is not None:
@@ -57,7 +89,6 @@ def train_command(
             result = train(manifest, cfg)
             save_checkpoint(result, checkpoint)
             typer.echo(f"trained in {result.seconds / 60:.1f} min; checkpoint {checkpoint}")
-        experiments = json.loads(notes.read_text()) if notes is not None else []
         card = ship(result, manifest, out, name=out.name, version=version, experiments=experiments)
     except StreamServiceError as exc:
         raise _fail(exc) from exc
@@ -69,6 +100,26 @@ def train_command(
     )
 
 
+def _train_folds(
+    manifest: Path,
+    out: Path,
+    cfg: Any,
+    folds: int,
+    version: str,
+    experiments: list[Any],
+    front: tuple[str | None, bool | None],
+) -> None:
+    from stream_service.errors import StreamServiceError
+    from stream_service.training.cv import CvOptions, Variant, cross_validate, summary_line
+
+    opts = CvOptions(folds=folds, variant=Variant(*front))
+    try:
+        oof = cross_validate(manifest, out, cfg, opts, out.name, version, experiments, progress=typer.echo)
+    except StreamServiceError as exc:
+        raise _fail(exc) from exc
+    typer.echo(summary_line(oof, out))
+
+
 @app.command("evaluate")
 def evaluate_command(
     manifest: Annotated[Path, typer.Argument(help="Inspection manifest (JSON Lines).")],
@@ -76,6 +127,11 @@ def evaluate_command(
     method: Annotated[Literal["vit", "baseline"], typer.Option(help="The ViT, or the classical baseline.")] = "vit",
     model: Annotated[Path, typer.Option(help="Model folder (card.json + model.onnx).")] = DEFAULT_MODEL,
     device: Annotated[Literal["auto", "cpu", "cuda"], typer.Option(help="Compute device.")] = "cpu",
+    gallery: Annotated[
+        Path | None,
+        typer.Option(help="Folder for one PNG per worst error: reference | frame | difference | highlight."),
+    ] = None,
+    gallery_size: Annotated[int, typer.Option(help="How many false alarms and how many misses to draw.")] = 8,
 ) -> None:
     """Run every pair of a manifest through the live pipeline's code path and write predictions and metrics."""
     import json
@@ -88,6 +144,12 @@ def evaluate_command(
     try:
         loaded = InspectionModel.load(resolve_model_dir(model), device=device)
         figures = evaluate(manifest, out, loaded, method=method, device=device)
+        if gallery is not None:
+            from stream_service.quality.gallery import write_gallery
+
+            registration = loaded.card.features.registration or "translation"
+            pictures = write_gallery(manifest, out / "predictions.jsonl", gallery, gallery_size, registration)
+            figures["gallery"] = [str(p) for p in pictures]
     except StreamServiceError as exc:
         raise _fail(exc) from exc
     typer.echo(json.dumps(figures, indent=1))

@@ -47,6 +47,10 @@ class FeaturesCard(_Frozen):
     diff_threshold: float = Field(gt=0, lt=1)
     open_px: int = Field(ge=1)
     open_large_px: int = Field(ge=2)
+    registration: Literal["translation", "affine", "none"] | None = Field(
+        None, description="the registration the model's figures were measured with; None: not recorded"
+    )
+    valid_region: bool = False
 
     def to_spec(self) -> FeatureSpec:
         return FeatureSpec(
@@ -57,6 +61,8 @@ class FeaturesCard(_Frozen):
             diff_threshold=self.diff_threshold,
             open_px=self.open_px,
             open_large_px=self.open_large_px,
+            registration=self.registration,
+            valid_region=self.valid_region,
         )
 
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 from stream_service.quality.crops import box_inside, box_near
 from stream_service.quality.manifest import Box, ManifestItem, read_gray
 from stream_service.quality.metrics import MARGIN_PX
-from stream_service.vision.registration import Registrar
+from stream_service.vision.registration import Registrar, mask_invalid
 from stream_service.vision.soartc import Calibration, to_unit
 from stream_service.vision.tokens import FeatureSpec, raw_deviations, token_features
 
@@ -126,9 +126,16 @@ class Window:
     label: int
 
 
-def align(reference_hw: npt.NDArray[np.float32], frame_hw: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """The frame aligned to the reference by the pipeline's own policy (``Registrar.align``)."""
-    return Registrar(reference_hw, "translation", max_shift=MAX_SHIFT_PX).align(frame_hw)[0]
+def align(
+    reference_hw: npt.NDArray[np.float32], frame_hw: npt.NDArray[np.float32], spec: FeatureSpec | None = None
+) -> npt.NDArray[np.float32]:
+    """The frame aligned to the reference by the pipeline's own policy (``Registrar.align``), with the
+    spec's front end (registration method, valid-region mask; translation and no mask without a spec)."""
+    method = "translation" if spec is None or spec.registration is None else spec.registration
+    aligned, reg = Registrar(reference_hw, method, max_shift=MAX_SHIFT_PX).align(frame_hw)
+    if spec is not None and spec.valid_region:
+        aligned = mask_invalid(reference_hw, aligned, reg)
+    return aligned
 
 
 def make_window(
@@ -154,7 +161,7 @@ def make_window(
         ref, frame = _symmetry(ref, k, flip), _symmetry(frame, k, flip)
         local = _box_symmetry(local, size, k, flip)
     frame = _perturb(frame, aug, rng)
-    feats = token_features(ref, align(ref, frame), spec)
+    feats = token_features(ref, align(ref, frame, spec), spec)
     return Window(feats.tokens_hwc.astype(np.float16), token_targets(local, 0, 0, grid, spec.block), label)
 
 
@@ -209,7 +216,7 @@ def calibrate_spec(
     for item in items:
         ref = to_unit(read_gray(item.reference), dark_object=True)
         frame = to_unit(read_gray(item.frame), dark_object=True)
-        aligned = align(ref, frame)
+        aligned = align(ref, frame, base)
         for block, store in levels.items():
             e = raw_deviations(ref, aligned, block, base.variant)
             store.append(e[good_block_mask(item.boxes, ref.shape, block)])
@@ -229,6 +236,8 @@ def calibrate_spec(
         diff_threshold=base.diff_threshold,
         open_px=base.open_px,
         open_large_px=base.open_large_px,
+        registration=base.registration,
+        valid_region=base.valid_region,
     )
 
 

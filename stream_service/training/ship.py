@@ -29,16 +29,16 @@ from stream_service.model.session import InspectionModel
 from stream_service.quality.crops import crop_origins, make_crop_manifest
 from stream_service.quality.evaluation import evaluate
 from stream_service.quality.manifest import ManifestItem, load_manifest, read_gray
-from stream_service.quality.metrics import Scoreboard
+from stream_service.quality.metrics import near_boxes
 from stream_service.training.dataset import align, split_by_group
 from stream_service.training.export import check_export, export_onnx
 from stream_service.training.train import TrainResult, config_dict
 from stream_service.training.vit import SoartcViT, rollout
 from stream_service.vision.baseline import tune_baseline
-from stream_service.vision.highlight import Pieces, highlight_mask, token_relevance
+from stream_service.vision.highlight import MAGNITUDE_CHANNELS, Pieces, token_relevance
 from stream_service.vision.inspection import FeatureExtractor
 from stream_service.vision.soartc import to_unit
-from stream_service.vision.tokens import CHANNEL_NAMES
+from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
 from stream_service.vision.windows import WindowLayout
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def _card(
                 "diff_threshold": spec.diff_threshold,
                 "open_px": spec.open_px,
                 "open_large_px": spec.open_large_px,
+                "registration": spec.registration,
+                "valid_region": spec.valid_region,
             },
             "window": {"grid": result.config.grid, "stride": stride, "pixels": result.config.grid * spec.block},
             "threshold": {"value": threshold, "chosen_by": threshold_note},
@@ -106,7 +108,9 @@ def _write_card(card: ModelCard, out_dir: Path) -> None:
     (out_dir / CARD_NAME).write_text(card.model_dump_json(indent=1) + "\n")
 
 
-def _training_crops(items: list[ManifestItem], seed: int) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+def _training_crops(
+    items: list[ManifestItem], seed: int, spec: FeatureSpec | None = None
+) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     rng = np.random.default_rng(seed)
     pairs = []
     for item in items:
@@ -114,7 +118,7 @@ def _training_crops(items: list[ManifestItem], seed: int) -> list[tuple[np.ndarr
         for x0, y0, label in crop_origins(item.boxes, ref_u8, 256, 1, 1, rng):
             ref = to_unit(ref_u8[y0 : y0 + 256, x0 : x0 + 256], True)
             frame = to_unit(frame_u8[y0 : y0 + 256, x0 : x0 + 256], True)
-            pairs.append((ref, align(ref, frame), label == "fail"))
+            pairs.append((ref, align(ref, frame, spec), label == "fail"))
     return pairs
 
 
@@ -162,7 +166,9 @@ def _full_frame_cache(
     for item in items:
         if item.kind != "full":
             continue
-        extractor = FeatureExtractor(read_gray(item.reference), spec, True, device="cpu")
+        extractor = FeatureExtractor(
+            read_gray(item.reference), spec, card.features.polarity == "dark-object", device="cpu"
+        )
         feats = extractor.extract(read_gray(item.frame)).features
         layout = WindowLayout.cover(feats.tokens_hwc.shape[:2], card.window.grid, card.window.stride)
         out.append((item, feats, layout))
@@ -175,6 +181,85 @@ ATTENTION_GRID = (1.0, 2.0, 3.0, 5.0, 8.0)
 MAGNITUDE_GRID = (0.5, 0.75)
 ELONGATION_GRID = (6.0, 8.0, 12.0, 16.0, 1e6)
 MIN_AREA_GRID = (0, 10)
+
+
+HighlightMaps = list[tuple[ManifestItem, Any, np.ndarray, Pieces]]
+
+
+def highlight_maps(
+    cache: list[tuple[ManifestItem, Any, WindowLayout]],
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+    threshold: float,
+) -> HighlightMaps:
+    """(item, features, token relevance, pieces) of every cached full frame under one model and threshold."""
+    maps = []
+    for item, feats, layout in cache:
+        probs, attention = run(layout.cut(feats.tokens_hwc))
+        relevance = token_relevance(layout, probs, attention, threshold)
+        maps.append((item, feats, relevance, Pieces.of(feats.open_diff_hw)))
+    return maps
+
+
+@dataclasses.dataclass(frozen=True)
+class _PiecePixels:
+    """A defective full frame reduced to the pixels of its difference pieces, for the highlight grid."""
+
+    piece: np.ndarray  # (n,) piece label of each pixel
+    token: np.ndarray  # (n,) flat token index of each pixel, -1 past the last whole token
+    near: np.ndarray  # (n,) bool: within MARGIN_PX of a box
+    in_box: list[np.ndarray]  # per box: indices of the pixels inside it
+    relevance: np.ndarray  # (h * w,) token relevance
+    magnitude: np.ndarray  # (h * w,) token magnitude
+    pieces: Pieces
+
+    @classmethod
+    def of(cls, item: ManifestItem, feats: Any, relevance: np.ndarray, pieces: Pieces, block: int) -> _PiecePixels:
+        ys, xs = np.nonzero(pieces.labels_hw)
+        h, w = relevance.shape
+        inside = (ys < h * block) & (xs < w * block)
+        token = np.where(inside, (ys // block) * w + xs // block, -1)
+        near = near_boxes(pieces.labels_hw.shape, item.boxes)[ys, xs]
+        in_box = [
+            np.flatnonzero((xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)) for x1, y1, x2, y2, *_ in item.boxes
+        ]
+        magnitude = feats.tokens_hwc[..., MAGNITUDE_CHANNELS].max(axis=2)
+        return cls(pieces.labels_hw[ys, xs], token, near, in_box, relevance.ravel(), magnitude.ravel(), pieces)
+
+
+def grid_highlight(maps: HighlightMaps, block: int, target_recall: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(parameters, figures): the best full-frame highlight precision at box recall >= target over the grid
+    (attention x magnitude x elongation x minimum area), on frames that may come from several models.
+
+    The same figures as ``highlight_mask`` then ``Scoreboard`` per combination (precision over highlighted
+    pixels of the defective full frames, box recall), computed on the pieces' pixels only.
+    """
+    frames = [_PiecePixels.of(i, f, r, p, block) for i, f, r, p in maps if i.kind == "full" and i.label == "fail"]
+    boxes_total = sum(len(f.in_box) for f in frames)
+    keeps = {
+        (att, mag): [((f.relevance >= att) & (f.magnitude >= mag) & (f.relevance > 0)) for f in frames]
+        for att, mag in itertools.product(ATTENTION_GRID, MAGNITUDE_GRID)
+    }
+    shapes = {
+        (elong, area): [f.pieces.defect_like(elong, area)[f.piece] for f in frames]
+        for elong, area in itertools.product(ELONGATION_GRID, MIN_AREA_GRID)
+    }
+    best: tuple[float, dict[str, float], dict[str, float]] | None = None
+    for att, mag, elong, area in itertools.product(ATTENTION_GRID, MAGNITUDE_GRID, ELONGATION_GRID, MIN_AREA_GRID):
+        lit = near = hits = 0
+        for f, keep, shape in zip(frames, keeps[att, mag], shapes[elong, area], strict=True):
+            mask = shape & (f.token >= 0)
+            mask[mask] = keep[f.token[mask]]
+            lit += int(mask.sum())
+            near += int((mask & f.near).sum())
+            hits += sum(bool(mask[idx].any()) for idx in f.in_box)
+        precision = near / lit if lit else 0.0
+        recall = hits / boxes_total if boxes_total else 0.0
+        key = precision if recall >= target_recall else recall - 1.0
+        if best is None or key > best[0]:
+            params = {"attention": att, "magnitude": mag, "max_elongation": elong, "min_area": area}
+            best = (key, params, {"precision": precision, "box_recall": recall, **params})
+    assert best is not None
+    return best[1], best[2]
 
 
 def tune_highlight(
@@ -190,26 +275,7 @@ def tune_highlight(
     torch rollout, so that both are measured on the same frames and the same grid (attention x
     magnitude x elongation x minimum area).
     """
-    block = model.card.features.block
-    maps = []
-    for item, feats, layout in cache:
-        probs, attention = run(layout.cut(feats.tokens_hwc))
-        relevance = token_relevance(layout, probs, attention, threshold)
-        maps.append((item, feats, relevance, Pieces.of(feats.open_diff_hw)))
-    best: tuple[float, dict[str, float], dict[str, float]] | None = None
-    for att, mag, elong, area in itertools.product(ATTENTION_GRID, MAGNITUDE_GRID, ELONGATION_GRID, MIN_AREA_GRID):
-        board = Scoreboard()
-        for item, feats, relevance, pieces in maps:
-            _, mask = highlight_mask(feats.tokens_hwc, relevance, pieces, block, att, mag, elong, area)
-            board.add("full", item.label, item.boxes, 0.0, "fail", mask)
-        fig = board.figures()
-        precision, recall = float(fig["full_highlight_precision"]), float(fig["full_box_recall"])
-        key = precision if recall >= target_recall else recall - 1.0
-        if best is None or key > best[0]:
-            params = {"attention": att, "magnitude": mag, "max_elongation": elong, "min_area": area}
-            best = (key, params, {"precision": precision, "box_recall": recall, **params})
-    assert best is not None
-    return best[1], best[2]
+    return grid_highlight(highlight_maps(cache, run, threshold), model.card.features.block, target_recall)
 
 
 def _better(a: dict[str, float], b: dict[str, float], target_recall: float) -> bool:
@@ -261,7 +327,7 @@ def ship(
     probe = rng.random((4, cfg.grid, cfg.grid, cfg.vit.channels)).astype(np.float32)
     export_check = check_export(result.model, onnx_path, probe)
     log.info("export matches torch: %s", export_check)
-    params = tune_baseline(_training_crops(train_items, cfg.seed))
+    params = tune_baseline(_training_crops(train_items, cfg.seed, result.spec))
     log.info("baseline tuned on training crops: %s", params)
     training = {
         "data": "DeepPCB training split (1,000 aligned template/tested pairs, 640x640, binarised)",

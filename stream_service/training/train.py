@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -66,6 +67,9 @@ class TrainConfig:
     augment: Augment = field(default_factory=Augment)
     calibration_images: int = 60
     workers: int = 2
+    # The front end the windows are made with (and the card records): registration and valid-region mask.
+    registration: str = "translation"
+    valid_region: bool = False
 
 
 def _windows_job(args: tuple[list[ManifestItem], FeatureSpec, int, int, Augment, int]) -> Arrays:
@@ -162,26 +166,45 @@ class TrainResult:
 
 
 def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]], None] | None = None) -> TrainResult:
-    """Train a SOARTC ViT from a manifest; deterministic for a given config and machine."""
-    started = time.monotonic()
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    """Train a SOARTC ViT from a manifest; deterministic for a given config and machine.
+
+    With ``cfg.val_groups`` empty every pair trains and the last weights are kept (the recipe of the
+    board-held-out folds and of the model trained on all boards after them).
+    """
     items = load_manifest(manifest)
     train_items, val_items = split_by_group(items, cfg.val_groups)
-    if not train_items or not val_items:
+    if not train_items or (cfg.val_groups and not val_items):
         from stream_service.errors import InputError
 
         raise InputError(
             f"train/validation split by group: expected both non-empty with val_groups={list(cfg.val_groups)}, "
             f"found {len(train_items)} train and {len(val_items)} validation pairs"
         )
+    return train_on(train_items, val_items, cfg, progress)
+
+
+def train_on(
+    train_items: list[ManifestItem],
+    val_items: list[ManifestItem],
+    cfg: TrainConfig,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train on the given pairs; validation windows from ``val_items`` pick the best epoch (none: the last)."""
+    started = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
     calib_items = [
         train_items[i]
         for i in rng.choice(len(train_items), min(cfg.calibration_images, len(train_items)), replace=False)
     ]
-    spec = calibrate_spec(calib_items, FeatureSpec(block=cfg.block))
+    front = FeatureSpec(block=cfg.block, registration=_method(cfg.registration), valid_region=cfg.valid_region)
+    spec = calibrate_spec(calib_items, front)
     log.info("calibrated features on %d images: %s", len(calib_items), spec)
-    val = parallel_windows(val_items, spec, cfg.grid, cfg.val_windows_per_image, NO_AUGMENT, cfg.seed + 1, cfg.workers)
+    val = (
+        parallel_windows(val_items, spec, cfg.grid, cfg.val_windows_per_image, NO_AUGMENT, cfg.seed + 1, cfg.workers)
+        if val_items
+        else None
+    )
     model = SoartcViT(cfg.vit)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The budget counts optimisation only, not data preparation (as `stream-service train --help` says):
@@ -216,30 +239,44 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
                 opt.step()
                 step += 1
             epoch += 1
-            probs, _ = predict(model, val[0])
-            report = {"round": rnd, "epoch": epoch, "step": step, "loss": loss.item(), **window_report(probs, val[2])}
+            report: dict[str, float] = {"round": rnd, "epoch": epoch, "step": step, "loss": loss.item()}
+            if val is not None:
+                probs, _ = predict(model, val[0])
+                report.update(window_report(probs, val[2]))
             report["elapsed_s"] = time.monotonic() - started
             history.append(report)
             log.info("%s", json.dumps(report))
             if progress is not None:
                 progress(report)
-            score = report["auroc"] - report["false_alarm_rate"]
-            if best is None or score > best[0]:
-                best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
+            if val is not None:
+                score = report["auroc"] - report["false_alarm_rate"]
+                if best is None or score > best[0]:
+                    best = (score, {k: v.detach().clone() for k, v in model.state_dict().items()})
         trained = time.monotonic() - origin
     if best is not None:
         model.load_state_dict(best[1])
-    probs, _ = predict(model, val[0])
+    validation: dict[str, float] = {}
+    if val is not None:
+        probs, _ = predict(model, val[0])
+        validation = window_report(probs, val[2])
     return TrainResult(
         model=model,
         spec=spec,
         config=cfg,
         history=history,
-        validation=window_report(probs, val[2]),
+        validation=validation,
         train_items=len(train_items),
         val_items=len(val_items),
         seconds=time.monotonic() - started,
     )
+
+
+def _method(name: str) -> Literal["translation", "affine", "none"]:
+    if name not in ("translation", "affine", "none"):
+        from stream_service.errors import InputError
+
+        raise InputError(f"registration method: expected translation, affine or none, found {name!r}")
+    return name  # type: ignore[return-value]
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, object]:

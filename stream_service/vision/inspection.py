@@ -18,7 +18,7 @@ from stream_service.errors import ModelError
 from stream_service.model.card import ModelCard
 from stream_service.vision.arrays import F32, U8
 from stream_service.vision.highlight import HighlightResult, Pieces, highlight, token_relevance
-from stream_service.vision.registration import Method, Registrar, Registration
+from stream_service.vision.registration import Method, Registrar, Registration, mask_invalid
 from stream_service.vision.soartc import Device, to_unit
 from stream_service.vision.tokens import FeatureSpec, TokenFeatures, feature_kernels, token_features
 from stream_service.vision.windows import WindowLayout
@@ -55,7 +55,7 @@ class FeatureExtractor:
         reference_u8: U8,
         spec: FeatureSpec,
         dark_object: bool,
-        registration: Method = "translation",
+        registration: Method | None = None,
         max_shift: float = 16.0,
         device: Device = "auto",
     ) -> None:
@@ -63,13 +63,28 @@ class FeatureExtractor:
         self.dark_object = dark_object
         self.reference = to_unit(reference_u8, dark_object)
         self.shape = self.reference.shape
-        self.registrar = Registrar(self.reference, registration, max_shift=max_shift)
+        # The pipeline follows the model card: a card that records its registration (spec.registration)
+        # gets it whatever is configured; for an older card the configured method applies.
+        method: Method = registration or "translation"
+        if spec.registration is not None:
+            if registration is not None and registration != spec.registration:
+                log.warning(
+                    "registration: %r is configured, but the model card's figures were measured with %r; "
+                    "running %r (the card's)",
+                    registration,
+                    spec.registration,
+                    spec.registration,
+                )
+            method = spec.registration
+        self.registrar = Registrar(self.reference, method, max_shift=max_shift)
         self.kernels = feature_kernels(self.reference, spec, device)
         self.unregistered = 0
 
     def extract(self, frame_u8: U8) -> Extracted:
         frame = to_unit(frame_u8, self.dark_object)
         aligned, reg = self.registrar.align(frame)
+        if self.spec.valid_region:
+            aligned = mask_invalid(self.reference, aligned, reg)
         if reg.method == "none" and self.registrar.method != "none":
             self.unregistered += 1
         feats = token_features(self.reference, aligned, self.spec, self.kernels)

@@ -23,6 +23,7 @@ Everything here is pure: arrays in, arrays out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -68,6 +69,11 @@ class FeatureSpec:
     diff_threshold: float = 0.3
     open_px: int = 3
     open_large_px: int = 5
+    # The front end: how a frame is registered to its reference (None: not recorded, the configured
+    # method applies), and whether the pixels the warp moved in from outside the frame are replaced by
+    # the reference's (never evidence).
+    registration: Literal["translation", "affine", "none"] | None = None
+    valid_region: bool = False
 
     def __post_init__(self) -> None:
         if self.block not in (8, 16):

@@ -238,7 +238,8 @@ class SoartcSettings(Section):
     """The soartc stage. The feature definition (block, variant, calibration) is the model card's, not a setting."""
 
     device: Device = "auto"
-    registration: Literal["translation", "affine", "none"] = "translation"
+    # None: the model card's (the front end its figures were measured with; translation for older cards).
+    registration: Literal["translation", "affine", "none"] | None = None
     max_shift_px: float = Field(16.0, ge=0)
     workers: PositiveInt = 1
 

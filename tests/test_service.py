@@ -208,3 +208,17 @@ def test_each_receiving_socket_is_bounded_by_its_cameras_frame_size() -> None:
     assert receive_bound(settings, [small, sized], token_bytes_per_pixel=4.0) == 4 * 1920 * 1080 + 1000
     assert receive_bound(settings, [small, sized]) < 200 * 2**20  # a 200 MB message is refused
     assert header_limits(settings) == HeaderLimits(max_bytes=65536, max_depth=32)
+
+
+def test_start_up_work_beats_from_a_thread_and_the_loop_takes_over_after(tmp_path: Path) -> None:
+    path, stop = tmp_path / "soartc-0.json", threading.Event()
+    beat = Heartbeat(path, "soartc-0", "soartc", 0.05, stop)
+    with beat.beating():  # a long first compile: the stage's loop is held for 0.5 s
+        time.sleep(0.1)
+        first = json.loads(path.read_text())["t"]
+        time.sleep(0.4)
+        last = json.loads(path.read_text())["t"]
+    assert last - first >= 0.25  # written all along, not once
+    path.unlink()
+    time.sleep(0.2)
+    assert not path.exists()  # the thread stopped with the block: a hang after start-up is still a hang

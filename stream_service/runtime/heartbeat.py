@@ -14,11 +14,12 @@ Only the parts a stage has are present: ``capture`` for a capture process, ``sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -241,6 +242,25 @@ class Heartbeat:
             log.warning("%s: the supervisor (pid %d) is gone; stopping", self.name, self._parent)
             self.stop.set()
         self.write()
+
+    @contextlib.contextmanager
+    def beating(self) -> Iterator[None]:
+        """Write heartbeats from a thread while the block runs: start-up work that holds the stage's loop
+        (compiling the kernels, the first frame through them, the model's first run) is not a hang.
+        Bounded by the block: the loop's own beats take over when it returns."""
+        done = threading.Event()
+
+        def beat_on() -> None:
+            while not done.wait(self.interval_s):
+                self.write()
+
+        thread = threading.Thread(target=beat_on, name=f"{self.name} heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
 
     def running(self) -> None:
         self.state = "running"

@@ -279,7 +279,8 @@ def serve_soartc(
         "features": {"unregistered": {cid: c.extractor.unregistered for cid, c in stage.cameras.items()}},
     }
     try:
-        stage.warm_up()
+        with heartbeat.beating():  # kernels compiled, the model run once: start-up, not a hang
+            stage.warm_up()
         heartbeat.running()
         log.info("soartc: %s -> %s (cameras %s)", captures, t.features_out, sorted(stage.cameras))
         run_stage(
@@ -381,7 +382,8 @@ def serve_infer(settings: Settings, stop: threading.Event, heartbeat: Heartbeat)
         "model": f"{model.card.name} {model.card.version} on {model.providers[0]}",
     }
     try:
-        stage.warm_up()
+        with heartbeat.beating():  # kernels compiled, the model run once: start-up, not a hang
+            stage.warm_up()
         replay.start()
         heartbeat.running()
         log.info(

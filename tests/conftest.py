@@ -296,3 +296,82 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str, float], Promethe
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@dataclass
+class JournaledLine:
+    """An infer stage's outside, in a thread: each verdict journaled, then published; the journal on REP."""
+
+    pub: str
+    rep: str
+    settings: Any  # JournalSettings
+
+    def journal_ids(self) -> list[str]:
+        return journal_ids(self.settings)
+
+
+def journal_ids(settings: Any) -> list[str]:
+    """The verdict_ids in the journal of ``settings`` (JournalSettings), in publishing order."""
+    import sqlite3
+
+    with sqlite3.connect(settings.resolved_path) as db:
+        return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
+
+
+@pytest.fixture
+def journaled_line(tmp_path: Path) -> Iterator[Callable[[Callable[[int], Verdict], float], JournaledLine]]:
+    """``start(verdict_of_seq, every_s)``: verdicts of cam0 journaled, then published on a free port every
+    ``every_s``, the journal served on another (replay_limit 7); stopped at teardown."""
+    import socket
+    import threading
+    import time
+
+    from stream_service.runtime.journal import Journal, JournaledSink, JournalReader, replay_handler
+    from stream_service.settings import JournalSettings
+    from stream_service.wire.replay import error_text
+    from stream_service.wire.transport import FrameSender, ReplyServer
+
+    def free() -> str:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+    started: list[Callable[[], None]] = []
+
+    def start(verdict_of: Callable[[int], Verdict], every_s: float) -> JournaledLine:
+        pub, rep = free(), free()
+        settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=7)
+        journal, reader = Journal(settings), JournalReader(settings)
+        server = ReplyServer(
+            rep, replay_handler(reader, 7), error_text, max_request_bytes=4096, linger_ms=0, poll_ms=50
+        )
+        stop, ready = threading.Event(), threading.Event()
+
+        def publish() -> None:
+            with FrameSender(pub, kind="pub", hwm=100, linger_ms=0) as sender:
+                sink = JournaledSink(sender, journal)
+                ready.set()
+                seq = 0
+                while not stop.is_set():
+                    sink.send("verdicts.cam0", verdict_of(seq))
+                    seq += 1
+                    time.sleep(every_s)
+
+        server.start()
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        assert ready.wait(10)
+
+        def close() -> None:
+            stop.set()
+            thread.join(10)
+            server.close()
+            reader.close()
+            journal.close()
+
+        started.append(close)
+        return JournaledLine(pub, rep, settings)
+
+    yield start
+    for close in started:
+        close()

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,15 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import JournaledLine, journal_ids
 from typer.testing import CliRunner
 
 from stream_service.cli import app
-from stream_service.runtime.journal import Journal, JournaledSink, JournalReader, replay_handler
 from stream_service.runtime.summary import PipelineSummary
 from stream_service.settings import JournalSettings
 from stream_service.wire.messages import Region, Verdict, VerdictIds, highlight_header, utc_time
-from stream_service.wire.replay import error_text
-from stream_service.wire.transport import FrameReceiver, FrameSender, ReplyServer
+from stream_service.wire.transport import FrameReceiver, FrameSender
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -161,9 +159,16 @@ def test_pipeline_commands_have_help(command: str) -> None:
 
 
 def write_config(tmp_path: Path, extra: str = "") -> Path:
+    """Two synthetic cameras on free ports (never the defaults: a pipeline someone runs may hold them)."""
     path = tmp_path / "line.yaml"
     cameras = "cameras:\n  - {id: left, source: {kind: synthetic}}\n  - {id: right, source: {kind: synthetic}}\n"
-    path.write_text(cameras + extra)
+    ports = [free_port() for _ in range(5)]
+    transport = (
+        f"transport: {{capture_out: ['tcp://127.0.0.1:{ports[0]}', 'tcp://127.0.0.1:{ports[1]}'], "
+        f"features_out: 'tcp://127.0.0.1:{ports[2]}', verdicts_pub: 'tcp://127.0.0.1:{ports[3]}', "
+        f"journal_rep: 'tcp://127.0.0.1:{ports[4]}'}}\n"
+    )
+    path.write_text(cameras + ("" if "transport:" in extra else transport) + extra)
     return path
 
 
@@ -298,40 +303,10 @@ def test_a_camera_without_a_reference_is_refused_with_how_to_make_one(tmp_path: 
 
 
 @pytest.fixture
-def journaled(verdict: LineVerdict, tmp_path: Path) -> Iterator[tuple[str, str, JournalSettings]]:
-    """An infer stage's outside, in a thread: each verdict journaled, then published, every 20 ms, and the
-    journal served on a REP socket; yields (verdicts endpoint, journal endpoint, journal settings)."""
-    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=7)
-    journal, reader = Journal(settings), JournalReader(settings)
-    server = ReplyServer(rep, replay_handler(reader, 7), error_text, max_request_bytes=4096, linger_ms=0, poll_ms=50)
-    stop, ready = threading.Event(), threading.Event()
-
-    def publish() -> None:
-        with FrameSender(pub, kind="pub", hwm=100, linger_ms=0) as sender:
-            sink = JournaledSink(sender, journal)
-            ready.set()
-            seq = 0
-            while not stop.is_set():
-                sink.send("verdicts.cam0", verdict("cam0", seq))
-                seq += 1
-                time.sleep(0.02)
-
-    server.start()
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield pub, rep, settings
-    stop.set()
-    thread.join(10)
-    server.close()
-    reader.close()
-    journal.close()
-
-
-def journal_ids(settings: JournalSettings) -> list[str]:
-    with sqlite3.connect(settings.resolved_path) as db:
-        return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
+def journaled(verdict: LineVerdict, journaled_line: Callable[..., JournaledLine]) -> tuple[str, str, JournalSettings]:
+    """(verdicts endpoint, journal endpoint, journal settings) of a journaled line publishing every 20 ms."""
+    line = journaled_line(lambda seq: verdict("cam0", seq), 0.02)
+    return line.pub, line.rep, line.settings
 
 
 def test_subscribe_since_an_id_replays_then_goes_on_live_without_gap_or_duplicate(

@@ -6,23 +6,19 @@ from __future__ import annotations
 import itertools
 import json
 import socket
-import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import JournaledLine, journal_ids
 
 from stream_service import client
 from stream_service.errors import JournalError, TransportError
-from stream_service.runtime.journal import Journal, JournaledSink, JournalReader, replay_handler
 from stream_service.settings import JournalSettings
 from stream_service.wire.messages import Region, Verdict, VerdictIds, utc_time, verdict_json_schema
-from stream_service.wire.replay import error_text
-from stream_service.wire.transport import FrameSender, ReplyServer
 
 pytestmark = pytest.mark.timeout(120)
 REPO = Path(__file__).resolve().parents[1]
@@ -86,42 +82,18 @@ def test_the_client_reads_every_kind_of_published_verdict(make_verdict: Callable
 
 
 @pytest.fixture
-def journaled(make_verdict: Callable[..., Verdict], tmp_path: Path) -> Iterator[tuple[str, str, JournalSettings]]:
+def journaled(
+    make_verdict: Callable[..., Verdict], journaled_line: Callable[..., JournaledLine]
+) -> tuple[str, str, JournalSettings]:
     """An infer stage's outside: verdicts of cam0 journaled, then published, every 10 ms; the journal on REP."""
-    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=7)
-    journal, reader = Journal(settings), JournalReader(settings)
-    server = ReplyServer(rep, replay_handler(reader, 7), error_text, max_request_bytes=4096, linger_ms=0, poll_ms=50)
-    stop, ready = threading.Event(), threading.Event()
     ids = VerdictIds()
 
-    def publish() -> None:
-        with FrameSender(pub, kind="pub", hwm=100, linger_ms=0) as sender:
-            sink = JournaledSink(sender, journal)
-            ready.set()
-            for seq in itertools.count():
-                if stop.is_set():
-                    return
-                now = time.time_ns()
-                v = make_verdict("cam0", seq, verdict_id=ids.new(now), time=utc_time(now), capture_ns=now)
-                sink.send("verdicts.cam0", v)
-                time.sleep(0.01)
+    def verdict_of(seq: int) -> Verdict:
+        now = time.time_ns()
+        return make_verdict("cam0", seq, verdict_id=ids.new(now), time=utc_time(now), capture_ns=now)
 
-    server.start()
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield pub, rep, settings
-    stop.set()
-    thread.join(10)
-    server.close()
-    reader.close()
-    journal.close()
-
-
-def journal_ids(settings: JournalSettings) -> list[str]:
-    with sqlite3.connect(settings.resolved_path) as db:
-        return [row[0] for row in db.execute("SELECT verdict_id FROM verdicts ORDER BY id")]
+    line = journaled_line(verdict_of, 0.01)
+    return line.pub, line.rep, line.settings
 
 
 def test_the_client_backfills_from_the_journal_then_goes_on_live_without_gap_or_duplicate(

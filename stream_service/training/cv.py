@@ -44,6 +44,7 @@ from stream_service.quality.oof import (
 from stream_service.training.export import export_onnx
 from stream_service.training.folds import Fold, assign_folds
 from stream_service.training.ship import (
+    FIGURE_KEYS,
     LICENCE_NOTE,
     _card,
     _full_frame_cache,
@@ -66,17 +67,6 @@ from stream_service.vision.baseline import BaselineParams, tune_baseline
 log = logging.getLogger(__name__)
 
 PROVISIONAL_HIGHLIGHT = {"attention": 1.0, "magnitude": 0.0, "max_elongation": 1e6, "min_area": 0}
-FIGURE_KEYS = (
-    "crop_auroc",
-    "crop_miss_rate",
-    "crop_false_alarm_rate",
-    "full_highlight_precision",
-    "full_box_recall",
-    "pass_crop_false_highlight_rate",
-    "n_crops_fail",
-    "n_crops_pass",
-    "n_full",
-)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,20 @@ LICENCE_NOTE = (
 )
 
 
+# The figures of an evaluation that a card records (validation, and the folds' out-of-board reports).
+FIGURE_KEYS = (
+    "crop_auroc",
+    "crop_miss_rate",
+    "crop_false_alarm_rate",
+    "full_highlight_precision",
+    "full_box_recall",
+    "pass_crop_false_highlight_rate",
+    "n_crops_fail",
+    "n_crops_pass",
+    "n_full",
+)
+
+
 def _card(
     result: TrainResult,
     name: str,
@@ -412,18 +426,7 @@ def ship(
         model = InspectionModel.load(out_dir, device="cpu")
         vit = evaluate(val_manifest, Path(tmp) / "vit", model)
         base = evaluate(val_manifest, Path(tmp) / "baseline", model, method="baseline")
-    keys = (
-        "crop_auroc",
-        "crop_miss_rate",
-        "crop_false_alarm_rate",
-        "full_highlight_precision",
-        "full_box_recall",
-        "pass_crop_false_highlight_rate",
-        "n_crops_fail",
-        "n_crops_pass",
-        "n_full",
-        "median_ms_per_pair",
-    )
+    keys = (*FIGURE_KEYS, "median_ms_per_pair")
     validation = {
         "data": (
             f"validation boards {', '.join(cfg.val_groups)}: 256x256 crops (2 fail + 2 pass per image, "

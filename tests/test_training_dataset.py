@@ -21,6 +21,7 @@ from stream_service.training.dataset import (
     Augment,
     _box_symmetry,
     _symmetry,
+    etch,
     good_block_mask,
     make_window,
     sample_origins,
@@ -209,7 +210,7 @@ def origin_around(box: tuple[int, ...], size: int = 256) -> tuple[int, int]:
     return min(max(cx - size // 2, 0), 640 - size), min(max(cy - size // 2, 0), 640 - size)
 
 
-@pytest.mark.parametrize("aug", [NO_AUGMENT, Augment()], ids=["plain", "augmented"])
+@pytest.mark.parametrize("aug", [NO_AUGMENT, Augment(), Augment(etch_px=1.0)], ids=["plain", "augmented", "etched"])
 def test_make_window_on_a_real_pair(first_pair: tuple[np.ndarray, np.ndarray, ManifestItem], aug: Augment) -> None:
     reference, frame, chosen = first_pair
     spec = FeatureSpec()
@@ -242,3 +243,41 @@ def test_make_window_clear_of_boxes_is_a_pass(first_pair: tuple[np.ndarray, np.n
     window = make_window(reference, frame, chosen.boxes, x0, y0, FeatureSpec(), 16, NO_AUGMENT, np.random.default_rng())
     assert window.label == PASS
     assert not window.targets.any()
+
+
+@pytest.mark.parametrize("grow", [True, False], ids=["grown", "etched-back"])
+def test_etch_moves_only_the_edges_by_the_fraction_asked(grow: bool) -> None:
+    frame = np.zeros((40, 40), np.float32)
+    frame[10:30, 12:28] = 1.0  # a copper pad
+    full, half = etch(frame, 1.0, grow), etch(frame, 0.5, grow)
+    changed = np.abs(full - frame) > 0
+    # One pixel ring outside the pad (grown) or inside its border (etched back), nothing else.
+    ring = np.zeros_like(changed)
+    if grow:
+        ring[9:31, 11:29] = True
+        ring[9, 11] = ring[9, 28] = ring[30, 11] = ring[30, 28] = False  # a 3x3 cross does not reach corners
+        ring[10:30, 12:28] = False
+    else:
+        ring[10:30, 12:28] = True
+        ring[11:29, 13:27] = False
+    np.testing.assert_array_equal(changed, ring)
+    np.testing.assert_allclose(half[changed], 0.5)
+    assert float(full.sum()) > float(frame.sum()) if grow else float(full.sum()) < float(frame.sum())
+    np.testing.assert_array_equal(etch(frame, 0.0, grow), frame)
+
+
+def test_etched_windows_of_a_clear_region_are_still_passes(
+    first_pair: tuple[np.ndarray, np.ndarray, ManifestItem],
+) -> None:
+    """Etching is a harmless difference: it never turns a pass window into a fail (labels come from boxes)."""
+    reference, frame, chosen = first_pair
+    origins = [(x, y) for x in range(0, 385, 16) for y in range(0, 385, 16)]
+    clear = [o for o in origins if window_label(chosen.boxes, *o, 256) == PASS]
+    if not clear:
+        pytest.skip("no window of this pair is clear of its boxes")
+    rng = np.random.default_rng(5)
+    windows = [
+        make_window(reference, frame, chosen.boxes, *clear[0], FeatureSpec(), 16, Augment(etch_px=1.0), rng)
+        for _ in range(4)
+    ]
+    assert all(w.label == PASS and not w.targets.any() for w in windows)

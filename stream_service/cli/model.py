@@ -32,6 +32,9 @@ def train_command(
     valid_region: Annotated[
         bool, typer.Option(help="Pixels warped in from outside the frame are no evidence.")
     ] = False,
+    etch_px: Annotated[
+        float, typer.Option(help="Augmentation: copper edges etched back or grown by up to this many pixels (0-1).")
+    ] = 0.0,
     eval_registration: Annotated[
         Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
     ] = None,
@@ -53,6 +56,7 @@ def train_command(
     import json
 
     try:
+        from stream_service.training.dataset import Augment
         from stream_service.training.train import TrainConfig, set_threads
     except ImportError as exc:
         typer.echo(f"error: training needs torch and onnx: pip install 'stream-service[train]' ({exc})", err=True)
@@ -66,6 +70,7 @@ def train_command(
         rounds=rounds,
         registration=registration,
         valid_region=valid_region,
+        augment=Augment(etch_px=etch_px),
     )
     experiments = json.loads(notes.read_text()) if notes is not None else []
     if folds:

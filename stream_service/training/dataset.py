@@ -6,8 +6,10 @@ rule for crops: a window is a fail if a defect box lies wholly inside it, a pass
 teach the attention). Token targets mark the tokens a box overlaps.
 
 Augmentation imitates what a line does to frames: sub-pixel shifts (undone by the real registration,
-which leaves its real residual), brightness and contrast changes, blur and sensor noise; plus the
-board's own symmetries (rotations by 90 degrees and flips) applied to reference and frame together.
+which leaves its real residual), copper edges etched back or grown by up to a pixel (a new board's
+etching differs from its golden reference's along every edge), brightness and contrast changes, blur and
+sensor noise; plus the board's own symmetries (rotations by 90 degrees and flips) applied to reference and
+frame together.
 
 This module is pure NumPy/OpenCV (no torch), so its labelling is tested without the train extra.
 """
@@ -46,9 +48,14 @@ class Augment:
     blur_sigma: float = 0.8
     noise_sigma: float = 0.03
     symmetries: bool = True
+    # Up to this fraction of a pixel of copper etched back or grown along every edge of the frame, on half the
+    # windows (0: never). Fractions blend the frame with its 3x3-eroded or -dilated self.
+    etch_px: float = 0.0
 
 
-NO_AUGMENT = Augment(shift_px=0.0, gain=(1.0, 1.0), offset=0.0, blur_sigma=0.0, noise_sigma=0.0, symmetries=False)
+NO_AUGMENT = Augment(
+    shift_px=0.0, gain=(1.0, 1.0), offset=0.0, blur_sigma=0.0, noise_sigma=0.0, symmetries=False, etch_px=0.0
+)
 
 
 def split_by_group(items: Sequence[ManifestItem], val_groups: Sequence[str]) -> tuple[list[ManifestItem], ...]:
@@ -79,8 +86,20 @@ def token_targets(boxes: Sequence[Box], x0: int, y0: int, grid: int, block: int)
     return out
 
 
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+
+
+def etch(frame_hw: npt.NDArray[np.float32], amount: float, grow: bool) -> npt.NDArray[np.float32]:
+    """The frame with its bright phase grown (``grow``) or etched back along every edge by ``amount`` pixels
+    (0..1): a blend of the frame with its 3x3-cross dilation or erosion, so only edge pixels change."""
+    moved = cv2.dilate(frame_hw, _CROSS) if grow else cv2.erode(frame_hw, _CROSS)
+    return np.asarray(frame_hw + np.float32(amount) * (moved - frame_hw), np.float32)
+
+
 def _perturb(frame_hw: npt.NDArray[np.float32], aug: Augment, rng: np.random.Generator) -> npt.NDArray[np.float32]:
     out = frame_hw
+    if aug.etch_px > 0 and rng.random() < 0.5:
+        out = etch(out, float(rng.uniform(0, aug.etch_px)), bool(rng.integers(2)))
     if aug.shift_px > 0:
         dx, dy = rng.uniform(-aug.shift_px, aug.shift_px, 2)
         m = np.array([[1, 0, dx], [0, 1, dy]], np.float32)

@@ -29,12 +29,8 @@ def train_command(
         int, typer.Option(help="K > 1: K-fold cross-validation by board (--val-groups unused), then all boards.")
     ] = 0,
     registration: Annotated[Registration, typer.Option(help="Registration the training windows use.")] = "translation",
-    valid_region: Annotated[
-        bool, typer.Option(help="Pixels warped in from outside the frame are no evidence.")
-    ] = False,
-    etch_px: Annotated[
-        float, typer.Option(help="Augmentation: copper edges etched back or grown by up to this many pixels (0-1).")
-    ] = 0.0,
+    valid_region: Annotated[bool, typer.Option(help="Pixels warped in from outside the frame: no evidence.")] = False,
+    etch_px: Annotated[float, typer.Option(help="Augmentation: copper edges etched or grown by <= N px (0-1).")] = 0,
     eval_registration: Annotated[
         Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
     ] = None,

@@ -282,43 +282,19 @@ def _ns(text: str) -> int:
 
 
 @pytest.fixture
-def journaled(make_verdict: Callable[..., Any], tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
-    """An infer stage's outside, in a thread: verdicts of cam0 journaled, then published, every 20 ms, the
-    journal served on REP; yields (verdicts endpoint, journal endpoint, journal file)."""
-    from stream_service.runtime.journal import Journal, JournaledSink, JournalReader, replay_handler
-    from stream_service.settings import JournalSettings
+def journaled(make_verdict: Callable[..., Any], journaled_line: Callable[..., Any]) -> tuple[str, str, Path]:
+    """An infer stage's outside (conftest.journaled_line): verdicts of cam0 journaled, then published, every
+    20 ms, the journal served on REP; (verdicts endpoint, journal endpoint, journal file)."""
     from stream_service.wire.messages import VerdictIds, utc_time
-    from stream_service.wire.replay import error_text
-    from stream_service.wire.transport import FrameSender, ReplyServer
 
-    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
-    settings = JournalSettings(path=tmp_path / "journal.sqlite", replay_limit=7)
-    journal, reader = Journal(settings), JournalReader(settings)
-    server = ReplyServer(rep, replay_handler(reader, 7), error_text, max_request_bytes=4096, linger_ms=0, poll_ms=50)
-    stop, ready = threading.Event(), threading.Event()
     ids = VerdictIds()
 
-    def publish() -> None:
-        with FrameSender(pub, kind="pub", hwm=100, linger_ms=0) as sender:
-            sink = JournaledSink(sender, journal)
-            ready.set()
-            seq = 0
-            while not stop.is_set():
-                now = time.time_ns()
-                sink.send("verdicts.cam0", make_verdict("cam0", seq, verdict_id=ids.new(now), time=utc_time(now)))
-                seq += 1
-                time.sleep(0.02)
+    def verdict_of(seq: int) -> Any:
+        now = time.time_ns()
+        return make_verdict("cam0", seq, verdict_id=ids.new(now), time=utc_time(now))
 
-    server.start()
-    thread = threading.Thread(target=publish, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield pub, rep, tmp_path / "journal.sqlite"
-    stop.set()
-    thread.join(10)
-    server.close()
-    reader.close()
-    journal.close()
+    line = journaled_line(verdict_of, 0.02)
+    return line.pub, line.rep, Path(line.settings.path)
 
 
 def test_a_killed_bridge_resumes_after_the_acknowledged_verdict_and_logs_in_with_its_password(

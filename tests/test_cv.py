@@ -60,6 +60,11 @@ def test_every_pair_gets_an_out_of_board_prediction(run: tuple[Path, cv.Oof]) ->
     assert {p["id"] for p in preds} == {r["id"] for r in crops}
     assert set(report["boards"]) == set(GROUPS)
     assert report["operating_curve"]["vit"] and report["pooled"]["baseline"]["at_vit_miss_rate"]
+    # Side by side at equal miss: the ViT at the baseline's own miss rate, never at a stricter one.
+    eq, vit = report["pooled"]["equal_miss"], report["pooled"]["vit"]
+    assert eq["miss_rate"] == report["pooled"]["baseline"]["crop_miss_rate"]
+    assert vit["at_baseline_miss_rate"]["miss_rate"] <= eq["miss_rate"] + 1e-9
+    assert eq["vit_false_alarm_rate"] == vit["at_baseline_miss_rate"]["false_alarm_rate"]
 
 
 def test_the_shipped_card_carries_the_pooled_choices(run: tuple[Path, cv.Oof]) -> None:

@@ -222,3 +222,23 @@ def test_ecc_divergence_is_a_registration_error(pairs: dict, frame_kind: str) ->
     with pytest.raises(RegistrationError, match="ECC affine registration: expected convergence") as info:
         estimate_affine(template, frame, initial=Registration(0.0, 0.0, 1.0, "translation"))
     assert isinstance(info.value.__cause__, cv2.error)
+
+
+# 256 px crops of DeepPCB pairs whose tested image sits a few pixels off its template there (origin x, y):
+# one arc of a pad (ECC wanders off), and parallel bars (phase correlation sees only the shift across them).
+OFF_CROPS = (("20085163", (378, 291)), ("13000014", (184, 368)))
+
+
+@pytest.mark.parametrize(("pair", "origin"), OFF_CROPS)
+def test_affine_align_falls_back_to_the_shift_where_ecc_fails(
+    deeppcb: Path, pair: str, origin: tuple[int, int]
+) -> None:
+    folder = deeppcb / "PCBData" / f"group{pair[:5]}" / pair[:5]
+    x, y = origin
+    full = [cv2.imread(str(folder / f"{pair}_{kind}.jpg"), cv2.IMREAD_GRAYSCALE) for kind in ("temp", "test")]
+    ref, frame = (image[y : y + 256, x : x + 256].astype(np.float32) / 255.0 for image in full)
+    differing = float((np.abs(ref - frame) > 0.3).mean())
+    aligned, reg = Registrar(ref, "affine", max_shift=16.0).align(frame)
+    left = float((np.abs(ref - aligned) > 0.3).mean())
+    assert differing > 0.009  # the crop is visibly off before registration
+    assert reg.method == "translation" and left < differing / 5, (reg, differing, left)

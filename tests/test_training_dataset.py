@@ -21,6 +21,8 @@ from stream_service.training.dataset import (
     Augment,
     _box_symmetry,
     _symmetry,
+    align,
+    clean_frame,
     etch,
     good_block_mask,
     make_window,
@@ -281,3 +283,38 @@ def test_etched_windows_of_a_clear_region_are_still_passes(
         for _ in range(4)
     ]
     assert all(w.label == PASS and not w.targets.any() for w in windows)
+
+
+def test_clean_frame_removes_the_defects_and_keeps_the_rest(
+    first_pair: tuple[np.ndarray, np.ndarray, ManifestItem],
+) -> None:
+    """A defect-free window: inside the boxes (grown by 8 px) the reference, registered into the frame's place;
+    outside them the tested board's own pixels, untouched. The classical baseline finds nothing left."""
+    from stream_service.vision.baseline import BaselineParams, baseline
+    from stream_service.vision.soartc import to_unit
+
+    reference, frame, chosen = first_pair
+    x0, y0 = origin_around(chosen.boxes[0])
+    local = [(x1 - x0, y1 - y0, x2 - x0, y2 - y0, t) for x1, y1, x2, y2, t in chosen.boxes]
+    ref = to_unit(reference[y0 : y0 + 256, x0 : x0 + 256], True)
+    raw = to_unit(frame[y0 : y0 + 256, x0 : x0 + 256], True)
+    spec = FeatureSpec(registration="affine", valid_region=True)
+    cleaned = clean_frame(ref, raw, local, spec)
+    fill = np.zeros(ref.shape, bool)
+    for x1, y1, x2, y2, _ in local:
+        fill[max(y1 - 8, 0) : max(y2 + 9, 0), max(x1 - 8, 0) : max(x2 + 9, 0)] = True
+    np.testing.assert_array_equal(cleaned[~fill], raw[~fill])
+    params = BaselineParams(threshold=0.3, open_px=3, min_area=20)
+    assert baseline(ref, align(ref, raw, spec), params).verdict == "fail"  # the defect is there before
+    assert baseline(ref, align(ref, cleaned, spec), params).verdict == "pass"
+
+
+def test_clean_windows_are_passes_without_targets(first_pair: tuple[np.ndarray, np.ndarray, ManifestItem]) -> None:
+    reference, frame, chosen = first_pair
+    origin = origin_around(chosen.boxes[0])
+    assert window_label(chosen.boxes, *origin, 256) == FAIL
+    rng = np.random.default_rng(3)
+    win = make_window(reference, frame, chosen.boxes, *origin, FeatureSpec(), 16, Augment(), rng, clean=True)
+    assert win.label == PASS and not win.targets.any()
+    dirty = make_window(reference, frame, chosen.boxes, *origin, FeatureSpec(), 16, NO_AUGMENT, rng)
+    assert dirty.label == FAIL and dirty.targets.any()

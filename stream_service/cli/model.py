@@ -31,6 +31,9 @@ def train_command(
     registration: Annotated[Registration, typer.Option(help="Registration the training windows use.")] = "translation",
     valid_region: Annotated[bool, typer.Option(help="Pixels warped in from outside the frame: no evidence.")] = False,
     etch_px: Annotated[float, typer.Option(help="Augmentation: copper edges etched or grown by <= N px (0-1).")] = 0,
+    clean_pass: Annotated[
+        float, typer.Option(help="Fraction of training windows made defect-free (boxes filled from the reference).")
+    ] = 0,
     eval_registration: Annotated[
         Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
     ] = None,
@@ -66,7 +69,7 @@ def train_command(
         rounds=rounds,
         registration=registration,
         valid_region=valid_region,
-        augment=Augment(etch_px=etch_px),
+        augment=Augment(etch_px=etch_px, clean_pass=clean_pass),
     )
     experiments = json.loads(notes.read_text()) if notes is not None else []
     if folds:

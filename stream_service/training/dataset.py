@@ -51,11 +51,17 @@ class Augment:
     # Up to this fraction of a pixel of copper etched back or grown along every edge of the frame, on half the
     # windows (0: never). Fractions blend the frame with its 3x3-eroded or -dilated self.
     etch_px: float = 0.0
+    # This fraction of the windows (0: none) is made defect-free (``clean_frame``): pass windows that keep the
+    # tested board's own etching and registration residue, which DeepPCB (every tile holds defects) rarely gives.
+    clean_pass: float = 0.0
 
 
 NO_AUGMENT = Augment(
     shift_px=0.0, gain=(1.0, 1.0), offset=0.0, blur_sigma=0.0, noise_sigma=0.0, symmetries=False, etch_px=0.0
 )
+# Augment fields added after recipes were checkpointed, with the value that means "off": left out of a
+# recipe's key at that value, so the checkpoints of earlier recipes still resume (training.cv).
+LATER_FIELDS = {"clean_pass": 0.0}
 
 
 def split_by_group(items: Sequence[ManifestItem], val_groups: Sequence[str]) -> tuple[list[ManifestItem], ...]:
@@ -157,6 +163,34 @@ def align(
     return aligned
 
 
+def clean_frame(
+    reference_hw: npt.NDArray[np.float32],
+    frame_hw: npt.NDArray[np.float32],
+    boxes: Sequence[Box],
+    spec: FeatureSpec,
+    margin: int = MARGIN_PX,
+) -> npt.NDArray[np.float32]:
+    """The frame with its defects removed: every box, grown by ``margin`` px, filled with the reference
+    warped into the frame's coordinates (the registration's forward map), so that the part still sits where
+    the camera saw it and everything outside the boxes (etching, local misregistration) stays the tested
+    board's own. Boxes are in the window's pixel coordinates."""
+    method = "translation" if spec.registration is None else spec.registration
+    _, reg = Registrar(reference_hw, method, max_shift=MAX_SHIFT_PX).align(frame_hw)
+    h, w = frame_hw.shape
+    seen = (
+        reference_hw
+        if reg.method == "none"
+        else np.asarray(
+            cv2.warpAffine(reference_hw, reg.matrix(), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE),
+            np.float32,
+        )
+    )
+    fill = np.zeros((h, w), bool)
+    for x1, y1, x2, y2, *_ in boxes:
+        fill[max(y1 - margin, 0) : max(y2 + margin + 1, 0), max(x1 - margin, 0) : max(x2 + margin + 1, 0)] = True
+    return np.asarray(np.where(fill, seen, frame_hw), np.float32)
+
+
 def make_window(
     reference_u8: npt.NDArray[np.uint8],
     frame_u8: npt.NDArray[np.uint8],
@@ -168,13 +202,17 @@ def make_window(
     aug: Augment,
     rng: np.random.Generator,
     dark_object: bool = True,
+    clean: bool = False,
 ) -> Window:
-    """Cut, perturb, register and featurise the window at (x0, y0) of a full reference/frame pair."""
+    """Cut, perturb, register and featurise the window at (x0, y0) of a full reference/frame pair;
+    ``clean``: with the defects removed first (``clean_frame``), a pass whatever the boxes."""
     size = grid * spec.block
-    label = window_label(boxes, x0, y0, size)
+    label = PASS if clean else window_label(boxes, x0, y0, size)
     local = [(x1 - x0, y1 - y0, x2 - x0, y2 - y0, t) for x1, y1, x2, y2, t in boxes]
     ref = to_unit(reference_u8[y0 : y0 + size, x0 : x0 + size], dark_object)
     frame = to_unit(frame_u8[y0 : y0 + size, x0 : x0 + size], dark_object)
+    if clean:
+        frame, local = clean_frame(ref, frame, local, spec), []
     if aug.symmetries:
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         ref, frame = _symmetry(ref, k, flip), _symmetry(frame, k, flip)
@@ -278,7 +316,9 @@ def build_windows(
             log.warning("skipping %s: %s is smaller than a %d px window", item.id, ref_u8.shape, size)
             continue
         for x0, y0 in sample_origins(item, ref_u8.shape, size, per_image, rng):
-            win = make_window(ref_u8, frame_u8, item.boxes, x0, y0, spec, grid, aug, rng)
+            # rng is drawn for this only when asked, so that recipes without it sample the same windows as before.
+            clean = aug.clean_pass > 0 and bool(rng.random() < aug.clean_pass)
+            win = make_window(ref_u8, frame_u8, item.boxes, x0, y0, spec, grid, aug, rng, clean=clean)
             tokens.append(win.tokens)
             targets.append(win.targets)
             labels.append(win.label)

@@ -145,7 +145,7 @@ class ThresholdChoice:
 
 
 def choose_threshold(
-    scores: np.ndarray, labels: np.ndarray, max_miss: float = 0.01, max_false_alarm: float = 0.03
+    scores: np.ndarray, labels: np.ndarray, max_miss: float = 0.01, max_false_alarm: float = 0.02
 ) -> ThresholdChoice:
     """The verdict threshold that leaves both validation rates furthest inside their targets.
 
@@ -326,7 +326,7 @@ def ship(
     version: str = "1",
     stride: int = 12,
     max_miss: float = 0.01,
-    max_false_alarm: float = 0.03,
+    max_false_alarm: float = 0.02,
     target_recall: float = 0.98,
     experiments: list[dict[str, Any]] | None = None,
 ) -> ModelCard:

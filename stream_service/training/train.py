@@ -30,6 +30,7 @@ from stream_service.quality.metrics import auroc
 from stream_service.training.dataset import (
     AMBIGUOUS,
     FAIL,
+    LATER_FIELDS,
     NO_AUGMENT,
     PASS,
     Augment,
@@ -280,7 +281,12 @@ def _method(name: str) -> Literal["translation", "affine", "none"]:
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, object]:
+    """The recipe as JSON; Augment fields added later are left out at their "off" value (``LATER_FIELDS``)."""
     out: dict[str, object] = json.loads(json.dumps(asdict(cfg)))
+    augment = out["augment"]
+    for name, off in LATER_FIELDS.items():
+        if isinstance(augment, dict) and augment.get(name) == off:
+            del augment[name]
     return out
 
 

@@ -269,23 +269,39 @@ class Registrar:
 
         Phase correlation cannot see a shift along the only direction a pattern has (parallel traces
         all running one way) and returns noise for that component. So the estimate is taken only when
-        it lowers the mean absolute difference to the reference, tried whole, per axis, and not at all;
-        the least different candidate wins. A registration refused by the limits falls back the same way.
-        The returned Registration is the one applied (method "none" when the frame is left as it is).
+        it lowers the mean absolute difference to the reference, tried whole, per axis (each part within
+        the limits on its own), and not at all; the least different candidate wins. For "affine" the
+        phase-correlation shift (whole and per axis) competes with the ECC fit: on a crop with little
+        structure (one arc of a pad, a few parallel bars) ECC diverges or wanders off where the shift
+        alone aligns the part, and leaving such a frame unaligned turned a 6 px offset into a false
+        alarm. A registration refused by the limits drops out the same way. The returned Registration
+        is the one applied (method "none" when the frame is left as it is).
         """
         frame = as_unit(frame_hw)
         _check_shapes(self.reference, frame)
-        candidates: list[tuple[F32, Registration]] = [(frame, Registration(0.0, 0.0, 0.0, "none"))]
-        try:
-            aligned, reg = self.register(frame)
-        except RegistrationError:
-            return candidates[0]
-        candidates[0] = (frame, Registration(0.0, 0.0, reg.confidence, "none"))
-        candidates.append((aligned, reg))
-        if reg.method == "translation":
-            for dx, dy in ((reg.dx, 0.0), (0.0, reg.dy)):
-                part = _translation(dx, dy, reg.confidence)
-                candidates.append((apply_registration(frame, part), part))
+        if self.method == "none":
+            return frame, Registration(0.0, 0.0, 1.0, "none")
+        shift = self.estimate_shift(frame)
+        found: list[Registration] = []
+        if self.method == "affine":
+            try:
+                self._check(shift)
+                affine = estimate_affine(self.reference, frame, initial=shift, max_side=self._max_side)
+                self._check(affine)
+                found.append(affine)
+            except RegistrationError:
+                pass
+        for dx, dy in ((shift.dx, shift.dy), (shift.dx, 0.0), (0.0, shift.dy)):
+            # Each part on its own: parallel bars give noise along their length, not across it.
+            part = _translation(dx, dy, shift.confidence)
+            try:
+                self._check(part)
+                found.append(part)
+            except RegistrationError:
+                pass
+        # Confidence 0 marks a frame no registration was accepted for.
+        candidates = [(frame, Registration(0.0, 0.0, shift.confidence if found else 0.0, "none"))]
+        candidates.extend((apply_registration(frame, reg), reg) for reg in found)
         errors = [float(cv2.norm(self.reference, c[0], cv2.NORM_L1)) for c in candidates]
         return candidates[int(np.argmin(errors))]
 

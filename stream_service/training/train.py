@@ -219,7 +219,8 @@ def train_on(
         tr = parallel_windows(
             train_items, spec, cfg.grid, cfg.train_windows_per_image, cfg.augment, cfg.seed + 10 + rnd, cfg.workers
         )
-        log.info("round %d: %d training windows (%s pass/fail/ambiguous)", rnd, len(tr[2]), np.bincount(tr[2] + 1))
+        counts = np.bincount(tr[2] + 1, minlength=3)  # labels -1, 0, 1
+        log.info("round %d: %d training windows (%s ambiguous/pass/fail)", rnd, len(tr[2]), counts)
         epoch = 0
         origin = time.monotonic() - trained  # time.monotonic() - origin = seconds trained so far
         while time.monotonic() - origin < (rnd + 1) * budget / cfg.rounds:

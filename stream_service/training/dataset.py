@@ -51,8 +51,9 @@ class Augment:
     # Up to this fraction of a pixel of copper etched back or grown along every edge of the frame, on half the
     # windows (0: never). Fractions blend the frame with its 3x3-eroded or -dilated self.
     etch_px: float = 0.0
-    # This fraction of the windows (0: none) is made defect-free (``clean_frame``): pass windows that keep the
-    # tested board's own etching and registration residue, which DeepPCB (every tile holds defects) rarely gives.
+    # This fraction of the windows (0: none) is made defect-free (``clean_frame``): pass windows from any
+    # position that keep the tested board's own etching and registration residue (DeepPCB tiles hold 1 to 15
+    # defects, so the positions clear of every box are few and always the same).
     clean_pass: float = 0.0
 
 

@@ -417,31 +417,35 @@ def apply_registration(frame_hw: F32, registration: Registration) -> F32:
 
 
 def invalid_region(shape: tuple[int, ...], registration: Registration) -> npt.NDArray[np.bool_]:
-    """(H, W) bool: pixels of the aligned frame that the warp filled from outside the captured frame.
+    """(H, W) bool: pixels of the aligned frame that hold no evidence about the part.
 
-    ``apply_registration`` replicates the edge there, so those pixels hold no evidence about the part;
-    a pixel counts as invalid when any of its bilinear taps lies outside the frame.
+    Those the warp filled from outside the captured frame (``apply_registration`` replicates the edge
+    there; a pixel counts when any of its bilinear taps lies outside the frame), and always the outermost
+    ring: a frame is never exactly where the reference was, so its edge pixels show, or interpolate, part
+    of the board just outside the reference's view (a trace ending a pixel past the edge comes in as a
+    strip one or two rows high, whatever the registration).
     """
     h, w = shape[0], shape[1]
-    if registration.method == "none":
-        return np.zeros((h, w), bool)
-    ones = np.ones((h, w), np.float32)
-    warped = cv2.warpAffine(
-        ones,
-        registration.matrix(),
-        (w, h),
-        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=0.0,
-    )
-    return np.asarray(warped < 0.999, bool)
+    invalid = np.zeros((h, w), bool)
+    if registration.method != "none":
+        ones = np.ones((h, w), np.float32)
+        warped = cv2.warpAffine(
+            ones,
+            registration.matrix(),
+            (w, h),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0.0,
+        )
+        invalid = np.asarray(warped < 0.999, bool)
+    invalid[0, :] = invalid[-1, :] = True
+    invalid[:, 0] = invalid[:, -1] = True
+    return invalid
 
 
 def mask_invalid(reference_hw: F32, aligned_hw: F32, registration: Registration) -> F32:
-    """The aligned frame with the pixels the warp moved in from outside set to the reference's (no evidence)."""
+    """The aligned frame with the pixels of ``invalid_region`` set to the reference's (no evidence)."""
     invalid = invalid_region(aligned_hw.shape, registration)
-    if not invalid.any():
-        return aligned_hw
     return np.asarray(np.where(invalid, reference_hw, aligned_hw), np.float32)
 
 

@@ -10,6 +10,12 @@ import typer
 from stream_service.cli.app import DEFAULT_MODEL, _fail, app
 
 Registration = Literal["translation", "affine", "none"]
+CleanPass = Annotated[
+    float, typer.Option(help="Fraction of training windows made defect-free (boxes filled from the reference).")
+]
+EvalRegistration = Annotated[
+    Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
+]
 
 
 @app.command("train")
@@ -31,12 +37,8 @@ def train_command(
     registration: Annotated[Registration, typer.Option(help="Registration the training windows use.")] = "translation",
     valid_region: Annotated[bool, typer.Option(help="Pixels warped in from outside the frame: no evidence.")] = False,
     etch_px: Annotated[float, typer.Option(help="Augmentation: copper edges etched or grown by <= N px (0-1).")] = 0,
-    clean_pass: Annotated[
-        float, typer.Option(help="Fraction of training windows made defect-free (boxes filled from the reference).")
-    ] = 0,
-    eval_registration: Annotated[
-        Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
-    ] = None,
+    clean_pass: CleanPass = 0,
+    eval_registration: EvalRegistration = None,
     eval_valid_region: Annotated[
         bool | None, typer.Option(help="With --folds: evaluate and ship with/without the valid-region mask.")
     ] = None,

@@ -271,7 +271,8 @@ class Registrar:
         all running one way) and returns noise for that component. So the estimate is taken only when
         it lowers the mean absolute difference to the reference, tried whole, per axis (each part within
         the limits on its own), and not at all; the least different candidate wins. For "affine" the
-        phase-correlation shift (whole and per axis) competes with the ECC fit: on a crop with little
+        phase-correlation shift (whole and per axis) competes with the ECC fit, which starts from the
+        best of them: on a crop with little
         structure (one arc of a pad, a few parallel bars) ECC diverges or wanders off where the shift
         alone aligns the part, and leaving such a frame unaligned turned a 6 px offset into a false
         alarm. A registration refused by the limits drops out the same way. The returned Registration
@@ -283,14 +284,6 @@ class Registrar:
             return frame, Registration(0.0, 0.0, 1.0, "none")
         shift = self.estimate_shift(frame)
         found: list[Registration] = []
-        if self.method == "affine":
-            try:
-                self._check(shift)
-                affine = estimate_affine(self.reference, frame, initial=shift, max_side=self._max_side)
-                self._check(affine)
-                found.append(affine)
-            except RegistrationError:
-                pass
         for dx, dy in ((shift.dx, shift.dy), (shift.dx, 0.0), (0.0, shift.dy)):
             # Each part on its own: parallel bars give noise along their length, not across it.
             part = _translation(dx, dy, shift.confidence)
@@ -303,6 +296,17 @@ class Registrar:
         candidates = [(frame, Registration(0.0, 0.0, shift.confidence if found else 0.0, "none"))]
         candidates.extend((apply_registration(frame, reg), reg) for reg in found)
         errors = [float(cv2.norm(self.reference, c[0], cv2.NORM_L1)) for c in candidates]
+        if self.method == "affine" and found:
+            # ECC from the best translation: from a shift whose component along parallel bars is noise it
+            # fits a bogus scale that the limits may not catch.
+            start = candidates[1 + int(np.argmin(errors[1:]))][1]
+            try:
+                affine = estimate_affine(self.reference, frame, initial=start, max_side=self._max_side)
+                self._check(affine)
+                candidates.append((apply_registration(frame, affine), affine))
+                errors.append(float(cv2.norm(self.reference, candidates[-1][0], cv2.NORM_L1)))
+            except RegistrationError:
+                pass
         return candidates[int(np.argmin(errors))]
 
     def _check(self, registration: Registration) -> None:

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from stream_service.quality.crops import box_inside, box_near
 from stream_service.quality.manifest import Box, ManifestItem, read_gray
-from stream_service.quality.metrics import MARGIN_PX
+from stream_service.quality.metrics import MARGIN_PX, near_boxes
 from stream_service.vision.registration import Registrar, mask_invalid
 from stream_service.vision.soartc import Calibration, to_unit
 from stream_service.vision.tokens import FeatureSpec, raw_deviations, token_features
@@ -186,10 +186,7 @@ def clean_frame(
             np.float32,
         )
     )
-    fill = np.zeros((h, w), bool)
-    for x1, y1, x2, y2, *_ in boxes:
-        fill[max(y1 - margin, 0) : max(y2 + margin + 1, 0), max(x1 - margin, 0) : max(x2 + margin + 1, 0)] = True
-    return np.asarray(np.where(fill, seen, frame_hw), np.float32)
+    return np.asarray(np.where(near_boxes((h, w), boxes, margin), seen, frame_hw), np.float32)
 
 
 def make_window(
@@ -256,9 +253,7 @@ def sample_origins(
 def good_block_mask(boxes: Sequence[Box], shape: tuple[int, int], block: int) -> npt.NDArray[np.bool_]:
     """(h, w) bool: blocks that no box comes within MARGIN_PX of."""
     h, w = shape[0] // block, shape[1] // block
-    near = np.zeros((h * block, w * block), bool)
-    for x1, y1, x2, y2, *_ in boxes:
-        near[max(y1 - MARGIN_PX, 0) : y2 + MARGIN_PX + 1, max(x1 - MARGIN_PX, 0) : x2 + MARGIN_PX + 1] = True
+    near = near_boxes((h * block, w * block), boxes)
     return np.asarray(~near.reshape(h, block, w, block).any(axis=(1, 3)), bool)
 
 

@@ -70,13 +70,6 @@ def test_near_boxes_equals_the_scorer_dilation(
     np.testing.assert_array_equal(near_boxes((32, 36), boxes, margin), scorer.dilate_boxes((32, 36), boxes, margin))
 
 
-def test_near_boxes_of_boxes_outside_the_image() -> None:
-    """A window's boxes in its own coordinates can lie wholly left of or above it: they mark nothing."""
-    assert not near_boxes((32, 36), [(-40, 2, -20, 10, 1), (3, -50, 9, -30, 2)], 8).any()
-    partly = near_boxes((32, 36), [(-10, -10, 2, 3, 1)], 2)
-    assert partly[:6, :5].all() and partly.sum() == 30
-
-
 def box_mask(shape: tuple[int, int], *rects: tuple[int, int, int, int]) -> np.ndarray:
     """Bool mask with the inclusive rectangles (x1, y1, x2, y2) set."""
     mask = np.zeros(shape, bool)

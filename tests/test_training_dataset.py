@@ -318,3 +318,12 @@ def test_clean_windows_are_passes_without_targets(first_pair: tuple[np.ndarray, 
     assert win.label == PASS and not win.targets.any()
     dirty = make_window(reference, frame, chosen.boxes, *origin, FeatureSpec(), 16, NO_AUGMENT, rng)
     assert dirty.label == FAIL and dirty.targets.any()
+
+
+def test_clean_frame_leaves_the_frame_as_it_is_for_boxes_outside_the_window() -> None:
+    """A window's boxes in its own coordinates can lie wholly left of or above it: nothing is filled."""
+    rng = np.random.default_rng(4)
+    ref = rng.random((64, 64)).astype(np.float32)
+    frame = rng.random((64, 64)).astype(np.float32)
+    outside = [(-40, 2, -20, 10, 1), (3, -50, 9, -30, 2)]
+    np.testing.assert_array_equal(clean_frame(ref, frame, outside, FeatureSpec()), frame)

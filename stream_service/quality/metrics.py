@@ -41,14 +41,11 @@ def auroc(scores: npt.ArrayLike, labels: npt.ArrayLike) -> float:
 
 
 def near_boxes(shape: tuple[int, int], boxes: Sequence[Box], margin: int = MARGIN_PX) -> npt.NDArray[np.bool_]:
-    """(H, W) bool: pixels within ``margin`` of a box (inclusive corners); a box may lie partly or wholly
-    outside the image (a window's boxes in its own coordinates)."""
+    """(H, W) bool: pixels within ``margin`` of a box (inclusive corners)."""
     g = np.zeros(shape, bool)
     h, w = shape
     for x1, y1, x2, y2, *_ in boxes:
-        rows = slice(max(y1 - margin, 0), min(max(y2 + margin + 1, 0), h))
-        cols = slice(max(x1 - margin, 0), min(max(x2 + margin + 1, 0), w))
-        g[rows, cols] = True
+        g[max(y1 - margin, 0) : min(y2 + margin + 1, h), max(x1 - margin, 0) : min(x2 + margin + 1, w)] = True
     return g
 
 

@@ -186,7 +186,10 @@ def clean_frame(
             np.float32,
         )
     )
-    return np.asarray(np.where(near_boxes((h, w), boxes, margin), seen, frame_hw), np.float32)
+    # near_boxes slices as the reference scorer does, so a box whose grown extent ends left of or above the
+    # window (a negative slice end) would wrap around: such boxes are dropped first.
+    reaching = [b for b in boxes if b[2] + margin + 1 > 0 and b[3] + margin + 1 > 0]
+    return np.asarray(np.where(near_boxes((h, w), reaching, margin), seen, frame_hw), np.float32)
 
 
 def make_window(

@@ -117,3 +117,37 @@ def test_ship_writes_a_loadable_model_with_chosen_thresholds_and_figures(
     model = InspectionModel.load(tmp_path / "shipped", device="cpu")
     probs, attention = model.run(np.zeros((2, 16, 16, len(card.features.channels)), np.float32))
     assert probs.shape == (2,) and attention.shape == (2, 16, 16)
+
+
+def test_hard_negative_mining_draws_the_passes_the_model_finds_hardest() -> None:
+    from stream_service.training.train import _batches
+
+    labels = np.array([0] * 50 + [1] * 50 + [-1] * 5, dtype=np.int8)
+    hardness = np.full(labels.size, 0.001, dtype=np.float32)
+    hardness[:5] = 0.9  # five good windows the model scores like defects
+    rng = np.random.default_rng(0)
+    plain = np.concatenate(_batches(labels, 16, rng))
+    mined = np.concatenate(_batches(labels, 16, rng, hardness, 0.5))
+    # Without mining every window comes once (passes already match the fails).
+    assert np.array_equal(np.sort(plain), np.arange(labels.size))
+    # With it, 25 more pass draws, nearly all of them the five hard ones; nothing else is lost.
+    assert mined.size == labels.size + 25
+    assert set(np.arange(labels.size)) <= set(mined.tolist())
+    counts = np.bincount(mined, minlength=labels.size)
+    assert counts[:5].sum() >= 5 + 20
+    assert (labels[mined[counts[mined] > 1]] == 0).all()
+
+
+def test_hard_negative_mining_off_keeps_earlier_recipe_keys() -> None:
+    from stream_service.training import cv
+    from stream_service.training.train import config_dict
+
+    assert "hard_negatives" not in config_dict(TrainConfig())
+    assert config_dict(TrainConfig(hard_negatives=0.5))["hard_negatives"] == 0.5
+    assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(hard_negatives=0.5), ["a"])
+
+
+def test_a_run_with_hard_negative_mining_trains_both_rounds(manifest: Path) -> None:
+    result = train(manifest, tiny_config(rounds=2, hard_negatives=0.5))
+    assert {h["round"] for h in result.history} == {0, 1}
+    assert np.isfinite([h["loss"] for h in result.history]).all()

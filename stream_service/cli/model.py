@@ -13,6 +13,9 @@ Registration = Literal["translation", "affine", "none"]
 CleanPass = Annotated[
     float, typer.Option(help="Fraction of training windows made defect-free (boxes filled from the reference).")
 ]
+HardNegatives = Annotated[
+    float, typer.Option(help="From round 2 on, extra pass windows per epoch (share) drawn by the model's score.")
+]
 EvalRegistration = Annotated[
     Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
 ]
@@ -38,6 +41,7 @@ def train_command(
     valid_region: Annotated[bool, typer.Option(help="Pixels warped in from outside the frame: no evidence.")] = False,
     etch_px: Annotated[float, typer.Option(help="Augmentation: copper edges etched or grown by <= N px (0-1).")] = 0,
     clean_pass: CleanPass = 0,
+    hard_negatives: HardNegatives = 0,
     eval_registration: EvalRegistration = None,
     eval_valid_region: Annotated[
         bool | None, typer.Option(help="With --folds: evaluate and ship with/without the valid-region mask.")
@@ -52,8 +56,7 @@ def train_command(
     """Train the SOARTC ViT on CPU, export it to ONNX, choose its thresholds on validation, write its card.
 
     With --folds K the threshold and highlight are chosen on out-of-board predictions (one model per fold,
-    checkpointed under --out, so a rerun trains only what is missing) and the model is trained on all boards.
-    """
+    checkpointed under --out, so a rerun trains only what is missing) and the model is trained on all boards."""
     import json
 
     try:
@@ -71,6 +74,7 @@ def train_command(
         rounds=rounds,
         registration=registration,
         valid_region=valid_region,
+        hard_negatives=hard_negatives,
         augment=Augment(etch_px=etch_px, clean_pass=clean_pass),
     )
     experiments = json.loads(notes.read_text()) if notes is not None else []

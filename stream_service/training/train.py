@@ -71,6 +71,13 @@ class TrainConfig:
     # The front end the windows are made with (and the card records): registration and valid-region mask.
     registration: str = "translation"
     valid_region: bool = False
+    # Hard-negative mining: from the second round on, each epoch adds this share (of the oversampled pass
+    # count) of pass windows drawn in proportion to the model's current fail probability on them.
+    hard_negatives: float = 0.0
+
+
+# TrainConfig fields added after recipes were checkpointed, at their "off" value (see LATER_FIELDS).
+LATER_CONFIG = {"hard_negatives": 0.0}
 
 
 def _windows_job(args: tuple[list[ManifestItem], FeatureSpec, int, int, Augment, int]) -> Arrays:
@@ -95,12 +102,27 @@ def parallel_windows(
     )
 
 
-def _batches(labels: npt.NDArray[np.int8], batch: int, rng: np.random.Generator) -> list[npt.NDArray[np.intp]]:
-    """One epoch of batch indices with pass windows oversampled to match the fail windows."""
+def _batches(
+    labels: npt.NDArray[np.int8],
+    batch: int,
+    rng: np.random.Generator,
+    hardness: npt.NDArray[np.float32] | None = None,
+    hard_share: float = 0.0,
+) -> list[npt.NDArray[np.intp]]:
+    """One epoch of batch indices with pass windows oversampled to match the fail windows.
+
+    With ``hardness`` (the model's fail probability per window) a further ``hard_share`` of that pass count
+    is drawn from the pass windows in proportion to their hardness: the good windows the model finds most
+    like defects come back more often (hard-negative mining)."""
     passes, others = np.flatnonzero(labels == PASS), np.flatnonzero(labels != PASS)
     fails = int((labels == FAIL).sum())
     extra = rng.choice(passes, size=max(fails - passes.size, 0), replace=True) if passes.size else passes
-    order = rng.permutation(np.concatenate([passes, extra, others]))
+    hard = passes[:0]
+    if hardness is not None and hard_share > 0 and passes.size:
+        weight = hardness[passes].astype(np.float64) + 1e-6
+        size = round(hard_share * max(fails, passes.size))
+        hard = rng.choice(passes, size=size, replace=True, p=weight / weight.sum())
+    order = rng.permutation(np.concatenate([passes, extra, hard, others]))
     return [order[i : i + batch] for i in range(0, order.size, batch)]
 
 
@@ -224,7 +246,8 @@ def train_on(
         epoch = 0
         origin = time.monotonic() - trained  # time.monotonic() - origin = seconds trained so far
         while time.monotonic() - origin < (rnd + 1) * budget / cfg.rounds:
-            for idx in _batches(tr[2], cfg.batch_size, rng):
+            hardness = predict(model, tr[0])[0] if rnd > 0 and cfg.hard_negatives > 0 else None
+            for idx in _batches(tr[2], cfg.batch_size, rng, hardness, cfg.hard_negatives):
                 frac = min((time.monotonic() - origin) / budget, 1.0)
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * frac)))
@@ -282,12 +305,16 @@ def _method(name: str) -> Literal["translation", "affine", "none"]:
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, object]:
-    """The recipe as JSON; Augment fields added later are left out at their "off" value (``LATER_FIELDS``)."""
+    """The recipe as JSON; fields added later are left out at their "off" value (``LATER_FIELDS``,
+    ``LATER_CONFIG``), so the checkpoints of earlier recipes keep their keys."""
     out: dict[str, object] = json.loads(json.dumps(asdict(cfg)))
     augment = out["augment"]
     for name, off in LATER_FIELDS.items():
         if isinstance(augment, dict) and augment.get(name) == off:
             del augment[name]
+    for name, off in LATER_CONFIG.items():
+        if out.get(name) == off:
+            del out[name]
     return out
 
 

@@ -126,6 +126,15 @@ def _batches(
     return [order[i : i + batch] for i in range(0, order.size, batch)]
 
 
+def _pass_hardness(model: SoartcViT, windows: Arrays) -> npt.NDArray[np.float32]:
+    """The model's fail probability on every pass window (0 elsewhere: only pass windows are mined)."""
+    passes = np.flatnonzero(windows[2] == PASS)
+    hardness = np.zeros(windows[2].size, np.float32)
+    if passes.size:
+        hardness[passes] = predict(model, windows[0][passes])[0]
+    return hardness
+
+
 def _loss(
     model: SoartcViT, tokens: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig
 ) -> torch.Tensor:
@@ -246,7 +255,7 @@ def train_on(
         epoch = 0
         origin = time.monotonic() - trained  # time.monotonic() - origin = seconds trained so far
         while time.monotonic() - origin < (rnd + 1) * budget / cfg.rounds:
-            hardness = predict(model, tr[0])[0] if rnd > 0 and cfg.hard_negatives > 0 else None
+            hardness = _pass_hardness(model, tr) if rnd > 0 and cfg.hard_negatives > 0 else None
             for idx in _batches(tr[2], cfg.batch_size, rng, hardness, cfg.hard_negatives):
                 frac = min((time.monotonic() - origin) / budget, 1.0)
                 for group in opt.param_groups:
@@ -308,13 +317,10 @@ def config_dict(cfg: TrainConfig) -> dict[str, object]:
     """The recipe as JSON; fields added later are left out at their "off" value (``LATER_FIELDS``,
     ``LATER_CONFIG``), so the checkpoints of earlier recipes keep their keys."""
     out: dict[str, object] = json.loads(json.dumps(asdict(cfg)))
-    augment = out["augment"]
-    for name, off in LATER_FIELDS.items():
-        if isinstance(augment, dict) and augment.get(name) == off:
-            del augment[name]
-    for name, off in LATER_CONFIG.items():
-        if out.get(name) == off:
-            del out[name]
+    for fields, later in ((out["augment"], LATER_FIELDS), (out, LATER_CONFIG)):
+        for name, off in later.items():
+            if isinstance(fields, dict) and fields.get(name) == off:
+                del fields[name]
     return out
 
 

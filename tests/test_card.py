@@ -32,6 +32,14 @@ def test_a_valid_card_loads(tiny_model: Any) -> None:
     spec = card.features.to_spec()
     assert spec.block == 16 and spec.calibration.constants == (0.2, 0.5, 0.1)
     assert card.training["baseline"] == {"threshold": 0.3, "open_px": 3, "min_area": 20}
+    assert spec.tolerance_px == 0, "a card without a tolerance compares pixel to pixel"
+
+
+def test_the_cards_jitter_tolerance_reaches_the_features(tiny_model: Any, tmp_path: Path) -> None:
+    directory = tmp_path / "model"
+    shutil.copytree(tiny_model.directory, directory)
+    edit_card(set_path("features.tolerance_px", 1))(directory)
+    assert load_card(directory).features.to_spec().tolerance_px == 1
 
 
 def edit_card(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
@@ -104,6 +112,11 @@ BROKEN: list[tuple[str, Callable[[Path], None], tuple[str, ...]]] = [
         "wrong window pixels",
         edit_card(set_path("window.pixels", 255)),
         ("window.pixels", "expected grid * block = 256", "found 255"),
+    ),
+    (
+        "tolerance out of range",
+        edit_card(set_path("features.tolerance_px", 3)),
+        ("features.tolerance_px", "less than or equal to 2", "found 3"),
     ),
     (
         "malformed sha",

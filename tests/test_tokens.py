@@ -15,6 +15,7 @@ from stream_service.vision.tokens import (
     N_CHANNELS,
     FeatureSpec,
     feature_kernels,
+    forgive_jitter,
     open_mask,
     token_features,
 )
@@ -135,6 +136,54 @@ def test_one_pixel_edge_jitter_does_not_survive_the_opening(
     np.testing.assert_array_equal(lit, [[y // SPEC.block, x // SPEC.block]])
 
 
+TOLERANT = FeatureSpec(tolerance_px=1)
+
+
+@pytest.mark.parametrize(("axis", "shift"), [(0, 1), (0, -1), (1, 1), (1, -1)])
+def test_tolerance_forgives_one_pixel_jitter_in_every_channel_and_keeps_the_blob(
+    real_pair: tuple[np.ndarray, np.ndarray, list], axis: int, shift: int
+) -> None:
+    reference, _, _ = real_pair
+    y, x = find_spot(reference, "add")
+    frame = with_blob(np.roll(reference, shift, axis=axis), y, x, "add")
+    # The roll wraps the far edge round to the near one: that row or column is a real change.
+    inner = (slice(2, -2), slice(2, -2))
+    plain, tolerant = token_features(reference, frame, SPEC), token_features(reference, frame, TOLERANT)
+    assert plain.diff_hw[inner].sum() > 36 * 5
+    expected = np.zeros(reference.shape, np.uint8)
+    expected[y + 1 : y + 7, x + 1 : x + 7] = 1
+    np.testing.assert_array_equal(tolerant.diff_hw[inner], expected[inner])
+    token_inner = (slice(1, -1), slice(1, -1))
+    lit = np.argwhere(tolerant.tokens_hwc[token_inner][..., SOARTC].max(axis=2) > 0) + 1
+    np.testing.assert_array_equal(lit, [[y // SPEC.block, x // SPEC.block]])
+
+
+@pytest.mark.parametrize("px", [1, 2])
+def test_tolerance_keeps_a_three_pixel_pin_hole_and_speck_whole(px: int) -> None:
+    reference = np.zeros((64, 64), np.float32)
+    reference[8:40, 8:40] = 1.0  # wide copper
+    frame = reference.copy()
+    frame[20:23, 20:23] = 0.0  # a pin-hole well inside it
+    frame[50:53, 50:53] = 1.0  # a speck of copper on the empty board
+    frame[8:40, 40] = 1.0  # the copper's right edge grown by one pixel
+    seen = forgive_jitter(reference, frame, px)
+    diff = np.abs(seen - reference) > 0.5
+    expected = np.zeros(reference.shape, bool)
+    expected[20:23, 20:23] = expected[50:53, 50:53] = True
+    np.testing.assert_array_equal(diff, expected)
+    np.testing.assert_allclose(seen[diff], frame[diff])
+    assert seen.min() >= 0.0 and seen.max() <= 1.0
+
+
+def test_tolerance_zero_is_the_frame_itself(real_pair: tuple[np.ndarray, np.ndarray, list]) -> None:
+    reference, frame, _ = real_pair
+    assert forgive_jitter(reference, frame, 0) is frame
+    np.testing.assert_array_equal(
+        token_features(reference, frame, SPEC).tokens_hwc,
+        token_features(reference, frame, FeatureSpec(tolerance_px=0)).tokens_hwc,
+    )
+
+
 def sub_block_pair(kind: str, corner: str) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """A 32x32 (2x2 tokens) reference with copper in every sub-block, and a frame changed in one sub-block
     of token (1, 0): returns (reference, frame, (y, x) of that sub-block)."""
@@ -199,6 +248,8 @@ def test_remainder_past_the_last_whole_block_is_cropped() -> None:
         ({"diff_threshold": 1.0}, ("diff_threshold", "found 1.0")),
         ({"diff_threshold": -0.2}, ("diff_threshold", "found -0.2")),
         ({"open_px": 0}, ("open_px", "expected", "found 0")),
+        ({"tolerance_px": 3}, ("tolerance_px", "0, 1 or 2", "found 3")),
+        ({"tolerance_px": -1}, ("tolerance_px", "found -1")),
     ],
 )
 def test_feature_spec_errors(kwargs: dict[str, float], words: tuple[str, ...]) -> None:

@@ -145,6 +145,8 @@ def test_hard_negative_mining_off_keeps_earlier_recipe_keys() -> None:
     assert "hard_negatives" not in config_dict(TrainConfig())
     assert config_dict(TrainConfig(hard_negatives=0.5))["hard_negatives"] == 0.5
     assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(hard_negatives=0.5), ["a"])
+    assert "tolerance_px" not in config_dict(TrainConfig())
+    assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(tolerance_px=1), ["a"])
 
 
 def test_a_run_with_hard_negative_mining_trains_both_rounds(manifest: Path) -> None:

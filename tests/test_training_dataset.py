@@ -327,3 +327,16 @@ def test_clean_frame_leaves_the_frame_as_it_is_for_boxes_outside_the_window() ->
     frame = rng.random((64, 64)).astype(np.float32)
     outside = [(-40, 2, -20, 10, 1), (3, -50, 9, -30, 2)]
     np.testing.assert_array_equal(clean_frame(ref, frame, outside, FeatureSpec()), frame)
+
+
+def test_calibration_keeps_the_front_end_and_measures_the_tolerant_frames(deeppcb_items: list[Any]) -> None:
+    from stream_service.training.dataset import calibrate_spec
+
+    items = deeppcb_items[:4]
+    plain = calibrate_spec(items, FeatureSpec(registration="affine", valid_region=True))
+    tolerant = calibrate_spec(items, FeatureSpec(registration="affine", valid_region=True, tolerance_px=1))
+    assert (tolerant.registration, tolerant.valid_region, tolerant.tolerance_px) == ("affine", True, 1)
+    assert plain.tolerance_px == 0
+    # Edge jitter is most of what good blocks differ by: forgiving it lowers every shear constant.
+    assert tolerant.calibration.constants[2] < plain.calibration.constants[2]
+    assert tolerant.sub_calibration.constants[2] < plain.sub_calibration.constants[2]

@@ -16,6 +16,14 @@ CleanPass = Annotated[
 HardNegatives = Annotated[
     float, typer.Option(help="From round 2 on, extra pass windows per epoch (share) drawn by the model's score.")
 ]
+Tolerance = Annotated[
+    int, typer.Option(help="Features forgive copper edges moved by up to N px (0-2; 0: pixel to pixel).")
+]
+EvalTolerance = Annotated[int | None, typer.Option(help="With --folds: evaluate and ship with this tolerance.")]
+EvalValidRegion = Annotated[
+    bool | None, typer.Option(help="With --folds: evaluate and ship with/without the valid-region mask.")
+]
+Notes = Annotated[Path | None, typer.Option(help="JSON list of earlier experiments to record in the model card.")]
 EvalRegistration = Annotated[
     Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
 ]
@@ -42,16 +50,14 @@ def train_command(
     etch_px: Annotated[float, typer.Option(help="Augmentation: copper edges etched or grown by <= N px (0-1).")] = 0,
     clean_pass: CleanPass = 0,
     hard_negatives: HardNegatives = 0,
+    tolerance_px: Tolerance = 0,
     eval_registration: EvalRegistration = None,
-    eval_valid_region: Annotated[
-        bool | None, typer.Option(help="With --folds: evaluate and ship with/without the valid-region mask.")
-    ] = None,
+    eval_valid_region: EvalValidRegion = None,
+    eval_tolerance_px: EvalTolerance = None,
     from_checkpoint: Annotated[
         Path | None, typer.Option(help="Skip training: export and validate a checkpoint saved by an earlier run.")
     ] = None,
-    notes: Annotated[
-        Path | None, typer.Option(help="JSON list of earlier experiments to record in the model card.")
-    ] = None,
+    notes: Notes = None,
 ) -> None:
     """Train the SOARTC ViT on CPU, export it to ONNX, choose its thresholds on validation, write its card.
 
@@ -75,11 +81,13 @@ def train_command(
         registration=registration,
         valid_region=valid_region,
         hard_negatives=hard_negatives,
+        tolerance_px=tolerance_px,
         augment=Augment(etch_px=etch_px, clean_pass=clean_pass),
     )
     experiments = json.loads(notes.read_text()) if notes is not None else []
     if folds:
-        _train_folds(manifest, out, cfg, folds, version, experiments, (eval_registration, eval_valid_region))
+        front = (eval_registration, eval_valid_region, eval_tolerance_px)
+        _train_folds(manifest, out, cfg, folds, version, experiments, front)
     else:
         _train_single(manifest, out, cfg, version, experiments, from_checkpoint)
 
@@ -117,7 +125,7 @@ def _train_folds(
     folds: int,
     version: str,
     experiments: list[Any],
-    front: tuple[str | None, bool | None],
+    front: tuple[str | None, bool | None, int | None],
 ) -> None:
     from stream_service.errors import StreamServiceError
     from stream_service.training.cv import CvOptions, Variant, cross_validate, summary_line

@@ -51,6 +51,7 @@ class FeaturesCard(_Frozen):
         None, description="the registration the model's figures were measured with; None: not recorded"
     )
     valid_region: bool = False
+    tolerance_px: int = Field(0, ge=0, le=2, description="edge-jitter tolerance of the features, in pixels")
 
     def to_spec(self) -> FeatureSpec:
         return FeatureSpec(
@@ -63,6 +64,7 @@ class FeaturesCard(_Frozen):
             open_large_px=self.open_large_px,
             registration=self.registration,
             valid_region=self.valid_region,
+            tolerance_px=self.tolerance_px,
         )
 
 

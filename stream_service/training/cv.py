@@ -75,6 +75,7 @@ class Variant:
 
     registration: str | None = None
     valid_region: bool | None = None
+    tolerance_px: int | None = None
 
     def apply(self, result: TrainResult) -> TrainResult:
         spec = result.spec
@@ -82,12 +83,17 @@ class Variant:
             spec,
             registration=spec.registration if self.registration is None else self.registration,  # type: ignore[arg-type]
             valid_region=spec.valid_region if self.valid_region is None else self.valid_region,
+            tolerance_px=spec.tolerance_px if self.tolerance_px is None else self.tolerance_px,
         )
         return dataclasses.replace(result, spec=spec)
 
     def name(self, result: TrainResult) -> str:
         spec = self.apply(result).spec
-        return (spec.registration or "translation") + ("+valid-region" if spec.valid_region else "")
+        return (
+            (spec.registration or "translation")
+            + ("+valid-region" if spec.valid_region else "")
+            + (f"+tolerance{spec.tolerance_px}" if spec.tolerance_px else "")
+        )
 
 
 @dataclass(frozen=True)

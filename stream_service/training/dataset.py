@@ -16,6 +16,7 @@ This module is pure NumPy/OpenCV (no torch), so its labelling is tested without 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from stream_service.quality.manifest import Box, ManifestItem, read_gray
 from stream_service.quality.metrics import MARGIN_PX, near_boxes
 from stream_service.vision.registration import Registrar, mask_invalid
 from stream_service.vision.soartc import Calibration, to_unit
-from stream_service.vision.tokens import FeatureSpec, raw_deviations, token_features
+from stream_service.vision.tokens import FeatureSpec, forgive_jitter, raw_deviations, token_features
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def calibrate_spec(
         frame = to_unit(read_gray(item.frame), dark_object=True)
         aligned = align(ref, frame, base)
         for block, store in levels.items():
-            e = raw_deviations(ref, aligned, block, base.variant)
+            e = raw_deviations(ref, forgive_jitter(ref, aligned, base.tolerance_px), block, base.variant)
             store.append(e[good_block_mask(item.boxes, ref.shape, block)])
 
     def constants(block: int) -> Calibration:
@@ -284,17 +285,7 @@ def calibrate_spec(
             (float(max(c[0], 1e-3)), float(max(c[1], 1e-3)), float(max(c[2], 1e-3))), gain, f"percentile-{percentile}"
         )
 
-    return FeatureSpec(
-        block=base.block,
-        variant=base.variant,
-        calibration=constants(base.block),
-        sub_calibration=constants(base.sub_block),
-        diff_threshold=base.diff_threshold,
-        open_px=base.open_px,
-        open_large_px=base.open_large_px,
-        registration=base.registration,
-        valid_region=base.valid_region,
-    )
+    return dataclasses.replace(base, calibration=constants(base.block), sub_calibration=constants(base.sub_block))
 
 
 def build_windows(

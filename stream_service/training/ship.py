@@ -102,6 +102,7 @@ def _card(
                 "open_large_px": spec.open_large_px,
                 "registration": spec.registration,
                 "valid_region": spec.valid_region,
+                "tolerance_px": spec.tolerance_px,
             },
             "window": {"grid": result.config.grid, "stride": stride, "pixels": result.config.grid * spec.block},
             "threshold": {"value": threshold, "chosen_by": threshold_note},

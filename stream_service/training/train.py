@@ -74,10 +74,12 @@ class TrainConfig:
     # Hard-negative mining: from the second round on, each epoch adds this share (of the oversampled pass
     # count) of pass windows drawn in proportion to the model's current fail probability on them.
     hard_negatives: float = 0.0
+    # Edge-jitter tolerance of the features in pixels (FeatureSpec.tolerance_px; 0: pixel to pixel).
+    tolerance_px: int = 0
 
 
 # TrainConfig fields added after recipes were checkpointed, at their "off" value (see LATER_FIELDS).
-LATER_CONFIG = {"hard_negatives": 0.0}
+LATER_CONFIG = {"hard_negatives": 0.0, "tolerance_px": 0}
 
 
 def _windows_job(args: tuple[list[ManifestItem], FeatureSpec, int, int, Augment, int]) -> Arrays:
@@ -229,7 +231,12 @@ def train_on(
         train_items[i]
         for i in rng.choice(len(train_items), min(cfg.calibration_images, len(train_items)), replace=False)
     ]
-    front = FeatureSpec(block=cfg.block, registration=_method(cfg.registration), valid_region=cfg.valid_region)
+    front = FeatureSpec(
+        block=cfg.block,
+        registration=_method(cfg.registration),
+        valid_region=cfg.valid_region,
+        tolerance_px=cfg.tolerance_px,
+    )
     spec = calibrate_spec(calib_items, front)
     log.info("calibrated features on %d images: %s", len(calib_items), spec)
     val = (

@@ -74,8 +74,12 @@ class FeatureSpec:
     # the reference's (never evidence).
     registration: Literal["translation", "affine", "none"] | None = None
     valid_region: bool = False
+    # Edge-jitter tolerance in pixels (``forgive_jitter``): 0 compares pixel to pixel.
+    tolerance_px: int = 0
 
     def __post_init__(self) -> None:
+        if self.tolerance_px not in (0, 1, 2):
+            raise InputError(f"feature tolerance_px: expected 0, 1 or 2, found {self.tolerance_px}")
         if self.block not in (8, 16):
             raise InputError(f"feature block size: expected 8 or 16 (sub-blocks of 4 or 8), found {self.block}")
         if not 0.0 < self.diff_threshold < 1.0:
@@ -139,6 +143,23 @@ def open_mask(mask_hw: U8, px: int) -> U8:
     return np.asarray(cv2.dilate(eroded, kernel, anchor=(back, back)), np.uint8)
 
 
+def forgive_jitter(reference_hw: F32, frame_hw: F32, px: int) -> F32:
+    """The registered frame as the features see it: what a shift of up to ``px`` pixels explains is forgiven.
+
+    Each frame pixel is compared with the range of the reference within ``px`` pixels (its erosion and
+    dilation by a (2 px + 1) square); only what lies outside that range is kept, added to the reference
+    value. A copper edge that moved by a pixel, or was etched or grown by one, stays inside the range and
+    leaves no difference. A pin-hole, a spur or a short stays whole wherever the copper (or the gap) around
+    it is wider than ``px``, and loses at most ``px`` pixels where it touches an edge. ``px`` = 0 returns
+    the frame unchanged.
+    """
+    if px == 0:
+        return frame_hw
+    kernel = np.ones((2 * px + 1, 2 * px + 1), np.uint8)
+    low, high = cv2.erode(reference_hw, kernel), cv2.dilate(reference_hw, kernel)
+    return np.asarray(reference_hw + (frame_hw - np.clip(frame_hw, low, high)), np.float32)
+
+
 def difference_masks(reference_hw: F32, frame_hw: F32, spec: FeatureSpec) -> tuple[U8, U8]:
     """(diff_hw, open_diff_hw) uint8 0/1 masks of a registered frame against its reference."""
     diff = (cv2.absdiff(frame_hw, reference_hw) > spec.diff_threshold).astype(np.uint8)
@@ -157,7 +178,8 @@ def token_features(
     spec: FeatureSpec,
     kernels: tuple[SoartcKernel, SoartcKernel] | None = None,
 ) -> TokenFeatures:
-    """Token features of a registered frame (both (H, W) float32 in [0, 1], polarity applied).
+    """Token features of a registered frame (both (H, W) float32 in [0, 1], polarity applied), with the
+    spec's jitter tolerance (``forgive_jitter``) applied first.
 
     ``kernels`` are SOARTC kernels bound to this reference at (block, sub-block) size, on the CPU or
     the GPU (see ``feature_kernels``); without them the CPU function is used. The frame must be at
@@ -172,6 +194,7 @@ def token_features(
         raise FrameShapeError(
             f"token features frame shape: expected at least {spec.block}x{spec.block}, found {reference_hw.shape}"
         )
+    frame_hw = forgive_jitter(reference_hw, frame_hw, spec.tolerance_px)
     tokens = np.empty((h, w, N_CHANNELS), np.float32)
     if kernels is None:
         e_block = raw_deviations(reference_hw, frame_hw, spec.block, spec.variant)

@@ -4,7 +4,8 @@ The same out-of-board protocol as ``stream-service train --folds 4`` runs for th
 baseline is tuned on the fold's training boards (``tune_baseline`` on the same training crops) and run on
 the held-out boards' crops, all with the shipped front end (affine registration, valid-region mask), once
 as shipped and once with ``forgive_jitter`` at ``--tolerance-px`` applied to every registered frame.
-Pooled false alarms at 1% miss and at the baseline's own tuned miss rate are printed and written as JSON.
+Pooled AUROC, false alarms at the baseline's own tuned miss rate and the operating curve are printed and
+written as JSON.
 
     python experiments/cv-tolerance/baseline_tolerance.py runs/cv-f --out experiments/cv-tolerance/baseline.json
 
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from stream_service.quality.manifest import load_manifest, read_gray
-from stream_service.quality.oof import false_alarm_at_miss
+from stream_service.quality.metrics import auroc
+from stream_service.quality.oof import false_alarm_at_miss, operating_curve
 from stream_service.training.folds import assign_folds
 from stream_service.training.ship import _training_crops
 from stream_service.vision.baseline import baseline, tune_baseline
@@ -69,8 +71,15 @@ def main() -> None:
         own = np.array([s >= m for s, _, m in rows])
         own_rates = {"miss_rate": float((~own[labels]).mean()), "false_alarm_rate": float(own[~labels].mean())}
         at_1 = false_alarm_at_miss(scores, labels, 0.01)
-        out[f"tolerance_{px}"] = {"at_its_own_threshold": own_rates, "at_1pct_miss": at_1}
+        out[f"tolerance_{px}"] = {
+            "crop_auroc": auroc(scores, labels),
+            "at_its_own_threshold": own_rates,
+            "at_1pct_miss": at_1,
+            "operating_curve": operating_curve(scores, labels),
+        }
         print(f"tolerance {px}: own threshold {own_rates}; at 1% miss {at_1}")
+        for point in out[f"tolerance_{px}"]["operating_curve"]:  # type: ignore[index]
+            print(f"  {point}")
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
 

@@ -154,6 +154,19 @@ def test_panel_shows_the_difference_and_the_boxes() -> None:
     assert tuple(out[-48 + 5, 10]) == (0, 200, 0)  # a box edge, green
 
 
+def test_panel_difference_is_what_the_features_see_with_the_cards_tolerance() -> None:
+    ref = np.zeros((48, 48), np.uint8)
+    ref[10:30, 10:30] = 255
+    frame = ref.copy()
+    frame[10:30, 30] = 255  # the copper's right edge grown by a pixel
+    frame[38:41, 38:41] = 255  # a 3 px speck on the empty board
+    plain = panel(ref, frame, None, [], "x", registration="none")[-48:, 2 * 52 : 2 * 52 + 48]
+    tolerant = panel(ref, frame, None, [], "x", registration="none", tolerance_px=1)[-48:, 2 * 52 : 2 * 52 + 48]
+    assert plain[20, 30].min() == 255 and tolerant[20, 30].max() == 0, "the grown edge is forgiven"
+    assert tolerant[38:41, 38:41].min() == 255, "the speck stays whole"
+    assert tolerant[..., 0].astype(bool).sum() == 9
+
+
 def test_score_by_group_agrees_with_the_reference_scorer(tmp_path: Path, scorer: ModuleType) -> None:
     manifest, predictions = _synthetic_items(tmp_path)
     pooled, groups = score_by_group(load_manifest(manifest), predictions)

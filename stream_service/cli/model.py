@@ -165,8 +165,11 @@ def evaluate_command(
         if gallery is not None:
             from stream_service.quality.gallery import write_gallery
 
-            registration = loaded.card.features.registration or "translation"
-            pictures = write_gallery(manifest, out / "predictions.jsonl", gallery, gallery_size, registration)
+            front = loaded.card.features
+            pictures = write_gallery(
+                manifest, out / "predictions.jsonl", gallery, gallery_size, front.registration or "translation",
+                front.tolerance_px,
+            )  # fmt: skip
             figures["gallery"] = [str(p) for p in pictures]
     except StreamServiceError as exc:
         raise _fail(exc) from exc

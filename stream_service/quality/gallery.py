@@ -19,6 +19,7 @@ from stream_service.quality.manifest import Box, ManifestItem, load_manifest, re
 from stream_service.quality.oof import load_predictions
 from stream_service.vision.registration import Method, Registrar
 from stream_service.vision.soartc import to_unit
+from stream_service.vision.tokens import forgive_jitter
 
 TITLE_PX = 28
 GAP_PX = 4
@@ -51,11 +52,16 @@ def panel(
     boxes: list[Box],
     title: str,
     registration: Method = "translation",
+    tolerance_px: int = 0,
 ) -> npt.NDArray[np.uint8]:
-    """One picture (H + title, 4 W + gaps, 3) uint8 BGR: reference | frame | |registered - reference| | highlight."""
+    """One picture (H + title, 4 W + gaps, 3) uint8 BGR: reference | frame | |registered - reference| | highlight.
+
+    The difference is the one the model's features see: with the card's ``tolerance_px`` what a shift of up
+    to that many pixels explains is left out (``forgive_jitter``)."""
     ref, frame = to_unit(reference_u8, False), to_unit(frame_u8, False)
     aligned, _ = Registrar(ref, registration).align(frame)
-    diff = np.clip(np.abs(aligned - ref) * 255.0, 0, 255).astype(np.uint8)
+    seen = forgive_jitter(ref, aligned, tolerance_px)
+    diff = np.clip(np.abs(seen - ref) * 255.0, 0, 255).astype(np.uint8)
     over = cv2.cvtColor(frame_u8, cv2.COLOR_GRAY2BGR)
     if mask_hw is not None and mask_hw.shape == frame_u8.shape:
         over[mask_hw] = (0.35 * over[mask_hw] + 0.65 * np.array(HIGHLIGHT_BGR)).astype(np.uint8)
@@ -70,7 +76,12 @@ def panel(
 
 
 def write_gallery(
-    manifest: Path, predictions: Path, out_dir: Path, n: int, registration: Method = "translation"
+    manifest: Path,
+    predictions: Path,
+    out_dir: Path,
+    n: int,
+    registration: Method = "translation",
+    tolerance_px: int = 0,
 ) -> list[Path]:
     """Write one PNG per worst error (``worst_errors``) under out_dir; returns their paths."""
     rows = {r.id: r for r in load_manifest(manifest)}
@@ -86,7 +97,8 @@ def write_gallery(
             f"{kind}  {item.id}  ({item.group or '-'}, {item.kind or 'crop'}, {item.label})  "
             f"score {float(str(p['score'])):.4f}  verdict {p['verdict']}"
         )
-        picture = panel(read_gray(item.reference), read_gray(item.frame), mask, list(item.boxes), title, registration)
+        reference, frame = read_gray(item.reference), read_gray(item.frame)
+        picture = panel(reference, frame, mask, list(item.boxes), title, registration, tolerance_px)
         path = out_dir / f"{kind}-{rank:02d}-{item.id}.png"
         cv2.imwrite(str(path), picture)
         written.append(path)

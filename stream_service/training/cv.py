@@ -285,8 +285,15 @@ def out_of_board(
     report["manifest"] = str(crop_manifest)
     (root / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     if opts.gallery:
-        method = variants[0][1].spec.registration or "translation"
-        write_gallery(crop_manifest, root / "vit" / "predictions.jsonl", root / "gallery", opts.gallery, method)
+        front = variants[0][1].spec
+        write_gallery(
+            crop_manifest,
+            root / "vit" / "predictions.jsonl",
+            root / "gallery",
+            opts.gallery,
+            front.registration or "translation",
+            front.tolerance_px,
+        )
     return Oof(name, threshold, threshold_note, hl_params, highlight_note, report)
 
 

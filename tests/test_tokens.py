@@ -175,6 +175,22 @@ def test_tolerance_keeps_a_three_pixel_pin_hole_and_speck_whole(px: int) -> None
     assert seen.min() >= 0.0 and seen.max() <= 1.0
 
 
+def test_the_highlight_masks_can_use_another_tolerance_than_the_tokens(
+    real_pair: tuple[np.ndarray, np.ndarray, list],
+) -> None:
+    reference, frame, _ = real_pair
+    split = token_features(reference, frame, FeatureSpec(tolerance_px=2, highlight_tolerance_px=1))
+    verdict, shown = (
+        token_features(reference, frame, FeatureSpec(tolerance_px=2)),
+        token_features(reference, frame, TOLERANT),
+    )
+    np.testing.assert_array_equal(split.tokens_hwc, verdict.tokens_hwc)
+    np.testing.assert_array_equal(split.open_diff_hw, shown.open_diff_hw)
+    np.testing.assert_array_equal(split.diff_hw, shown.diff_hw)
+    assert shown.diff_hw.sum() > verdict.diff_hw.sum(), "1 px forgives less than 2 px on a real pair"
+    assert FeatureSpec(tolerance_px=2).highlight_tolerance == 2
+
+
 def test_tolerance_zero_is_the_frame_itself(real_pair: tuple[np.ndarray, np.ndarray, list]) -> None:
     reference, frame, _ = real_pair
     assert forgive_jitter(reference, frame, 0) is frame
@@ -250,6 +266,7 @@ def test_remainder_past_the_last_whole_block_is_cropped() -> None:
         ({"open_px": 0}, ("open_px", "expected", "found 0")),
         ({"tolerance_px": 3}, ("tolerance_px", "0, 1 or 2", "found 3")),
         ({"tolerance_px": -1}, ("tolerance_px", "found -1")),
+        ({"highlight_tolerance_px": 3}, ("highlight_tolerance_px", "none, 0, 1 or 2", "found 3")),
     ],
 )
 def test_feature_spec_errors(kwargs: dict[str, float], words: tuple[str, ...]) -> None:

@@ -20,9 +20,13 @@ Tolerance = Annotated[
     int, typer.Option(help="Features forgive copper edges moved by up to N px (0-2; 0: pixel to pixel).")
 ]
 EvalTolerance = Annotated[int | None, typer.Option(help="With --folds: evaluate and ship with this tolerance.")]
+EvalHighlightTolerance = Annotated[
+    int | None, typer.Option(help="With --folds: the highlight's pixel masks with this tolerance (not a model input).")
+]
 EvalValidRegion = Annotated[
     bool | None, typer.Option(help="With --folds: evaluate and ship with/without the valid-region mask.")
 ]
+Minutes = Annotated[float, typer.Option(help="Training time budget in minutes (data preparation not counted).")]
 Notes = Annotated[Path | None, typer.Option(help="JSON list of earlier experiments to record in the model card.")]
 EvalRegistration = Annotated[
     Registration | None, typer.Option(help="With --folds: evaluate and ship with this registration instead.")
@@ -33,9 +37,7 @@ EvalRegistration = Annotated[
 def train_command(
     manifest: Annotated[Path, typer.Argument(help="Inspection manifest (JSON Lines) with groups for the split.")],
     out: Annotated[Path, typer.Option("--out", help="Model folder to write (model.onnx + card.json).")],
-    minutes: Annotated[
-        float, typer.Option(help="Training time budget in minutes (data preparation not counted).")
-    ] = 26.0,
+    minutes: Minutes = 26.0,
     seed: Annotated[int, typer.Option(help="Seed of every random choice.")] = 0,
     val_groups: Annotated[str, typer.Option(help="Comma-separated validation board groups.")] = "group13000,group50600",
     windows_per_image: Annotated[int, typer.Option(help="Training windows sampled per image per round.")] = 12,
@@ -54,6 +56,7 @@ def train_command(
     eval_registration: EvalRegistration = None,
     eval_valid_region: EvalValidRegion = None,
     eval_tolerance_px: EvalTolerance = None,
+    eval_highlight_tolerance_px: EvalHighlightTolerance = None,
     from_checkpoint: Annotated[
         Path | None, typer.Option(help="Skip training: export and validate a checkpoint saved by an earlier run.")
     ] = None,
@@ -86,7 +89,7 @@ def train_command(
     )
     experiments = json.loads(notes.read_text()) if notes is not None else []
     if folds:
-        front = (eval_registration, eval_valid_region, eval_tolerance_px)
+        front = (eval_registration, eval_valid_region, eval_tolerance_px, eval_highlight_tolerance_px)
         _train_folds(manifest, out, cfg, folds, version, experiments, front)
     else:
         _train_single(manifest, out, cfg, version, experiments, from_checkpoint)
@@ -125,7 +128,7 @@ def _train_folds(
     folds: int,
     version: str,
     experiments: list[Any],
-    front: tuple[str | None, bool | None, int | None],
+    front: tuple[str | None, bool | None, int | None, int | None],
 ) -> None:
     from stream_service.errors import StreamServiceError
     from stream_service.training.cv import CvOptions, Variant, cross_validate, summary_line

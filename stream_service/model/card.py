@@ -52,6 +52,9 @@ class FeaturesCard(_Frozen):
     )
     valid_region: bool = False
     tolerance_px: int = Field(0, ge=0, le=2, description="edge-jitter tolerance of the features, in pixels")
+    highlight_tolerance_px: int | None = Field(
+        None, ge=0, le=2, description="edge-jitter tolerance of the highlight's pixel masks; None: tolerance_px"
+    )
 
     def to_spec(self) -> FeatureSpec:
         return FeatureSpec(
@@ -65,6 +68,7 @@ class FeaturesCard(_Frozen):
             registration=self.registration,
             valid_region=self.valid_region,
             tolerance_px=self.tolerance_px,
+            highlight_tolerance_px=self.highlight_tolerance_px,
         )
 
 

@@ -76,6 +76,7 @@ class Variant:
     registration: str | None = None
     valid_region: bool | None = None
     tolerance_px: int | None = None
+    highlight_tolerance_px: int | None = None
 
     def apply(self, result: TrainResult) -> TrainResult:
         spec = result.spec
@@ -84,6 +85,9 @@ class Variant:
             registration=spec.registration if self.registration is None else self.registration,  # type: ignore[arg-type]
             valid_region=spec.valid_region if self.valid_region is None else self.valid_region,
             tolerance_px=spec.tolerance_px if self.tolerance_px is None else self.tolerance_px,
+            highlight_tolerance_px=(
+                spec.highlight_tolerance_px if self.highlight_tolerance_px is None else self.highlight_tolerance_px
+            ),
         )
         return dataclasses.replace(result, spec=spec)
 
@@ -93,6 +97,7 @@ class Variant:
             (spec.registration or "translation")
             + ("+valid-region" if spec.valid_region else "")
             + (f"+tolerance{spec.tolerance_px}" if spec.tolerance_px else "")
+            + (f"+highlight{spec.highlight_tolerance}" if spec.highlight_tolerance != spec.tolerance_px else "")
         )
 
 

@@ -103,6 +103,7 @@ def _card(
                 "registration": spec.registration,
                 "valid_region": spec.valid_region,
                 "tolerance_px": spec.tolerance_px,
+                "highlight_tolerance_px": spec.highlight_tolerance_px,
             },
             "window": {"grid": result.config.grid, "stride": stride, "pixels": result.config.grid * spec.block},
             "threshold": {"value": threshold, "chosen_by": threshold_note},

@@ -74,12 +74,18 @@ class FeatureSpec:
     # the reference's (never evidence).
     registration: Literal["translation", "affine", "none"] | None = None
     valid_region: bool = False
-    # Edge-jitter tolerance in pixels (``forgive_jitter``): 0 compares pixel to pixel.
+    # Edge-jitter tolerance in pixels (``forgive_jitter``): 0 compares pixel to pixel. The highlight's
+    # pixel masks may use another (None: the same); they are not model inputs, so it needs no retraining.
     tolerance_px: int = 0
+    highlight_tolerance_px: int | None = None
 
     def __post_init__(self) -> None:
         if self.tolerance_px not in (0, 1, 2):
             raise InputError(f"feature tolerance_px: expected 0, 1 or 2, found {self.tolerance_px}")
+        if self.highlight_tolerance_px not in (None, 0, 1, 2):
+            raise InputError(
+                f"feature highlight_tolerance_px: expected none, 0, 1 or 2, found {self.highlight_tolerance_px}"
+            )
         if self.block not in (8, 16):
             raise InputError(f"feature block size: expected 8 or 16 (sub-blocks of 4 or 8), found {self.block}")
         if not 0.0 < self.diff_threshold < 1.0:
@@ -88,6 +94,10 @@ class FeatureSpec:
             raise InputError(
                 f"feature openings: expected 1 <= open_px < open_large_px, found {self.open_px}, {self.open_large_px}"
             )
+
+    @property
+    def highlight_tolerance(self) -> int:
+        return self.tolerance_px if self.highlight_tolerance_px is None else self.highlight_tolerance_px
 
     @property
     def sub_block(self) -> int:
@@ -179,7 +189,8 @@ def token_features(
     kernels: tuple[SoartcKernel, SoartcKernel] | None = None,
 ) -> TokenFeatures:
     """Token features of a registered frame (both (H, W) float32 in [0, 1], polarity applied), with the
-    spec's jitter tolerance (``forgive_jitter``) applied first.
+    spec's jitter tolerance (``forgive_jitter``) applied first; the returned pixel masks (what the highlight
+    draws) use the spec's ``highlight_tolerance``.
 
     ``kernels`` are SOARTC kernels bound to this reference at (block, sub-block) size, on the CPU or
     the GPU (see ``feature_kernels``); without them the CPU function is used. The frame must be at
@@ -194,21 +205,25 @@ def token_features(
         raise FrameShapeError(
             f"token features frame shape: expected at least {spec.block}x{spec.block}, found {reference_hw.shape}"
         )
-    frame_hw = forgive_jitter(reference_hw, frame_hw, spec.tolerance_px)
+    seen = forgive_jitter(reference_hw, frame_hw, spec.tolerance_px)
     tokens = np.empty((h, w, N_CHANNELS), np.float32)
     if kernels is None:
-        e_block = raw_deviations(reference_hw, frame_hw, spec.block, spec.variant)
-        e_sub = raw_deviations(reference_hw, frame_hw, spec.sub_block, spec.variant)
+        e_block = raw_deviations(reference_hw, seen, spec.block, spec.variant)
+        e_sub = raw_deviations(reference_hw, seen, spec.sub_block, spec.variant)
     else:
-        e_block, e_sub = kernels[0].deviations(frame_hw), kernels[1].deviations(frame_hw)
+        e_block, e_sub = kernels[0].deviations(seen), kernels[1].deviations(seen)
     tokens[..., 0:3] = _unit(e_block, spec.calibration)
     sub = _unit(e_sub, spec.sub_calibration)
     tokens[..., 3:15] = _split_subblocks(sub, h, w)
     tokens[..., 15] = _block_means(reference_hw, spec.block)
-    diff, opened = difference_masks(reference_hw, frame_hw, spec)
+    diff, opened = difference_masks(reference_hw, seen, spec)
     tokens[..., 16:20] = _split_subblocks(_block_means(opened.astype(np.float32), spec.sub_block)[..., None], h, w)
     large = open_mask(opened, spec.open_large_px)
     tokens[..., 20:24] = _split_subblocks(_block_means(large.astype(np.float32), spec.sub_block)[..., None], h, w)
+    if spec.highlight_tolerance != spec.tolerance_px:
+        diff, opened = difference_masks(
+            reference_hw, forgive_jitter(reference_hw, frame_hw, spec.highlight_tolerance), spec
+        )
     return TokenFeatures(tokens, opened, diff)
 
 

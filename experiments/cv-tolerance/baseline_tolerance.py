@@ -9,7 +9,8 @@ written as JSON.
 
     python experiments/cv-tolerance/baseline_tolerance.py runs/cv-f --out experiments/cv-tolerance/baseline.json
 
-RUN_DIR is a cross-validation run folder (its ``oof-data/`` crops and ``folds/fold-K/trained.json``).
+RUN_DIR is a cross-validation run folder: its ``oof-data/fold-K-crops.jsonl`` are the held-out crops (the
+baseline is retuned here, with and without the tolerance; the run's own parameters are not read).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main() -> None:
     items = load_manifest(args.manifest)
     folds = assign_folds([i.group for i in items], args.folds)
     data = args.run_dir / "oof-data"
-    pooled: dict[int, list[tuple[float, bool, float]]] = {0: [], args.tolerance_px: []}
+    pooled: dict[int, list[tuple[float, bool, int]]] = {0: [], args.tolerance_px: []}
     per_fold = []
     for fold in folds:
         train = [i for i in items if i.group in set(fold.train)]

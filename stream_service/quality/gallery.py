@@ -56,8 +56,8 @@ def panel(
 ) -> npt.NDArray[np.uint8]:
     """One picture (H + title, 4 W + gaps, 3) uint8 BGR: reference | frame | |registered - reference| | highlight.
 
-    The difference is the one the model's features see: with the card's ``tolerance_px`` what a shift of up
-    to that many pixels explains is left out (``forgive_jitter``)."""
+    With the card's ``tolerance_px`` the difference leaves out what a shift of up to that many pixels
+    explains (``forgive_jitter``), as the model's features do; the valid-region mask is not applied."""
     ref, frame = to_unit(reference_u8, False), to_unit(frame_u8, False)
     aligned, _ = Registrar(ref, registration).align(frame)
     seen = forgive_jitter(ref, aligned, tolerance_px)

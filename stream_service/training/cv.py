@@ -79,17 +79,9 @@ class Variant:
     highlight_tolerance_px: int | None = None
 
     def apply(self, result: TrainResult) -> TrainResult:
-        spec = result.spec
-        spec = dataclasses.replace(
-            spec,
-            registration=spec.registration if self.registration is None else self.registration,  # type: ignore[arg-type]
-            valid_region=spec.valid_region if self.valid_region is None else self.valid_region,
-            tolerance_px=spec.tolerance_px if self.tolerance_px is None else self.tolerance_px,
-            highlight_tolerance_px=(
-                spec.highlight_tolerance_px if self.highlight_tolerance_px is None else self.highlight_tolerance_px
-            ),
-        )
-        return dataclasses.replace(result, spec=spec)
+        """The result with every field set here replacing the spec's field of the same name."""
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        return dataclasses.replace(result, spec=dataclasses.replace(result.spec, **changes))
 
     def name(self, result: TrainResult) -> str:
         spec = self.apply(result).spec

@@ -19,6 +19,10 @@ HardNegatives = Annotated[
 Tolerance = Annotated[
     int, typer.Option(help="Features forgive copper edges moved by up to N px (0-2; 0: pixel to pixel).")
 ]
+SyntheticBoards = Annotated[
+    int, typer.Option(help="New synthetic board designs added to every model's training pairs (0: none).")
+]
+SyntheticFrames = Annotated[int, typer.Option(help="Frames (pairs) per synthetic board, half with defects.")]
 EvalTolerance = Annotated[int | None, typer.Option(help="With --folds: evaluate and ship with this tolerance.")]
 EvalHighlightTolerance = Annotated[
     int | None, typer.Option(help="With --folds: the highlight's pixel masks with this tolerance (not a model input).")
@@ -53,6 +57,8 @@ def train_command(
     clean_pass: CleanPass = 0,
     hard_negatives: HardNegatives = 0,
     tolerance_px: Tolerance = 0,
+    synthetic_boards: SyntheticBoards = 0,
+    synthetic_frames: SyntheticFrames = 8,
     eval_registration: EvalRegistration = None,
     eval_valid_region: EvalValidRegion = None,
     eval_tolerance_px: EvalTolerance = None,
@@ -85,6 +91,8 @@ def train_command(
         valid_region=valid_region,
         hard_negatives=hard_negatives,
         tolerance_px=tolerance_px,
+        synthetic_boards=synthetic_boards,
+        synthetic_frames=synthetic_frames,
         augment=Augment(etch_px=etch_px, clean_pass=clean_pass),
     )
     experiments = json.loads(notes.read_text()) if notes is not None else []

@@ -60,6 +60,7 @@ from stream_service.training.train import (
     config_dict,
     load_checkpoint,
     save_checkpoint,
+    synthetic_pairs,
     train_on,
 )
 from stream_service.vision.baseline import BaselineParams, tune_baseline
@@ -115,10 +116,15 @@ def _key(cfg: TrainConfig, train_groups: Sequence[str]) -> str:
 
 
 def trained(
-    items: list[ManifestItem], train_groups: Sequence[str], cfg: TrainConfig, folder: Path
+    items: list[ManifestItem],
+    train_groups: Sequence[str],
+    cfg: TrainConfig,
+    folder: Path,
+    extra: Sequence[ManifestItem] = (),
 ) -> tuple[TrainResult, BaselineParams]:
     """The model (and the baseline) trained on ``train_groups`` by the recipe, from folder's checkpoint when
-    an earlier run left one for the same recipe and boards; trained and checkpointed otherwise."""
+    an earlier run left one for the same recipe and boards; trained and checkpointed otherwise. ``extra``
+    (the recipe's synthetic boards) adds training windows to every model, never a baseline crop."""
     key = _key(cfg, train_groups)
     meta_path, ckpt = folder / "trained.json", folder / "checkpoint.pt"
     if meta_path.is_file() and ckpt.is_file():
@@ -129,7 +135,7 @@ def trained(
     chosen = set(train_groups)
     train_items = [i for i in items if i.group in chosen]
     log.info("%s: training on %d pairs of %s", folder, len(train_items), sorted(chosen))
-    result = train_on(train_items, [], recipe(cfg))
+    result = train_on(train_items, [], recipe(cfg), extra_items=extra)
     save_checkpoint(result, ckpt)
     params = tune_baseline(_training_crops(train_items, cfg.seed, result.spec))
     meta = {"key": key, "train_groups": sorted(chosen), "baseline": asdict(params), "seconds": result.seconds}
@@ -143,9 +149,10 @@ def train_folds(
     """Every fold's model (resumed where checkpointed), and the final model on all boards when ``final``."""
     items = load_manifest(manifest)
     folds = assign_folds([i.group for i in items], k)
-    results = [trained(items, f.train, cfg, out_dir / "folds" / f"fold-{f.index}") for f in folds]
+    extra = synthetic_pairs(cfg, out_dir / "synthetic")
+    results = [trained(items, f.train, cfg, out_dir / "folds" / f"fold-{f.index}", extra) for f in folds]
     if final:
-        trained(items, sorted({str(i.group) for i in items}), cfg, out_dir / "final")
+        trained(items, sorted({str(i.group) for i in items}), cfg, out_dir / "final", extra)
     return folds, results
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -76,10 +76,14 @@ class TrainConfig:
     hard_negatives: float = 0.0
     # Edge-jitter tolerance of the features in pixels (FeatureSpec.tolerance_px; 0: pixel to pixel).
     tolerance_px: int = 0
+    # New board designs from the synthetic generator (training.synthetic), ``synthetic_frames`` frames each,
+    # added to the training pairs only (never calibration, validation or evaluation); 0: none.
+    synthetic_boards: int = 0
+    synthetic_frames: int = 8
 
 
 # TrainConfig fields added after recipes were checkpointed, at their "off" value (see LATER_FIELDS).
-LATER_CONFIG = {"hard_negatives": 0.0, "tolerance_px": 0}
+LATER_CONFIG = {"hard_negatives": 0.0, "tolerance_px": 0, "synthetic_boards": 0, "synthetic_frames": 8}
 
 
 def _windows_job(args: tuple[list[ManifestItem], FeatureSpec, int, int, Augment, int]) -> Arrays:
@@ -214,7 +218,19 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
             f"train/validation split by group: expected both non-empty with val_groups={list(cfg.val_groups)}, "
             f"found {len(train_items)} train and {len(val_items)} validation pairs"
         )
-    return train_on(train_items, val_items, cfg, progress)
+    extra = synthetic_pairs(cfg, Path("runs") / "synthetic")
+    return train_on(train_items, val_items, cfg, progress, extra)
+
+
+def synthetic_pairs(cfg: TrainConfig, folder: Path) -> list[ManifestItem]:
+    """The recipe's synthetic training boards (``cfg.synthetic_boards``), written under ``folder``."""
+    if cfg.synthetic_boards == 0:
+        return []
+    from stream_service.training.synthetic import synthetic_items
+
+    items = synthetic_items(folder, cfg.synthetic_boards, cfg.synthetic_frames)
+    log.info("%d synthetic training pairs of %d new boards in %s", len(items), cfg.synthetic_boards, folder)
+    return items
 
 
 def train_on(
@@ -222,8 +238,12 @@ def train_on(
     val_items: list[ManifestItem],
     cfg: TrainConfig,
     progress: Callable[[dict[str, float]], None] | None = None,
+    extra_items: Sequence[ManifestItem] = (),
 ) -> TrainResult:
-    """Train on the given pairs; validation windows from ``val_items`` pick the best epoch (none: the last)."""
+    """Train on the given pairs; validation windows from ``val_items`` pick the best epoch (none: the last).
+
+    ``extra_items`` (synthetic boards) add training windows only: the calibration is measured on
+    ``train_items``, and ``TrainResult.train_items`` counts those."""
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -254,8 +274,9 @@ def train_on(
     best: tuple[float, dict[str, torch.Tensor]] | None = None
     step = 0
     for rnd in range(cfg.rounds):
+        pairs = [*train_items, *extra_items]
         tr = parallel_windows(
-            train_items, spec, cfg.grid, cfg.train_windows_per_image, cfg.augment, cfg.seed + 10 + rnd, cfg.workers
+            pairs, spec, cfg.grid, cfg.train_windows_per_image, cfg.augment, cfg.seed + 10 + rnd, cfg.workers
         )
         counts = np.bincount(tr[2] + 1, minlength=3)  # labels -1, 0, 1
         log.info("round %d: %d training windows (%s ambiguous/pass/fail)", rnd, len(tr[2]), counts)

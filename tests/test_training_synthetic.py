@@ -94,3 +94,42 @@ def test_a_run_with_synthetic_boards_trains_on_them_and_calibrates_on_the_real_p
     assert _windows_per_round(caplog) == [4, 12]
     assert both.train_items == alone.train_items == 2
     assert both.spec == alone.spec  # calibrated on the same (real) pairs
+
+
+def _board_frame(seed: int = SEED_BASE) -> np.ndarray:
+    return SyntheticCamera(256, 256, seed=seed, defect_rate=0.0, shift_px=0.0).next_frame()[0]
+
+
+def test_regional_etch_moves_copper_edges_both_ways_by_at_most_its_amplitude() -> None:
+    from stream_service.training.synthetic import regional_etch
+
+    frame = _board_frame()
+    etched = regional_etch(frame, 2.5, [], np.random.default_rng(3))
+    copper, now = frame < 128, etched < 128
+    grown, etched_back = now & ~copper, copper & ~now
+    assert grown.sum() > 100 and etched_back.sum() > 100  # the field grows some regions, etches others
+    # Every pixel that changed side lies within the amplitude (+ the half pixel of the edge) of the old edge.
+    to_copper = cv2.distanceTransform((~copper).astype(np.uint8), cv2.DIST_L2, 3)
+    to_gap = cv2.distanceTransform(copper.astype(np.uint8), cv2.DIST_L2, 3)
+    assert to_copper[grown].max() <= 3.0 and to_gap[etched_back].max() <= 3.0
+    assert np.array_equal(regional_etch(frame, 0.0, [], np.random.default_rng(3)), frame)
+
+
+def test_regional_etch_leaves_the_defects_and_their_surroundings_as_drawn() -> None:
+    from stream_service.training.synthetic import BOX_CLEAR, regional_etch
+
+    frame = _board_frame()
+    box = (60, 70, 120, 140, 3)
+    etched = regional_etch(frame, 2.5, [box], np.random.default_rng(3))
+    x1, y1, x2, y2, _ = box
+    near = np.s_[y1 - BOX_CLEAR : y2 + BOX_CLEAR + 1, x1 - BOX_CLEAR : x2 + BOX_CLEAR + 1]
+    assert np.array_equal(etched[near], frame[near])
+    assert not np.array_equal(etched, frame)
+
+
+def test_synthetic_items_apply_the_regional_etch(tmp_path: Path) -> None:
+    plain = synthetic_items(tmp_path / "plain", boards=1, frames=2, size=256)
+    etched = synthetic_items(tmp_path / "etched", boards=1, frames=2, size=256, etch_px=2.0)
+    assert [(i.label, i.boxes) for i in plain] == [(i.label, i.boxes) for i in etched]
+    for a, b in zip(plain, etched, strict=True):
+        assert not np.array_equal(cv2.imread(str(a.frame)), cv2.imread(str(b.frame)))

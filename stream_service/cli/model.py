@@ -23,6 +23,7 @@ SyntheticBoards = Annotated[
     int, typer.Option(help="New synthetic board designs added to every model's training pairs (0: none).")
 ]
 SyntheticFrames = Annotated[int, typer.Option(help="Frames (pairs) per synthetic board, half with defects.")]
+SyntheticEtch = Annotated[float, typer.Option(help="Synthetic frames' copper grown or etched by region, <= N px.")]
 EvalTolerance = Annotated[int | None, typer.Option(help="With --folds: evaluate and ship with this tolerance.")]
 EvalHighlightTolerance = Annotated[
     int | None, typer.Option(help="With --folds: the highlight's pixel masks with this tolerance (not a model input).")
@@ -59,6 +60,7 @@ def train_command(
     tolerance_px: Tolerance = 0,
     synthetic_boards: SyntheticBoards = 0,
     synthetic_frames: SyntheticFrames = 8,
+    synthetic_etch_px: SyntheticEtch = 0,
     eval_registration: EvalRegistration = None,
     eval_valid_region: EvalValidRegion = None,
     eval_tolerance_px: EvalTolerance = None,
@@ -93,6 +95,7 @@ def train_command(
         tolerance_px=tolerance_px,
         synthetic_boards=synthetic_boards,
         synthetic_frames=synthetic_frames,
+        synthetic_etch_px=synthetic_etch_px,
         augment=Augment(etch_px=etch_px, clean_pass=clean_pass),
     )
     experiments = json.loads(notes.read_text()) if notes is not None else []

@@ -3,8 +3,13 @@
 DeepPCB holds 7 board designs; the synthetic generator draws as many new ones as asked, with the six
 DeepPCB defect kinds annotated exactly. Each board is one ``SyntheticCamera`` (its clean render is the
 reference); its frames carry the camera's shifts, edge jitter, lighting drift and noise, and half of
-them defects. Pairs are written as PNG files with a ``manifest.jsonl`` into a folder under the run
-(never the repository), one ``group`` per board, so they only ever add to a training set.
+them defects. With ``etch_px`` each frame's copper is also grown or etched back by up to that many pixels,
+by a smooth field across the frame (``regional_etch``): a new board's etching differs from its golden
+board's by region, which the camera's sub-pixel edge jitter alone never shows. Near a defect box the field
+fades to zero, so the defects stay as drawn and the labels stay exact.
+
+Pairs are written as PNG files with a ``manifest.jsonl`` into a folder under the run (never the
+repository), one ``group`` per board, so they only ever add to a training set.
 
 Boards are seeded from ``SEED_BASE`` on: the synthetic camera's default board (seed 0, the quick start)
 and the boards ``benchmarks/bench_synthetic_accuracy.py`` measures (seeds 0 to 3) are never trained on.
@@ -14,10 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from stream_service.errors import InputError
 from stream_service.quality.manifest import ManifestItem
@@ -35,8 +42,52 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def synthetic_items(folder: Path, boards: int, frames: int, size: int = 640) -> list[ManifestItem]:
-    """``boards`` synthetic boards of ``frames`` frames each (``size`` x ``size`` px), written to ``folder``.
+# The etch field: a (FIELD_GRID x FIELD_GRID) grid of amounts, cubic-interpolated across the frame; it fades
+# to zero from BOX_CLEAR to BOX_CLEAR + BOX_FADE px around each defect box.
+FIELD_GRID = 4
+BOX_CLEAR, BOX_FADE = 4, 12
+COPPER_BELOW = 128  # copper is dark in the synthetic camera's frames, as in DeepPCB
+
+
+def regional_etch(
+    frame_u8: npt.NDArray[np.uint8], amplitude: float, boxes: Sequence[Sequence[int]], rng: np.random.Generator
+) -> npt.NDArray[np.uint8]:
+    """The (H, W) uint8 frame with its copper grown (field > 0) or etched back (< 0) by up to ``amplitude`` px.
+
+    The field is a smooth random map in [-amplitude, amplitude]; a pixel joins the copper when its signed
+    distance to the copper edge (outside positive, +-0.5 at the edge pixels) is below the field, so the
+    edges move in whole pixels. Pixels that change side take that side's median level plus the camera's
+    noise. Zero amplitude returns the frame unchanged.
+    """
+    copper = frame_u8 < COPPER_BELOW
+    if amplitude <= 0 or not copper.any() or copper.all():
+        return frame_u8
+    h, w = frame_u8.shape
+    outside = cv2.distanceTransform((~copper).astype(np.uint8), cv2.DIST_L2, 3)
+    inside = cv2.distanceTransform(copper.astype(np.uint8), cv2.DIST_L2, 3)
+    signed = np.where(copper, 0.5 - inside, outside - 0.5)
+    coarse = rng.uniform(-amplitude, amplitude, (FIELD_GRID, FIELD_GRID)).astype(np.float32)
+    field = np.clip(cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC), -amplitude, amplitude)
+    if boxes:
+        near = np.ones((h, w), np.uint8)
+        for x1, y1, x2, y2, *_ in boxes:
+            near[max(0, y1 - BOX_CLEAR) : y2 + BOX_CLEAR + 1, max(0, x1 - BOX_CLEAR) : x2 + BOX_CLEAR + 1] = 0
+        away = cv2.distanceTransform(near, cv2.DIST_L2, 3)
+        field = field * np.clip(away / BOX_FADE, 0.0, 1.0)
+    grown = signed < field
+    levels = {True: float(np.median(frame_u8[copper])), False: float(np.median(frame_u8[~copper]))}
+    out = frame_u8.astype(np.float32)
+    for side in (True, False):
+        changed = (grown == side) & (copper != side)
+        out[changed] = levels[side] + rng.normal(0.0, 2.0, int(changed.sum()))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def synthetic_items(
+    folder: Path, boards: int, frames: int, size: int = 640, etch_px: float = 0.0
+) -> list[ManifestItem]:
+    """``boards`` synthetic boards of ``frames`` frames each (``size`` x ``size`` px), written to ``folder``,
+    each frame's copper moved regionally by up to ``etch_px`` (``regional_etch``; 0: as the camera saw it).
 
     Deterministic: the same arguments give the same pairs. Returns full-frame manifest items whose
     group is the board (``synthetic<seed>``); ``folder/manifest.jsonl`` lists them too.
@@ -53,6 +104,7 @@ def synthetic_items(folder: Path, boards: int, frames: int, size: int = 640) -> 
         _write_png(reference, camera.reference())
         for number in range(frames):
             frame_u8, truth = camera.next_frame()
+            frame_u8 = regional_etch(frame_u8, etch_px, truth["boxes"], np.random.default_rng([seed, number, 11]))
             path = folder / f"board{seed}-{number:03d}.png"
             _write_png(path, frame_u8)
             row: dict[str, object] = {"id": f"synthetic{seed}-{number:03d}", "reference": reference, "frame": path}

@@ -80,10 +80,18 @@ class TrainConfig:
     # added to the training pairs only (never calibration, validation or evaluation); 0: none.
     synthetic_boards: int = 0
     synthetic_frames: int = 8
+    # Their copper grown or etched back by region by up to this many pixels (training.synthetic.regional_etch).
+    synthetic_etch_px: float = 0.0
 
 
 # TrainConfig fields added after recipes were checkpointed, at their "off" value (see LATER_FIELDS).
-LATER_CONFIG = {"hard_negatives": 0.0, "tolerance_px": 0, "synthetic_boards": 0, "synthetic_frames": 8}
+LATER_CONFIG = {
+    "hard_negatives": 0.0,
+    "tolerance_px": 0,
+    "synthetic_boards": 0,
+    "synthetic_frames": 8,
+    "synthetic_etch_px": 0.0,
+}
 
 
 def _windows_job(args: tuple[list[ManifestItem], FeatureSpec, int, int, Augment, int]) -> Arrays:
@@ -228,7 +236,7 @@ def synthetic_pairs(cfg: TrainConfig, folder: Path) -> list[ManifestItem]:
         return []
     from stream_service.training.synthetic import synthetic_items
 
-    items = synthetic_items(folder, cfg.synthetic_boards, cfg.synthetic_frames)
+    items = synthetic_items(folder, cfg.synthetic_boards, cfg.synthetic_frames, etch_px=cfg.synthetic_etch_px)
     log.info("%d synthetic training pairs of %d new boards in %s", len(items), cfg.synthetic_boards, folder)
     return items
 

@@ -377,7 +377,8 @@ def cross_validate(
     folds, results = train_folds(manifest, out_dir, cfg, opts.folds, final=False)
     oof = out_of_board(manifest, out_dir, folds, results, opts, progress)
     items = load_manifest(manifest)
-    final, params = trained(items, sorted({str(i.group) for i in items}), cfg, out_dir / "final")
+    extra = synthetic_pairs(cfg, out_dir / "synthetic")
+    final, params = trained(items, sorted({str(i.group) for i in items}), cfg, out_dir / "final", extra)
     final = opts.variant.apply(final)
     onnx_path = out_dir / ONNX_NAME
     onnx_path.unlink(missing_ok=True)

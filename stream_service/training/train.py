@@ -226,7 +226,9 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
             f"train/validation split by group: expected both non-empty with val_groups={list(cfg.val_groups)}, "
             f"found {len(train_items)} train and {len(val_items)} validation pairs"
         )
-    extra = synthetic_pairs(cfg, Path("runs") / "synthetic")
+    # Named by the recipe's synthetic fields, so runs with other ones never overwrite its pairs.
+    name = f"synthetic-{cfg.synthetic_boards}x{cfg.synthetic_frames}-etch{cfg.synthetic_etch_px:g}"
+    extra = synthetic_pairs(cfg, Path("runs") / name)
     return train_on(train_items, val_items, cfg, progress, extra)
 
 

@@ -84,20 +84,12 @@ def train_command(
         raise typer.Exit(1) from exc
     set_threads(threads)
     cfg = TrainConfig(
-        seed=seed,
+        seed=seed, minutes=minutes, rounds=rounds, train_windows_per_image=windows_per_image,
         val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()),
-        minutes=minutes,
-        train_windows_per_image=windows_per_image,
-        rounds=rounds,
-        registration=registration,
-        valid_region=valid_region,
-        hard_negatives=hard_negatives,
-        tolerance_px=tolerance_px,
-        synthetic_boards=synthetic_boards,
-        synthetic_frames=synthetic_frames,
-        synthetic_etch_px=synthetic_etch_px,
+        registration=registration, valid_region=valid_region, hard_negatives=hard_negatives, tolerance_px=tolerance_px,
+        synthetic_boards=synthetic_boards, synthetic_frames=synthetic_frames, synthetic_etch_px=synthetic_etch_px,
         augment=Augment(etch_px=etch_px, clean_pass=clean_pass),
-    )
+    )  # fmt: skip
     experiments = json.loads(notes.read_text()) if notes is not None else []
     if folds:
         front = (eval_registration, eval_valid_region, eval_tolerance_px, eval_highlight_tolerance_px)

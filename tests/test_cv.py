@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +17,7 @@ pytest.importorskip("onnxruntime")
 
 from stream_service.model.card import load_card  # noqa: E402
 from stream_service.training import cv  # noqa: E402
+from stream_service.training.synthetic import synthetic_items  # noqa: E402
 from stream_service.training.train import TrainConfig  # noqa: E402
 from stream_service.training.vit import VitConfig  # noqa: E402
 from stream_service.vision.tokens import N_CHANNELS  # noqa: E402
@@ -143,3 +146,24 @@ def test_the_fast_highlight_grid_matches_highlight_mask_and_the_scoreboard(deepp
         assert best is not None
         assert params == best[1]
         assert fig["precision"] == pytest.approx(best[2]) and fig["box_recall"] == pytest.approx(best[3])
+
+
+def _windows_per_round(caplog: pytest.LogCaptureFixture) -> list[int]:
+    found = [re.search(r"round \d+: (\d+) training windows", r.getMessage()) for r in caplog.records]
+    return [int(m.group(1)) for m in found if m]
+
+
+def test_a_run_with_synthetic_boards_trains_on_them_and_calibrates_on_the_real_pairs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from stream_service.training.train import train_on
+
+    real = synthetic_items(tmp_path / "real", boards=1, frames=2)  # stands in for a real board
+    extra = synthetic_items(tmp_path / "extra", boards=2, frames=2)
+    cfg = tiny()
+    with caplog.at_level(logging.INFO, logger="stream_service.training.train"):
+        alone = train_on(real, [], cfg)
+        both = train_on(real, [], cfg, extra_items=extra)
+    assert _windows_per_round(caplog) == [4, 12]
+    assert both.train_items == alone.train_items == 2
+    assert both.spec == alone.spec  # calibrated on the same (real) pairs

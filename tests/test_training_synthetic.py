@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import re
 from pathlib import Path
 
 import cv2
@@ -61,39 +59,6 @@ def test_synthetic_boards_off_keeps_earlier_recipe_keys() -> None:
     assert "synthetic_frames" not in config_dict(TrainConfig())
     assert config_dict(TrainConfig(synthetic_boards=4))["synthetic_boards"] == 4
     assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(synthetic_boards=4), ["a"])
-
-
-def _windows_per_round(caplog: pytest.LogCaptureFixture) -> list[int]:
-    found = [re.search(r"round \d+: (\d+) training windows", r.getMessage()) for r in caplog.records]
-    return [int(m.group(1)) for m in found if m]
-
-
-def test_a_run_with_synthetic_boards_trains_on_them_and_calibrates_on_the_real_pairs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    pytest.importorskip("torch")
-    from stream_service.training.train import TrainConfig, train_on
-    from stream_service.training.vit import VitConfig
-    from stream_service.vision.tokens import N_CHANNELS
-
-    monkeypatch.chdir(tmp_path)
-    real = synthetic_items(tmp_path / "real", boards=1, frames=2)  # stands in for a real board
-    extra = synthetic_items(tmp_path / "extra", boards=2, frames=2)
-    cfg = TrainConfig(
-        val_groups=(),
-        minutes=0.02,
-        rounds=1,
-        train_windows_per_image=2,
-        vit=VitConfig(channels=N_CHANNELS, dim=16, depth=1, heads=2),
-        calibration_images=2,
-        workers=1,
-    )
-    with caplog.at_level(logging.INFO, logger="stream_service.training.train"):
-        alone = train_on(real, [], cfg)
-        both = train_on(real, [], cfg, extra_items=extra)
-    assert _windows_per_round(caplog) == [4, 12]
-    assert both.train_items == alone.train_items == 2
-    assert both.spec == alone.spec  # calibrated on the same (real) pairs
 
 
 def _board_frame(seed: int = SEED_BASE) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,7 @@ from stream_service.training.dataset import (
     etch,
     good_block_mask,
     make_window,
+    regional_move,
     sample_origins,
     split_by_group,
     token_targets,
@@ -340,3 +342,50 @@ def test_calibration_keeps_the_front_end_and_measures_the_tolerant_frames(deeppc
     # Edge jitter is most of what good blocks differ by: forgiving it lowers every shear constant.
     assert tolerant.calibration.constants[2] < plain.calibration.constants[2]
     assert tolerant.sub_calibration.constants[2] < plain.sub_calibration.constants[2]
+
+
+def _bar_mask() -> np.ndarray:
+    mask = np.zeros((96, 96), bool)
+    mask[20:76, 30:50] = True  # a 20 px trace
+    mask[20:76, 60:66] = True  # and a 6 px one, 10 px away
+    return mask
+
+
+def test_regional_move_grows_and_etches_edges_by_at_most_the_amplitude() -> None:
+    mask = _bar_mask()
+    moved = regional_move(mask, 2.5, [], np.random.default_rng(4))
+    grown, etched = moved & ~mask, mask & ~moved
+    assert grown.any() or etched.any()
+    to_copper = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 3)
+    to_gap = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 3)
+    assert (to_copper[grown] <= 3.0).all() and (to_gap[etched] <= 3.0).all()
+    fields = [regional_move(mask, 2.5, [], np.random.default_rng(s)) for s in range(8)]
+    assert any((f & ~mask).any() for f in fields) and any((mask & ~f).any() for f in fields)
+
+
+def test_regional_move_leaves_boxes_alone_and_draws_nothing_when_off() -> None:
+    mask = _bar_mask()
+    box = (26, 16, 54, 80, 1)
+    moved = regional_move(mask, 2.5, [box], np.random.default_rng(4))
+    np.testing.assert_array_equal(moved[12:85, 22:59], mask[12:85, 22:59])
+    rng = np.random.default_rng(9)
+    assert regional_move(mask, 0.0, [], rng) is mask
+    assert rng.random() == np.random.default_rng(9).random()
+
+
+def test_regionally_etched_windows_keep_their_labels_and_targets(
+    first_pair: tuple[np.ndarray, np.ndarray, ManifestItem],
+) -> None:
+    """The regional etching changes the features of some windows and never a label or a token target."""
+    import dataclasses
+
+    reference, frame, chosen = first_pair
+    x0, y0 = origin_around(chosen.boxes[0])
+    aug = dataclasses.replace(NO_AUGMENT, regional_etch_px=3.0)
+    plain = make_window(reference, frame, chosen.boxes, x0, y0, FeatureSpec(), 16, NO_AUGMENT, np.random.default_rng())
+    etched = [
+        make_window(reference, frame, chosen.boxes, x0, y0, FeatureSpec(), 16, aug, np.random.default_rng(s))
+        for s in range(6)
+    ]
+    assert all(w.label == plain.label and np.array_equal(w.targets, plain.targets) for w in etched)
+    assert any(not np.array_equal(w.tokens, plain.tokens) for w in etched)

@@ -59,6 +59,12 @@ def test_synthetic_boards_off_keeps_earlier_recipe_keys() -> None:
     assert "synthetic_frames" not in config_dict(TrainConfig())
     assert config_dict(TrainConfig(synthetic_boards=4))["synthetic_boards"] == 4
     assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(synthetic_boards=4), ["a"])
+    # The regional etching of the real windows is a later Augment field, off by default the same way.
+    from stream_service.training.dataset import Augment
+
+    assert "regional_etch_px" not in config_dict(TrainConfig())["augment"]  # type: ignore[operator]
+    etched = TrainConfig(augment=Augment(regional_etch_px=3.0))
+    assert cv._key(TrainConfig(), ["a"]) != cv._key(etched, ["a"])
 
 
 def _board_frame(seed: int = SEED_BASE) -> np.ndarray:
@@ -81,7 +87,8 @@ def test_regional_etch_moves_copper_edges_both_ways_by_at_most_its_amplitude() -
 
 
 def test_regional_etch_leaves_the_defects_and_their_surroundings_as_drawn() -> None:
-    from stream_service.training.synthetic import BOX_CLEAR, regional_etch
+    from stream_service.training.dataset import BOX_CLEAR
+    from stream_service.training.synthetic import regional_etch
 
     frame = _board_frame()
     box = (60, 70, 120, 140, 3)

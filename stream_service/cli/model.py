@@ -19,6 +19,9 @@ HardNegatives = Annotated[
 Tolerance = Annotated[
     int, typer.Option(help="Features forgive copper edges moved by up to N px (0-2; 0: pixel to pixel).")
 ]
+RegionalEtch = Annotated[
+    float, typer.Option(help="Augmentation: copper grown or etched by region by <= N px, on half the windows.")
+]
 SyntheticBoards = Annotated[
     int, typer.Option(help="New synthetic board designs added to every model's training pairs (0: none).")
 ]
@@ -56,6 +59,7 @@ def train_command(
     valid_region: Annotated[bool, typer.Option(help="Pixels warped in from outside the frame: no evidence.")] = False,
     etch_px: Annotated[float, typer.Option(help="Augmentation: copper edges etched or grown by <= N px (0-1).")] = 0,
     clean_pass: CleanPass = 0,
+    regional_etch_px: RegionalEtch = 0,
     hard_negatives: HardNegatives = 0,
     tolerance_px: Tolerance = 0,
     synthetic_boards: SyntheticBoards = 0,
@@ -88,7 +92,7 @@ def train_command(
         val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()),
         registration=registration, valid_region=valid_region, hard_negatives=hard_negatives, tolerance_px=tolerance_px,
         synthetic_boards=synthetic_boards, synthetic_frames=synthetic_frames, synthetic_etch_px=synthetic_etch_px,
-        augment=Augment(etch_px=etch_px, clean_pass=clean_pass),
+        augment=Augment(etch_px=etch_px, clean_pass=clean_pass, regional_etch_px=regional_etch_px),
     )  # fmt: skip
     experiments = json.loads(notes.read_text()) if notes is not None else []
     if folds:

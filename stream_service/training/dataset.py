@@ -56,6 +56,11 @@ class Augment:
     # position that keep the tested board's own etching and registration residue (DeepPCB tiles hold 1 to 15
     # defects, so the positions clear of every box are few and always the same).
     clean_pass: float = 0.0
+    # Up to this many pixels of copper grown or etched back by region (``regional_move``: a smooth field across
+    # the window, faded to zero around its boxes), on half the windows (0: never). Unlike ``etch_px`` it
+    # goes past the features' 1 px jitter tolerance: a new board's etching differs from its template's by
+    # several pixels along whole edge segments.
+    regional_etch_px: float = 0.0
 
 
 NO_AUGMENT = Augment(
@@ -63,7 +68,7 @@ NO_AUGMENT = Augment(
 )
 # Augment fields added after recipes were checkpointed, with the value that means "off": left out of a
 # recipe's key at that value, so the checkpoints of earlier recipes still resume (training.cv).
-LATER_FIELDS = {"clean_pass": 0.0}
+LATER_FIELDS = {"clean_pass": 0.0, "regional_etch_px": 0.0}
 
 
 def split_by_group(items: Sequence[ManifestItem], val_groups: Sequence[str]) -> tuple[list[ManifestItem], ...]:
@@ -102,6 +107,39 @@ def etch(frame_hw: npt.NDArray[np.float32], amount: float, grow: bool) -> npt.ND
     (0..1): a blend of the frame with its 3x3-cross dilation or erosion, so only edge pixels change."""
     moved = cv2.dilate(frame_hw, _CROSS) if grow else cv2.erode(frame_hw, _CROSS)
     return np.asarray(frame_hw + np.float32(amount) * (moved - frame_hw), np.float32)
+
+
+# The regional field: a (FIELD_GRID x FIELD_GRID) grid of amounts, cubic-interpolated across the image; it
+# fades to zero from BOX_CLEAR to BOX_CLEAR + BOX_FADE px around each defect box.
+FIELD_GRID = 4
+BOX_CLEAR, BOX_FADE = 4, 12
+
+
+def regional_move(
+    copper_hw: npt.NDArray[np.bool_], amplitude: float, boxes: Sequence[Sequence[int]], rng: np.random.Generator
+) -> npt.NDArray[np.bool_]:
+    """The (H, W) copper mask grown (field > 0) or etched back (< 0) by up to ``amplitude`` px by region.
+
+    The field is a smooth random map in [-amplitude, amplitude], zero near ``boxes`` (so defects stay as
+    drawn); a pixel is copper when its signed distance to the copper edge (outside positive, +-0.5 at the
+    edge pixels) is below the field, so edges move in whole pixels. A mask without both sides, or zero
+    amplitude, comes back unchanged (and draws nothing from ``rng``).
+    """
+    if amplitude <= 0 or not copper_hw.any() or copper_hw.all():
+        return copper_hw
+    h, w = copper_hw.shape
+    outside = cv2.distanceTransform((~copper_hw).astype(np.uint8), cv2.DIST_L2, 3)
+    inside = cv2.distanceTransform(copper_hw.astype(np.uint8), cv2.DIST_L2, 3)
+    signed = np.where(copper_hw, 0.5 - inside, outside - 0.5)
+    coarse = rng.uniform(-amplitude, amplitude, (FIELD_GRID, FIELD_GRID)).astype(np.float32)
+    field = np.clip(cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC), -amplitude, amplitude)
+    if boxes:
+        near = np.ones((h, w), np.uint8)
+        for x1, y1, x2, y2, *_ in boxes:
+            near[max(0, y1 - BOX_CLEAR) : y2 + BOX_CLEAR + 1, max(0, x1 - BOX_CLEAR) : x2 + BOX_CLEAR + 1] = 0
+        away = cv2.distanceTransform(near, cv2.DIST_L2, 3)
+        field = field * np.clip(away / BOX_FADE, 0.0, 1.0)
+    return np.asarray(signed < field, np.bool_)
 
 
 def _perturb(frame_hw: npt.NDArray[np.float32], aug: Augment, rng: np.random.Generator) -> npt.NDArray[np.float32]:
@@ -219,6 +257,11 @@ def make_window(
         k, flip = int(rng.integers(4)), bool(rng.integers(2))
         ref, frame = _symmetry(ref, k, flip), _symmetry(frame, k, flip)
         local = _box_symmetry(local, size, k, flip)
+    if aug.regional_etch_px > 0 and rng.random() < 0.5:
+        # Copper is bright here (to_unit); pixels that change side take the binarised level of their new side.
+        copper = frame > 0.5
+        moved = regional_move(copper, float(rng.uniform(0, aug.regional_etch_px)), local, rng)
+        frame = np.where(moved & ~copper, np.float32(1.0), np.where(copper & ~moved, np.float32(0.0), frame))
     frame = _perturb(frame, aug, rng)
     feats = token_features(ref, align(ref, frame, spec), spec)
     return Window(feats.tokens_hwc.astype(np.float16), token_targets(local, 0, 0, grid, spec.block), label)

@@ -29,10 +29,12 @@ import numpy.typing as npt
 from stream_service.errors import InputError
 from stream_service.quality.manifest import ManifestItem
 from stream_service.sources.synthetic import SyntheticCamera
+from stream_service.training.dataset import regional_move
 
 SEED_BASE = 1000
 # Edge-jitter amplitude of each board's camera, drawn per board: new scanners binarise differently.
 JITTER_RANGE = (0.2, 0.5)
+COPPER_BELOW = 128  # copper is dark in the synthetic camera's frames, as in DeepPCB
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
@@ -42,39 +44,17 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-# The etch field: a (FIELD_GRID x FIELD_GRID) grid of amounts, cubic-interpolated across the frame; it fades
-# to zero from BOX_CLEAR to BOX_CLEAR + BOX_FADE px around each defect box.
-FIELD_GRID = 4
-BOX_CLEAR, BOX_FADE = 4, 12
-COPPER_BELOW = 128  # copper is dark in the synthetic camera's frames, as in DeepPCB
-
-
 def regional_etch(
     frame_u8: npt.NDArray[np.uint8], amplitude: float, boxes: Sequence[Sequence[int]], rng: np.random.Generator
 ) -> npt.NDArray[np.uint8]:
-    """The (H, W) uint8 frame with its copper grown (field > 0) or etched back (< 0) by up to ``amplitude`` px.
-
-    The field is a smooth random map in [-amplitude, amplitude]; a pixel joins the copper when its signed
-    distance to the copper edge (outside positive, +-0.5 at the edge pixels) is below the field, so the
-    edges move in whole pixels. Pixels that change side take that side's median level plus the camera's
-    noise. Zero amplitude returns the frame unchanged.
+    """The (H, W) uint8 frame with its copper grown or etched back by region by up to ``amplitude`` px
+    (``dataset.regional_move``, faded to zero around ``boxes``). Pixels that change side take that side's
+    median level plus the camera's noise. Zero amplitude returns the frame unchanged.
     """
     copper = frame_u8 < COPPER_BELOW
-    if amplitude <= 0 or not copper.any() or copper.all():
+    grown = regional_move(copper, amplitude, boxes, rng)
+    if grown is copper:
         return frame_u8
-    h, w = frame_u8.shape
-    outside = cv2.distanceTransform((~copper).astype(np.uint8), cv2.DIST_L2, 3)
-    inside = cv2.distanceTransform(copper.astype(np.uint8), cv2.DIST_L2, 3)
-    signed = np.where(copper, 0.5 - inside, outside - 0.5)
-    coarse = rng.uniform(-amplitude, amplitude, (FIELD_GRID, FIELD_GRID)).astype(np.float32)
-    field = np.clip(cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC), -amplitude, amplitude)
-    if boxes:
-        near = np.ones((h, w), np.uint8)
-        for x1, y1, x2, y2, *_ in boxes:
-            near[max(0, y1 - BOX_CLEAR) : y2 + BOX_CLEAR + 1, max(0, x1 - BOX_CLEAR) : x2 + BOX_CLEAR + 1] = 0
-        away = cv2.distanceTransform(near, cv2.DIST_L2, 3)
-        field = field * np.clip(away / BOX_FADE, 0.0, 1.0)
-    grown = signed < field
     levels = {True: float(np.median(frame_u8[copper])), False: float(np.median(frame_u8[~copper]))}
     out = frame_u8.astype(np.float32)
     for side in (True, False):

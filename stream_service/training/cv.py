@@ -144,12 +144,21 @@ def trained(
 
 
 def train_folds(
-    manifest: Path, out_dir: Path, cfg: TrainConfig, k: int, final: bool = True
+    manifest: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    k: int,
+    final: bool = True,
+    extra: Sequence[ManifestItem] | None = None,
 ) -> tuple[list[Fold], list[tuple[TrainResult, BaselineParams]]]:
-    """Every fold's model (resumed where checkpointed), and the final model on all boards when ``final``."""
+    """Every fold's model (resumed where checkpointed), and the final model on all boards when ``final``.
+
+    ``extra``: the recipe's synthetic pairs when the caller has them already (written under ``out_dir``
+    here otherwise)."""
     items = load_manifest(manifest)
     folds = assign_folds([i.group for i in items], k)
-    extra = synthetic_pairs(cfg, out_dir / "synthetic")
+    if extra is None:
+        extra = synthetic_pairs(cfg, out_dir / "synthetic")
     results = [trained(items, f.train, cfg, out_dir / "folds" / f"fold-{f.index}", extra) for f in folds]
     if final:
         trained(items, sorted({str(i.group) for i in items}), cfg, out_dir / "final", extra)
@@ -374,10 +383,10 @@ def cross_validate(
     progress: Callable[[str], None] | None = None,
 ) -> Oof:
     """Folds, the pooled out-of-board choices and figures, then the model on all boards in ``out_dir``."""
-    folds, results = train_folds(manifest, out_dir, cfg, opts.folds, final=False)
+    extra = synthetic_pairs(cfg, out_dir / "synthetic")  # written once, for the folds and the final model
+    folds, results = train_folds(manifest, out_dir, cfg, opts.folds, final=False, extra=extra)
     oof = out_of_board(manifest, out_dir, folds, results, opts, progress)
     items = load_manifest(manifest)
-    extra = synthetic_pairs(cfg, out_dir / "synthetic")
     final, params = trained(items, sorted({str(i.group) for i in items}), cfg, out_dir / "final", extra)
     final = opts.variant.apply(final)
     onnx_path = out_dir / ONNX_NAME

@@ -27,6 +27,12 @@ SyntheticBoards = Annotated[
 ]
 SyntheticFrames = Annotated[int, typer.Option(help="Frames (pairs) per synthetic board, half with defects.")]
 SyntheticEtch = Annotated[float, typer.Option(help="Synthetic frames' copper grown or etched by region, <= N px.")]
+SoupEtch = Annotated[
+    float, typer.Option(help="With --folds: models averaged with the recipe + --regional-etch-px N (a soup).")
+]
+FromCheckpoint = Annotated[
+    Path | None, typer.Option(help="Skip training: export and validate a checkpoint saved by an earlier run.")
+]
 EvalTolerance = Annotated[int | None, typer.Option(help="With --folds: evaluate and ship with this tolerance.")]
 EvalHighlightTolerance = Annotated[
     int | None, typer.Option(help="With --folds: the highlight's pixel masks with this tolerance (not a model input).")
@@ -69,9 +75,8 @@ def train_command(
     eval_valid_region: EvalValidRegion = None,
     eval_tolerance_px: EvalTolerance = None,
     eval_highlight_tolerance_px: EvalHighlightTolerance = None,
-    from_checkpoint: Annotated[
-        Path | None, typer.Option(help="Skip training: export and validate a checkpoint saved by an earlier run.")
-    ] = None,
+    soup_regional_etch_px: SoupEtch = 0,
+    from_checkpoint: FromCheckpoint = None,
     notes: Notes = None,
 ) -> None:
     """Train the SOARTC ViT on CPU, export it to ONNX, choose its thresholds on validation, write its card.
@@ -92,6 +97,7 @@ def train_command(
         val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()),
         registration=registration, valid_region=valid_region, hard_negatives=hard_negatives, tolerance_px=tolerance_px,
         synthetic_boards=synthetic_boards, synthetic_frames=synthetic_frames, synthetic_etch_px=synthetic_etch_px,
+        soup_regional_etch_px=soup_regional_etch_px,
         augment=Augment(etch_px=etch_px, clean_pass=clean_pass, regional_etch_px=regional_etch_px),
     )  # fmt: skip
     experiments = json.loads(notes.read_text()) if notes is not None else []

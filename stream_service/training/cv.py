@@ -60,6 +60,7 @@ from stream_service.training.train import (
     config_dict,
     load_checkpoint,
     save_checkpoint,
+    soup,
     synthetic_pairs,
     train_on,
 )
@@ -125,6 +126,8 @@ def trained(
     """The model (and the baseline) trained on ``train_groups`` by the recipe, from folder's checkpoint when
     an earlier run left one for the same recipe and boards; trained and checkpointed otherwise. ``extra``
     (the recipe's synthetic boards) adds training windows to every model, never a baseline crop."""
+    if cfg.soup_regional_etch_px > 0:
+        return _souped(items, train_groups, cfg, folder, extra)
     key = _key(cfg, train_groups)
     meta_path, ckpt = folder / "trained.json", folder / "checkpoint.pt"
     if meta_path.is_file() and ckpt.is_file():
@@ -141,6 +144,32 @@ def trained(
     meta = {"key": key, "train_groups": sorted(chosen), "baseline": asdict(params), "seconds": result.seconds}
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return result, params
+
+
+def soup_ingredients(cfg: TrainConfig) -> dict[str, TrainConfig]:
+    """A soup recipe's ingredients by folder name: the recipe as given, and with regional etching."""
+    plain = dataclasses.replace(cfg, soup_regional_etch_px=0.0)
+    etched = dataclasses.replace(
+        plain, augment=dataclasses.replace(plain.augment, regional_etch_px=cfg.soup_regional_etch_px)
+    )
+    return {"plain": plain, f"regional-etch-{cfg.soup_regional_etch_px:g}": etched}
+
+
+def _souped(
+    items: list[ManifestItem],
+    train_groups: Sequence[str],
+    cfg: TrainConfig,
+    folder: Path,
+    extra: Sequence[ManifestItem],
+) -> tuple[TrainResult, BaselineParams]:
+    """The soup recipe's model: each ingredient trained (or resumed) under ``folder/ingredients/NAME`` by
+    ``trained``, with its own recipe key, then weight-averaged; the baseline is the plain ingredient's (the
+    baseline never sees an augmentation, so both ingredients tune the same one)."""
+    made = [
+        trained(items, train_groups, ingredient, folder / "ingredients" / name, extra)
+        for name, ingredient in soup_ingredients(cfg).items()
+    ]
+    return soup([result for result, _ in made], cfg), made[0][1]
 
 
 def train_folds(

@@ -82,6 +82,9 @@ class TrainConfig:
     synthetic_frames: int = 8
     # Their copper grown or etched back by region by up to this many pixels (training.synthetic.regional_etch).
     synthetic_etch_px: float = 0.0
+    # > 0: the model is a soup, the uniform weight average of this recipe trained twice from the same
+    # initialisation, once as given and once with ``augment.regional_etch_px`` at this value (cv.trained).
+    soup_regional_etch_px: float = 0.0
 
 
 # TrainConfig fields added after recipes were checkpointed, at their "off" value (see LATER_FIELDS).
@@ -91,6 +94,7 @@ LATER_CONFIG = {
     "synthetic_boards": 0,
     "synthetic_frames": 8,
     "synthetic_etch_px": 0.0,
+    "soup_regional_etch_px": 0.0,
 }
 
 
@@ -227,6 +231,13 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
             f"found {len(train_items)} train and {len(val_items)} validation pairs"
         )
     # Named by the recipe's synthetic fields, so runs with other ones never overwrite its pairs.
+    if cfg.soup_regional_etch_px > 0:
+        from stream_service.errors import InputError
+
+        raise InputError(
+            f"soup_regional_etch_px: expected 0 without cross-validation (a soup is made of the folds' "
+            f"ingredients: train --folds K), found {cfg.soup_regional_etch_px:g}"
+        )
     name = f"synthetic-{cfg.synthetic_boards}x{cfg.synthetic_frames}-etch{cfg.synthetic_etch_px:g}"
     extra = synthetic_pairs(cfg, Path("runs") / name)
     return train_on(train_items, val_items, cfg, progress, extra)
@@ -382,6 +393,35 @@ def save_checkpoint(result: TrainResult, path: Path) -> None:
             "seconds": result.seconds,
         },
         path,
+    )
+
+
+def soup(ingredients: Sequence[TrainResult], cfg: TrainConfig) -> TrainResult:
+    """The uniform weight average of networks trained from the same initialisation (a model soup,
+    Wortsman et al. 2022), recorded with ``cfg``: one network of the same size and speed as each.
+
+    The ingredients must share the architecture and the feature front end (the same calibration), so the
+    averaged weights read the same tokens; integer buffers are taken from the first."""
+    from stream_service.errors import InputError
+
+    first = ingredients[0]
+    for other in ingredients[1:]:
+        if other.spec != first.spec or other.config.vit != first.config.vit:
+            raise InputError(
+                f"soup ingredients: expected one feature spec and architecture, found {first.spec} / "
+                f"{first.config.vit} and {other.spec} / {other.config.vit}"
+            )
+    states = [r.model.state_dict() for r in ingredients]
+    averaged = {
+        name: (sum(s[name] for s in states) / len(states)) if value.is_floating_point() else value
+        for name, value in states[0].items()
+    }
+    model = SoartcViT(first.config.vit)
+    model.load_state_dict(averaged)
+    model.eval()
+    history = [{**h, "ingredient": float(n)} for n, r in enumerate(ingredients) for h in r.history]
+    return TrainResult(
+        model, first.spec, cfg, history, {}, first.train_items, first.val_items, sum(r.seconds for r in ingredients)
     )
 
 

@@ -51,6 +51,9 @@ def test_a_soup_is_the_midpoint_of_its_ingredients_and_refuses_another_front_end
             assert torch.allclose(value, (pa[name] + pb[name]) / 2), name
     assert made.spec == a.spec and made.config.soup_regional_etch_px == 3.0
     assert made.seconds == pytest.approx(a.seconds + b.seconds)
+    # The card records each ingredient's steps, not the last one's alone.
+    assert cv.steps_of(made.history) == [a.history[-1]["step"], b.history[-1]["step"]]
+    assert cv.steps_of(a.history) == a.history[-1]["step"] and cv.steps_of([]) == 0
     other = dataclasses.replace(b, spec=dataclasses.replace(b.spec, tolerance_px=1))
     with pytest.raises(InputError, match="soup ingredients: expected one feature spec"):
         soup([a, other], tiny(soup_regional_etch_px=3.0))

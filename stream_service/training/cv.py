@@ -427,7 +427,7 @@ def cross_validate(
         "split": {"validation_groups": [], "train_pairs": final.train_items, "validation": "cross-validation by board"},
         "config": config_dict(final.config),
         "seconds": round(final.seconds, 1),
-        "steps": final.history[-1]["step"] if final.history else 0,
+        "steps": steps_of(final.history),
         "baseline": asdict(params),
         "folds": [f.as_dict() for f in folds],
     }
@@ -438,6 +438,18 @@ def cross_validate(
     )  # fmt: skip
     _write_card(card, out_dir)
     return oof
+
+
+def steps_of(history: Sequence[dict[str, float]]) -> int | list[int]:
+    """The optimisation steps a model had: one count, or one per ingredient of a soup (``train.soup``)."""
+    if not history:
+        return 0
+    if "ingredient" not in history[-1]:
+        return int(history[-1]["step"])
+    last: dict[float, int] = {}
+    for entry in history:
+        last[entry["ingredient"]] = int(entry["step"])
+    return [last[n] for n in sorted(last)]
 
 
 def summary_line(oof: Oof, out_dir: Path) -> str:

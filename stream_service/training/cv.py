@@ -446,9 +446,7 @@ def steps_of(history: Sequence[dict[str, float]]) -> int | list[int]:
         return 0
     if "ingredient" not in history[-1]:
         return int(history[-1]["step"])
-    last: dict[float, int] = {}
-    for entry in history:
-        last[entry["ingredient"]] = int(entry["step"])
+    last = {entry["ingredient"]: int(entry["step"]) for entry in history}  # each ingredient's final entry
     return [last[n] for n in sorted(last)]
 
 

@@ -221,23 +221,21 @@ def train(manifest: Path, cfg: TrainConfig, progress: Callable[[dict[str, float]
     With ``cfg.val_groups`` empty every pair trains and the last weights are kept (the recipe of the
     board-held-out folds and of the model trained on all boards after them).
     """
+    from stream_service.errors import InputError
+
+    if cfg.soup_regional_etch_px > 0:
+        raise InputError(
+            f"soup_regional_etch_px: expected 0 without cross-validation (a soup is made of the folds' "
+            f"ingredients: train --folds K), found {cfg.soup_regional_etch_px:g}"
+        )
     items = load_manifest(manifest)
     train_items, val_items = split_by_group(items, cfg.val_groups)
     if not train_items or (cfg.val_groups and not val_items):
-        from stream_service.errors import InputError
-
         raise InputError(
             f"train/validation split by group: expected both non-empty with val_groups={list(cfg.val_groups)}, "
             f"found {len(train_items)} train and {len(val_items)} validation pairs"
         )
     # Named by the recipe's synthetic fields, so runs with other ones never overwrite its pairs.
-    if cfg.soup_regional_etch_px > 0:
-        from stream_service.errors import InputError
-
-        raise InputError(
-            f"soup_regional_etch_px: expected 0 without cross-validation (a soup is made of the folds' "
-            f"ingredients: train --folds K), found {cfg.soup_regional_etch_px:g}"
-        )
     name = f"synthetic-{cfg.synthetic_boards}x{cfg.synthetic_frames}-etch{cfg.synthetic_etch_px:g}"
     extra = synthetic_pairs(cfg, Path("runs") / name)
     return train_on(train_items, val_items, cfg, progress, extra)

@@ -99,10 +99,12 @@ def test_a_rerun_trains_nothing_and_a_new_front_end_reuses_the_folds(
         raise AssertionError("a checkpointed fold was trained again")
 
     monkeypatch.setattr(cv, "train_on", refuse)
-    opts = cv.CvOptions(folds=2, gallery=0, variant=cv.Variant(valid_region=True))
+    opts = cv.CvOptions(folds=2, gallery=0, variant=cv.Variant(valid_region=True, local_px=2))
     oof = cv.cross_validate(manifest, out, tiny(), opts, "tiny", "1")
-    assert oof.variant == "translation+valid-region"
-    assert load_card(out).features.valid_region
+    assert oof.variant == "translation+valid-region+local2"
+    features = load_card(out).features
+    assert features.valid_region and features.local_px == 2
+    assert features.to_spec().local_px == 2  # what the pipeline's feature extractor is built with
 
 
 def test_the_fast_highlight_grid_matches_highlight_mask_and_the_scoreboard(deeppcb_items: list[Any]) -> None:

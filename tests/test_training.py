@@ -147,9 +147,17 @@ def test_hard_negative_mining_off_keeps_earlier_recipe_keys() -> None:
     assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(hard_negatives=0.5), ["a"])
     assert "tolerance_px" not in config_dict(TrainConfig())
     assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(tolerance_px=1), ["a"])
+    assert "local_px" not in config_dict(TrainConfig())
+    assert cv._key(TrainConfig(), ["a"]) != cv._key(TrainConfig(local_px=2), ["a"])
 
 
 def test_a_run_with_hard_negative_mining_trains_both_rounds(manifest: Path) -> None:
     result = train(manifest, tiny_config(rounds=2, hard_negatives=0.5))
     assert {h["round"] for h in result.history} == {0, 1}
+    assert np.isfinite([h["loss"] for h in result.history]).all()
+
+
+def test_a_run_with_local_refinement_records_it_in_the_front_end(manifest: Path) -> None:
+    result = train(manifest, tiny_config(local_px=2))
+    assert result.spec.local_px == 2 and result.config.local_px == 2
     assert np.isfinite([h["loss"] for h in result.history]).all()

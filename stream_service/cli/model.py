@@ -37,6 +37,10 @@ EvalTolerance = Annotated[int | None, typer.Option(help="With --folds: evaluate 
 EvalHighlightTolerance = Annotated[
     int | None, typer.Option(help="With --folds: the highlight's pixel masks with this tolerance (not a model input).")
 ]
+Local = Annotated[int, typer.Option(help="Registration refined by tile: shifts of <= N px (0-3; 0: one warp).")]
+EvalLocal = Annotated[
+    int | None, typer.Option(help="With --folds: evaluate and ship with the registration refined by tile, <= N px.")
+]
 EvalValidRegion = Annotated[
     bool | None, typer.Option(help="With --folds: evaluate and ship with/without the valid-region mask.")
 ]
@@ -68,6 +72,7 @@ def train_command(
     regional_etch_px: RegionalEtch = 0,
     hard_negatives: HardNegatives = 0,
     tolerance_px: Tolerance = 0,
+    local_px: Local = 0,
     synthetic_boards: SyntheticBoards = 0,
     synthetic_frames: SyntheticFrames = 8,
     synthetic_etch_px: SyntheticEtch = 0,
@@ -75,6 +80,7 @@ def train_command(
     eval_valid_region: EvalValidRegion = None,
     eval_tolerance_px: EvalTolerance = None,
     eval_highlight_tolerance_px: EvalHighlightTolerance = None,
+    eval_local_px: EvalLocal = None,
     soup_regional_etch_px: SoupEtch = 0,
     from_checkpoint: FromCheckpoint = None,
     notes: Notes = None,
@@ -97,12 +103,12 @@ def train_command(
         val_groups=tuple(g.strip() for g in val_groups.split(",") if g.strip()),
         registration=registration, valid_region=valid_region, hard_negatives=hard_negatives, tolerance_px=tolerance_px,
         synthetic_boards=synthetic_boards, synthetic_frames=synthetic_frames, synthetic_etch_px=synthetic_etch_px,
-        soup_regional_etch_px=soup_regional_etch_px,
+        soup_regional_etch_px=soup_regional_etch_px, local_px=local_px,
         augment=Augment(etch_px=etch_px, clean_pass=clean_pass, regional_etch_px=regional_etch_px),
     )  # fmt: skip
     experiments = json.loads(notes.read_text()) if notes is not None else []
     if folds:
-        front = (eval_registration, eval_valid_region, eval_tolerance_px, eval_highlight_tolerance_px)
+        front = (eval_registration, eval_valid_region, eval_tolerance_px, eval_highlight_tolerance_px, eval_local_px)
         _train_folds(manifest, out, cfg, folds, version, experiments, front)
     else:
         _train_single(manifest, out, cfg, version, experiments, from_checkpoint)
@@ -141,7 +147,7 @@ def _train_folds(
     folds: int,
     version: str,
     experiments: list[Any],
-    front: tuple[str | None, bool | None, int | None, int | None],
+    front: tuple[str | None, bool | None, int | None, int | None, int | None],
 ) -> None:
     from stream_service.errors import StreamServiceError
     from stream_service.training.cv import CvOptions, Variant, cross_validate, summary_line

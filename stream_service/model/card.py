@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stream_service.errors import ModelError
+from stream_service.vision.refinement import LOCAL_MAX_PX
 from stream_service.vision.soartc import Calibration
 from stream_service.vision.tokens import CHANNEL_NAMES, FeatureSpec
 
@@ -55,6 +56,9 @@ class FeaturesCard(_Frozen):
     highlight_tolerance_px: int | None = Field(
         None, ge=0, le=2, description="edge-jitter tolerance of the highlight's pixel masks; None: tolerance_px"
     )
+    local_px: int = Field(
+        0, ge=0, le=LOCAL_MAX_PX, description="local refinement of the registration: tile shifts up to N px; 0: none"
+    )
 
     def to_spec(self) -> FeatureSpec:
         return FeatureSpec(
@@ -69,6 +73,7 @@ class FeaturesCard(_Frozen):
             valid_region=self.valid_region,
             tolerance_px=self.tolerance_px,
             highlight_tolerance_px=self.highlight_tolerance_px,
+            local_px=self.local_px,
         )
 
 

@@ -25,7 +25,7 @@ from stream_service.quality.manifest import load_manifest, read_gray
 from stream_service.quality.metrics import Scoreboard
 from stream_service.vision.baseline import BaselineParams, baseline
 from stream_service.vision.inspection import Detector, FeatureExtractor, WindowModel, mask_png
-from stream_service.vision.registration import Registrar, mask_invalid
+from stream_service.vision.registration import Registrar
 from stream_service.vision.soartc import Device, to_unit
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,8 @@ def evaluate(
         else:
             reference = to_unit(ref_u8, dark)
             frame = to_unit(frame_u8, dark)
-            aligned, reg = Registrar(reference, spec.registration or "translation").align(frame)
-            if spec.valid_region:
-                aligned = mask_invalid(reference, aligned, reg)
+            registrar = Registrar(reference, spec.registration or "translation")
+            aligned, _ = registrar.front_end(frame, valid_region=spec.valid_region, local_px=spec.local_px)
             result = baseline(reference, aligned, params)
             verdict, score, mask = result.verdict, result.score, result.mask_hw
         timings.append((time.perf_counter() - started) * 1e3)

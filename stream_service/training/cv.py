@@ -79,6 +79,7 @@ class Variant:
     valid_region: bool | None = None
     tolerance_px: int | None = None
     highlight_tolerance_px: int | None = None
+    local_px: int | None = None
 
     def apply(self, result: TrainResult) -> TrainResult:
         """The result with every field set here replacing the spec's field of the same name."""
@@ -92,6 +93,7 @@ class Variant:
             + ("+valid-region" if spec.valid_region else "")
             + (f"+tolerance{spec.tolerance_px}" if spec.tolerance_px else "")
             + (f"+highlight{spec.highlight_tolerance}" if spec.highlight_tolerance != spec.tolerance_px else "")
+            + (f"+local{spec.local_px}" if spec.local_px else "")
         )
 
 

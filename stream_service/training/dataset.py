@@ -28,7 +28,7 @@ import numpy.typing as npt
 from stream_service.quality.crops import box_inside, box_near
 from stream_service.quality.manifest import Box, ManifestItem, read_gray
 from stream_service.quality.metrics import MARGIN_PX, near_boxes
-from stream_service.vision.registration import Registrar, mask_invalid
+from stream_service.vision.registration import Registrar
 from stream_service.vision.soartc import Calibration, to_unit
 from stream_service.vision.tokens import FeatureSpec, forgive_jitter, raw_deviations, token_features
 
@@ -197,10 +197,10 @@ def align(
     """The frame aligned to the reference by the pipeline's own policy (``Registrar.align``), with the
     spec's front end (registration method, valid-region mask; translation and no mask without a spec)."""
     method = "translation" if spec is None or spec.registration is None else spec.registration
-    aligned, reg = Registrar(reference_hw, method, max_shift=MAX_SHIFT_PX).align(frame_hw)
-    if spec is not None and spec.valid_region:
-        aligned = mask_invalid(reference_hw, aligned, reg)
-    return aligned
+    registrar = Registrar(reference_hw, method, max_shift=MAX_SHIFT_PX)
+    if spec is None:
+        return registrar.align(frame_hw)[0]
+    return registrar.front_end(frame_hw, valid_region=spec.valid_region, local_px=spec.local_px)[0]
 
 
 def clean_frame(

@@ -104,6 +104,7 @@ def _card(
                 "valid_region": spec.valid_region,
                 "tolerance_px": spec.tolerance_px,
                 "highlight_tolerance_px": spec.highlight_tolerance_px,
+                "local_px": spec.local_px,
             },
             "window": {"grid": result.config.grid, "stride": stride, "pixels": result.config.grid * spec.block},
             "threshold": {"value": threshold, "chosen_by": threshold_note},

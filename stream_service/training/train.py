@@ -85,6 +85,8 @@ class TrainConfig:
     # > 0: the model is a soup, the uniform weight average of this recipe trained twice from the same
     # initialisation, once as given and once with ``augment.regional_etch_px`` at this value (cv.trained).
     soup_regional_etch_px: float = 0.0
+    # Local refinement of the registration in pixels (FeatureSpec.local_px; 0: one warp per frame).
+    local_px: int = 0
 
 
 # TrainConfig fields added after recipes were checkpointed, at their "off" value (see LATER_FIELDS).
@@ -95,6 +97,7 @@ LATER_CONFIG = {
     "synthetic_frames": 8,
     "synthetic_etch_px": 0.0,
     "soup_regional_etch_px": 0.0,
+    "local_px": 0,
 }
 
 
@@ -275,6 +278,7 @@ def train_on(
         registration=_method(cfg.registration),
         valid_region=cfg.valid_region,
         tolerance_px=cfg.tolerance_px,
+        local_px=cfg.local_px,
     )
     spec = calibrate_spec(calib_items, front)
     log.info("calibrated features on %d images: %s", len(calib_items), spec)

@@ -18,7 +18,7 @@ from stream_service.errors import ModelError
 from stream_service.model.card import ModelCard
 from stream_service.vision.arrays import F32, U8
 from stream_service.vision.highlight import HighlightResult, Pieces, highlight, token_relevance
-from stream_service.vision.registration import Method, Registrar, Registration, mask_invalid
+from stream_service.vision.registration import Method, Registrar, Registration
 from stream_service.vision.soartc import Device, to_unit
 from stream_service.vision.tokens import FeatureSpec, TokenFeatures, feature_kernels, token_features
 from stream_service.vision.windows import WindowLayout
@@ -82,9 +82,7 @@ class FeatureExtractor:
 
     def extract(self, frame_u8: U8) -> Extracted:
         frame = to_unit(frame_u8, self.dark_object)
-        aligned, reg = self.registrar.align(frame)
-        if self.spec.valid_region:
-            aligned = mask_invalid(self.reference, aligned, reg)
+        aligned, reg = self.registrar.front_end(frame, valid_region=self.spec.valid_region, local_px=self.spec.local_px)
         if reg.method == "none" and self.registrar.method != "none":
             self.unregistered += 1
         feats = token_features(self.reference, aligned, self.spec, self.kernels)

@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 from stream_service.errors import FrameShapeError, InputError, RegistrationError
 from stream_service.vision.arrays import F32
+from stream_service.vision.refinement import refine_local
 from stream_service.vision.soartc import to_unit
 
 Method = Literal["translation", "affine", "none"]
@@ -308,6 +309,18 @@ class Registrar:
             except RegistrationError:
                 pass
         return candidates[int(np.argmin(errors))]
+
+    def front_end(
+        self, frame_hw: npt.NDArray[np.generic], *, valid_region: bool = False, local_px: int = 0
+    ) -> tuple[F32, Registration]:
+        """``align``, then (``valid_region``) the pixels that are no evidence set to the reference's
+        (``mask_invalid``), then (``local_px`` > 0) the local refinement of what one warp left misaligned
+        (``refinement.refine_local``). The returned Registration is the global one."""
+        aligned, registration = self.align(frame_hw)
+        invalid = invalid_region(aligned.shape, registration) if valid_region else None
+        if invalid is not None:
+            aligned = np.asarray(np.where(invalid, self.reference, aligned), np.float32)
+        return refine_local(self.reference, aligned, local_px, invalid), registration
 
     def _check(self, registration: Registration) -> None:
         if registration.confidence < self.min_confidence:

@@ -31,6 +31,7 @@ import numpy.typing as npt
 
 from stream_service.errors import FrameShapeError, InputError
 from stream_service.vision.arrays import F32, U8
+from stream_service.vision.refinement import LOCAL_MAX_PX
 from stream_service.vision.soartc import (
     Calibration,
     Device,
@@ -78,8 +79,13 @@ class FeatureSpec:
     # pixel masks may use another (None: the same); they are not model inputs, so it needs no retraining.
     tolerance_px: int = 0
     highlight_tolerance_px: int | None = None
+    # Local refinement of the registration (``refinement.refine_local``): tiles shifted by up to this many
+    # pixels where one warp for the whole frame leaves a locally distorted board misaligned; 0: none.
+    local_px: int = 0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.local_px <= LOCAL_MAX_PX:
+            raise InputError(f"feature local_px: expected 0 to {LOCAL_MAX_PX}, found {self.local_px}")
         if self.tolerance_px not in (0, 1, 2):
             raise InputError(f"feature tolerance_px: expected 0, 1 or 2, found {self.tolerance_px}")
         if self.highlight_tolerance_px not in (None, 0, 1, 2):

@@ -131,3 +131,16 @@ def test_the_front_end_is_align_mask_then_refine() -> None:
     assert refined_reg == reg == plain_reg  # the global registration, whatever the tiles did
     invalid = invalid_region(aligned.shape, reg)
     np.testing.assert_array_equal(refined, refine_local(reference, masked, 2, invalid))
+
+
+def test_the_error_gallery_shows_the_difference_the_refined_features_see() -> None:
+    from stream_service.quality.gallery import panel
+
+    reference = (board() * 255).astype(np.uint8)
+    frame = (bent(board(), 2.0) * 255).round().astype(np.uint8)
+
+    def difference(local_px: int) -> int:
+        picture = panel(reference, frame, None, [], "x", registration="none", tolerance_px=1, local_px=local_px)
+        return int((picture[-SIDE:, 2 * (SIDE + 4) : 2 * (SIDE + 4) + SIDE, 0] > 76).sum())
+
+    assert difference(0) > 300 and difference(2) <= 0.05 * difference(0)

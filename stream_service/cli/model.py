@@ -190,7 +190,7 @@ def evaluate_command(
             front = loaded.card.features
             pictures = write_gallery(
                 manifest, out / "predictions.jsonl", gallery, gallery_size, front.registration or "translation",
-                front.tolerance_px,
+                front.tolerance_px, front.local_px,
             )  # fmt: skip
             figures["gallery"] = [str(p) for p in pictures]
     except StreamServiceError as exc:

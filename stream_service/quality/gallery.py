@@ -53,13 +53,15 @@ def panel(
     title: str,
     registration: Method = "translation",
     tolerance_px: int = 0,
+    local_px: int = 0,
 ) -> npt.NDArray[np.uint8]:
     """One picture (H + title, 4 W + gaps, 3) uint8 BGR: reference | frame | |registered - reference| | highlight.
 
     With the card's ``tolerance_px`` the difference leaves out what a shift of up to that many pixels
-    explains (``forgive_jitter``), as the model's features do; the valid-region mask is not applied."""
+    explains (``forgive_jitter``), and with the card's ``local_px`` the registration is refined by tile
+    (``refinement.refine_local``), as the model's features do; the valid-region mask is not applied."""
     ref, frame = to_unit(reference_u8, False), to_unit(frame_u8, False)
-    aligned, _ = Registrar(ref, registration).align(frame)
+    aligned, _ = Registrar(ref, registration).front_end(frame, local_px=local_px)
     seen = forgive_jitter(ref, aligned, tolerance_px)
     diff = np.clip(np.abs(seen - ref) * 255.0, 0, 255).astype(np.uint8)
     over = cv2.cvtColor(frame_u8, cv2.COLOR_GRAY2BGR)
@@ -82,6 +84,7 @@ def write_gallery(
     n: int,
     registration: Method = "translation",
     tolerance_px: int = 0,
+    local_px: int = 0,
 ) -> list[Path]:
     """Write one PNG per worst error (``worst_errors``) under out_dir; returns their paths."""
     rows = {r.id: r for r in load_manifest(manifest)}
@@ -98,7 +101,7 @@ def write_gallery(
             f"score {float(str(p['score'])):.4f}  verdict {p['verdict']}"
         )
         reference, frame = read_gray(item.reference), read_gray(item.frame)
-        picture = panel(reference, frame, mask, list(item.boxes), title, registration, tolerance_px)
+        picture = panel(reference, frame, mask, list(item.boxes), title, registration, tolerance_px, local_px)
         path = out_dir / f"{kind}-{rank:02d}-{item.id}.png"
         cv2.imwrite(str(path), picture)
         written.append(path)

@@ -337,6 +337,7 @@ def out_of_board(
             opts.gallery,
             front.registration or "translation",
             front.tolerance_px,
+            front.local_px,
         )
     return Oof(name, threshold, threshold_note, hl_params, highlight_note, report)
 

@@ -195,7 +195,8 @@ def align(
     reference_hw: npt.NDArray[np.float32], frame_hw: npt.NDArray[np.float32], spec: FeatureSpec | None = None
 ) -> npt.NDArray[np.float32]:
     """The frame aligned to the reference by the pipeline's own policy (``Registrar.align``), with the
-    spec's front end (registration method, valid-region mask; translation and no mask without a spec)."""
+    spec's front end (registration method, valid-region mask, local refinement: ``Registrar.front_end``;
+    translation, no mask and no refinement without a spec)."""
     method = "translation" if spec is None or spec.registration is None else spec.registration
     registrar = Registrar(reference_hw, method, max_shift=MAX_SHIFT_PX)
     if spec is None:

@@ -7,8 +7,8 @@ on a good part, which no pixel opening removes when the band is 2-3 px wide.
 
 ``refine_local`` looks, in every ``tile`` x ``tile`` tile of the aligned frame, for the whole-pixel shift
 of at most ``px`` pixels each way that lowers the tile's absolute difference to the reference the most.
-A shift is kept only when it removes at least ``min_gain`` of the tile's difference and at least
-``min_pixels`` pixels' worth: a defect is not a uniform offset of every edge in its tile, so no shift
+A shift is kept only when it removes at least ``LOCAL_MIN_GAIN`` of the tile's difference and at least
+``LOCAL_MIN_PIXELS`` pixels' worth: a defect is not a uniform offset of every edge in its tile, so no shift
 explains it (moving one edge onto a spur or into a bite misaligns the tile's other edges), and a tile
 without structure (bare copper, empty laminate) stays as it is. The tile shifts, placed at the tile
 centres, are interpolated bilinearly into a smooth displacement field that resamples the frame, so the
